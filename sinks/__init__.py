@@ -1,0 +1,1 @@
+"""Sinks: idempotent writers into the cloud store. The contract is in `branchline.sinks.contract`."""
