@@ -1,0 +1,131 @@
+"""The `sinks:` section of the pipeline file: one frozen model per sink kind.
+
+`SinkConfig` is a union discriminated by ``kind``, so a typo in ``kind`` or in any field fails at
+load time with the field path. Secrets are `SecretStr`: they never show in reprs, logs or errors.
+The pipeline-file model (`branchline.config`) composes `SinkConfig`; `branchline.sinks.build` turns
+one into a running sink.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class PostgresSinkConfig(_Frozen):
+    """A PostgreSQL target (RDS, Cloud SQL, Azure, Neon, a plain server)."""
+
+    kind: Literal["postgres"] = "postgres"
+    dsn: SecretStr | None = None
+    """A libpq connection string or URI; when set, host/port/user/password/database are ignored."""
+    host: str = "127.0.0.1"
+    port: int = Field(5432, ge=1, le=65535)
+    user: str = "postgres"
+    password: SecretStr | None = None
+    """Leave empty to use PGPASSWORD or ~/.pgpass."""
+    database: str = "postgres"
+    schema_: str = Field("{source}", alias="schema")
+    """Target schema; placeholders `{source}`, `{branch}`, `{database}`, `{schema}` (the source's)."""
+    sslmode: SslMode = "prefer"
+    """libpq sslmode; use `verify-full` with `sslrootcert` for a cloud server."""
+    sslrootcert: Path | None = None
+    """CA file that signed the server certificate."""
+    soft_delete: bool = False
+    """Keep deleted rows with `_bl_deleted = true` instead of deleting them."""
+    branch_key: bool = False
+    """Fan-in: the target key becomes (`_bl_branch`, source key), so branches never collide."""
+    pool_min_size: int = Field(1, ge=0)
+    pool_max_size: int = Field(4, ge=1)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    application_name: str = "branchline"
+    max_attempts: int = Field(5, ge=1)
+    """Attempts per batch on retryable errors (connection lost, deadlock, server shutting down)."""
+    retry_backoff_s: float = Field(0.5, ge=0)
+    """First wait between attempts; doubles each time up to `retry_max_backoff_s`."""
+    retry_max_backoff_s: float = Field(30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> PostgresSinkConfig:
+        problems = []
+        if self.pool_min_size > self.pool_max_size:
+            problems.append(
+                f"`pool_min_size` must be <= `pool_max_size`; got {self.pool_min_size!r} > {self.pool_max_size!r}"
+            )
+        if self.sslmode in ("verify-ca", "verify-full") and self.sslrootcert is None and self.dsn is None:
+            problems.append(f"`sslrootcert` must be set when `sslmode` is {self.sslmode!r}; got None")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class S3Storage(_Frozen):
+    """S3-compatible object storage. Unset fields fall back to the AWS_* environment variables."""
+
+    endpoint_url: str | None = None
+    """e.g. `http://127.0.0.1:9000` for a local server; None for AWS itself."""
+    region: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    allow_http: bool = False
+    """Needed for a plain-http endpoint (local test servers)."""
+    virtual_hosted_style: bool = False
+    """False = path-style requests (`endpoint/bucket/key`), which local servers expect."""
+    allow_unsafe_rename: bool = True
+    """Single writer per table (Branchline's model): commit without a lock provider."""
+
+    def storage_options(self) -> dict[str, str]:
+        """Options for delta-rs (object_store keys); secrets revealed only here."""
+        options: dict[str, str] = {}
+        if self.endpoint_url:
+            options["AWS_ENDPOINT_URL"] = self.endpoint_url
+        if self.region:
+            options["AWS_REGION"] = self.region
+        if self.access_key_id:
+            options["AWS_ACCESS_KEY_ID"] = self.access_key_id.get_secret_value()
+        if self.secret_access_key:
+            options["AWS_SECRET_ACCESS_KEY"] = self.secret_access_key.get_secret_value()
+        if self.session_token:
+            options["AWS_SESSION_TOKEN"] = self.session_token.get_secret_value()
+        if self.allow_http:
+            options["AWS_ALLOW_HTTP"] = "true"
+        options["AWS_VIRTUAL_HOSTED_STYLE_REQUEST"] = "true" if self.virtual_hosted_style else "false"
+        if self.allow_unsafe_rename:
+            options["AWS_S3_ALLOW_UNSAFE_RENAME"] = "true"
+        return options
+
+
+class DeltaSinkConfig(_Frozen):
+    """Delta Lake tables on a local path or on S3-compatible object storage (delta-rs)."""
+
+    kind: Literal["delta"] = "delta"
+    uri: str
+    """Root of the lake: a local path or `s3://bucket/prefix`."""
+    table_path: str = "{source}/{table}"
+    """Each table's path under `uri`; placeholders `{source}`, `{branch}`, `{database}`, `{schema}`, `{table}`."""
+    s3: S3Storage = S3Storage()
+    commit_interval_s: float = Field(60.0, ge=0)
+    """Buffer changes and commit at most this often (each commit costs seconds on object storage)."""
+    max_buffered_rows: int = Field(200_000, ge=1)
+    """Commit earlier when this many changes wait in memory."""
+    partition_by: tuple[str, ...] = ()
+    """Source columns to partition new tables by (also `_bl_branch`)."""
+    soft_delete: bool = False
+    """Keep deleted rows with `_bl_deleted = true` instead of deleting them."""
+    branch_key: bool = False
+    """Fan-in: the target key becomes (`_bl_branch`, source key)."""
+    max_attempts: int = Field(5, ge=1)
+    retry_backoff_s: float = Field(1.0, ge=0)
+    retry_max_backoff_s: float = Field(30.0, ge=0)
+
+
+SinkConfig = Annotated[PostgresSinkConfig | DeltaSinkConfig, Field(discriminator="kind")]
+"""One entry of the pipeline file's `sinks:` section."""
