@@ -1,0 +1,504 @@
+"""MariaDB/MySQL binlog reader built on python-mysql-replication: no JVM, no Kafka.
+
+Positions and values match the Debezium MariaDB/MySQL connectors, so that both runtimes write the
+same target rows: ``source.file``/``source.pos``/``source.row`` -> `binlog_position`, where ``pos``
+is the start of the rows event (Debezium: ``EventHeaderV4.getPosition() = nextPosition - length``)
+and ``row`` the row's index in it. Values are normalised to the types documented in
+`branchline.events` (aware UTC for TIMESTAMP, list for SET, `Json` for JSON columns...).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import pymysql
+from pymysql.constants import FIELD_TYPE
+
+from branchline.connectors.embedded.reader import Changes, Checkpoint
+from branchline.errors import FatalSourceError, RetryableSourceError, SourceError
+from branchline.events import (
+    ChangeEvent,
+    Column,
+    ColumnType,
+    Json,
+    Op,
+    TableId,
+    TableSchema,
+    binlog_position,
+)
+
+log = logging.getLogger(__name__)
+
+Converter = Callable[[Any], Any]
+
+_FLOAT = struct.Struct("<f")
+
+
+def float32(value: float) -> float:
+    """The shortest decimal that round-trips a FLOAT, as Debezium (Java ``Float.toString``) prints it."""
+    packed = _FLOAT.pack(value)
+    for digits in range(6, 10):
+        candidate = float(f"{value:.{digits}g}")
+        if _FLOAT.pack(candidate) == packed:
+            return candidate
+    return value
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC)
+
+
+def _json(value: Any) -> Json:
+    if isinstance(value, (bytes, str)):
+        return Json(orjson.loads(value))
+    return Json(value)
+
+
+def _set_converter(members: list[str]) -> Converter:
+    order = {name: i for i, name in enumerate(members)}
+
+    def convert(value: Any) -> list[str]:
+        if isinstance(value, str):
+            value = value.split(",") if value else []
+        return sorted(value, key=lambda m: order.get(m, len(order)))
+
+    return convert
+
+
+def _bits_converter(length: int) -> Converter:
+    def convert(value: Any) -> str:
+        if isinstance(value, (bytes, bytearray)):
+            return format(int.from_bytes(value, "big"), f"0{length}b")
+        return str(value).rjust(length, "0")
+
+    return convert
+
+
+def _bit1(value: Any) -> bool:
+    if isinstance(value, (bytes, bytearray)):
+        return value != b"\x00"
+    return str(value) == "1"
+
+
+def _members(column_type: str) -> list[str]:
+    """``set('a','b')`` / ``enum('a','b')`` -> ['a', 'b'] (quotes doubled inside values)."""
+    inner = column_type[column_type.index("(") + 1 : column_type.rindex(")")]
+    return [m.replace("''", "'") for m in re.findall(r"'((?:[^']|'')*)'", inner)]
+
+
+_INT_TYPES = {
+    "tinyint": (ColumnType.INT16, ColumnType.INT16),
+    "smallint": (ColumnType.INT16, ColumnType.INT32),
+    "mediumint": (ColumnType.INT32, ColumnType.INT32),
+    "int": (ColumnType.INT32, ColumnType.INT64),
+    "integer": (ColumnType.INT32, ColumnType.INT64),
+    "bigint": (ColumnType.INT64, ColumnType.UINT64),
+}
+_STRING_TYPES = {"char", "varchar", "tinytext", "text", "mediumtext", "longtext"}
+_BYTES_TYPES = {"binary", "varbinary", "tinyblob", "blob", "mediumblob", "longblob"}
+
+
+def column_from_catalog(row: dict[str, Any], json_columns: set[str]) -> Column:
+    """One information_schema.COLUMNS row -> `Column` (types as the Debezium decoder maps them)."""
+    name = row["COLUMN_NAME"]
+    data_type = row["DATA_TYPE"].lower()
+    column_type = row["COLUMN_TYPE"].lower()
+    unsigned = "unsigned" in column_type
+    nullable = row["IS_NULLABLE"] == "YES"
+    kind: ColumnType
+    precision = scale = length = None
+    if data_type in _INT_TYPES:
+        kind = _INT_TYPES[data_type][1 if unsigned else 0]
+    elif data_type in ("decimal", "numeric"):
+        kind, precision, scale = ColumnType.DECIMAL, row["NUMERIC_PRECISION"], row["NUMERIC_SCALE"]
+    elif data_type == "float":
+        kind = ColumnType.FLOAT32
+    elif data_type in ("double", "real"):
+        kind = ColumnType.FLOAT64
+    elif data_type == "json" or (data_type == "longtext" and name in json_columns):
+        kind = ColumnType.JSON
+    elif data_type in _STRING_TYPES:
+        kind, length = ColumnType.STRING, row["CHARACTER_MAXIMUM_LENGTH"]
+        if (row.get("CHARACTER_SET_NAME") or "") == "binary":
+            kind = ColumnType.BYTES
+    elif data_type in _BYTES_TYPES:
+        kind, length = ColumnType.BYTES, row["CHARACTER_MAXIMUM_LENGTH"]
+    elif data_type == "date":
+        kind = ColumnType.DATE
+    elif data_type == "datetime":
+        kind, precision = ColumnType.TIMESTAMP, row["DATETIME_PRECISION"]
+    elif data_type == "timestamp":
+        kind, precision = ColumnType.TIMESTAMPTZ, row["DATETIME_PRECISION"]
+    elif data_type == "time":
+        kind, precision = ColumnType.TIME, row["DATETIME_PRECISION"]
+    elif data_type == "year":
+        kind = ColumnType.YEAR
+    elif data_type == "enum":
+        kind = ColumnType.ENUM
+    elif data_type == "set":
+        kind = ColumnType.SET
+    elif data_type == "bit":
+        length = int(row["NUMERIC_PRECISION"] or 1)
+        kind = ColumnType.BOOLEAN if length == 1 else ColumnType.BITS
+    else:
+        kind = ColumnType.STRING
+    return Column(name=name, type=kind, nullable=nullable, precision=precision, scale=scale,
+                  length=length, source_type=column_type)
+
+
+def snapshot_converter(column: Column) -> Converter | None:
+    """How to turn a pymysql value of this column into the canonical value (None: keep it)."""
+    source_type = column.source_type or ""
+    if column.type is ColumnType.TIMESTAMPTZ:
+        return _utc
+    if column.type is ColumnType.SET:
+        return _set_converter(_members(source_type))
+    if column.type is ColumnType.JSON:
+        return _json
+    if column.type is ColumnType.BITS:
+        return _bits_converter(column.length or 1)
+    if column.type is ColumnType.BOOLEAN and source_type.startswith("bit"):
+        return _bit1
+    return None
+
+
+def stream_converter(column: Column) -> Converter | None:
+    """How to turn a python-mysql-replication value into the canonical value (None: keep it)."""
+    if column.type is ColumnType.FLOAT32:
+        return float32
+    return snapshot_converter(column)
+
+
+def _convert(row: dict[str, Any], converters: list[tuple[str, Converter]]) -> dict[str, Any]:
+    for name, convert in converters:
+        value = row.get(name)
+        if value is not None:
+            row[name] = convert(value)
+    return row
+
+
+def map_pymysql_error(exc: BaseException, what: str) -> SourceError:
+    """The one place that sorts pymysql errors: connection problems retry, grants and SQL do not."""
+    if isinstance(exc, pymysql.err.OperationalError):
+        code = exc.args[0] if exc.args else 0
+        if code in (1045, 1044, 1142, 1227, 1236):  # access denied, missing grant, purged binlog
+            return FatalSourceError(f"`{what}` must be readable; got {exc.args!r}")
+        return RetryableSourceError(f"`{what}` must be reachable; got {exc.args!r}")
+    if isinstance(exc, (pymysql.err.InterfaceError, ConnectionError, OSError, struct.error)):
+        return RetryableSourceError(f"`{what}` must be reachable; got {exc!r}")
+    return FatalSourceError(f"`{what}` failed; got {exc!r}")
+
+
+class MariaDbReader:
+    """Snapshot and binlog stream of one MariaDB/MySQL server, for the embedded runtime.
+
+    MariaDB resumes by GTID (python-mysql-replication ignores file/pos with ``is_mariadb=True``);
+    MySQL resumes by file/pos. Every `Checkpoint` carries both.
+    """
+
+    def __init__(self, *, source: str, branch: str, host: str, port: int, user: str, password: str,
+                 databases: list[str], accept: Callable[[str, str], bool] | None = None,
+                 server_id: int = 4217, mariadb: bool | None = None) -> None:
+        self.source = source
+        self.branch = branch
+        self._settings = {"host": host, "port": port, "user": user, "passwd": password}
+        self.databases = list(databases)
+        self._accept = accept or (lambda database, table: True)
+        self._server_id = server_id
+        self._mariadb = mariadb
+        self._schemas: dict[tuple[str, str], TableSchema] = {}
+        self._converters: dict[tuple[str, str], list[tuple[str, Converter]]] = {}
+        self._ctl: pymysql.connections.Connection | None = None
+
+    # -- catalog ---------------------------------------------------------------------------------
+
+    def _connect(self) -> pymysql.connections.Connection:
+        try:
+            conn = pymysql.connect(**self._settings, charset="utf8mb4", autocommit=True,
+                                   cursorclass=pymysql.cursors.DictCursor, connect_timeout=10,
+                                   init_command="SET time_zone='+00:00'")
+        except Exception as exc:
+            raise map_pymysql_error(exc, f"{self.source} at {self._settings['host']}:{self._settings['port']}") from exc
+        return conn
+
+    def _query(self, sql: str, args: Any = None) -> list[dict[str, Any]]:
+        for attempt in (1, 2):
+            if self._ctl is None:
+                self._ctl = self._connect()
+            try:
+                with self._ctl.cursor() as cur:
+                    cur.execute(sql, args)
+                    return list(cur.fetchall())
+            except (pymysql.err.OperationalError, pymysql.err.InterfaceError) as exc:
+                self._ctl = None
+                if attempt == 2:
+                    raise map_pymysql_error(exc, self.source) from exc
+        raise AssertionError("unreachable")
+
+    @property
+    def is_mariadb(self) -> bool:
+        if self._mariadb is None:
+            version = self._query("SELECT VERSION() AS v")[0]["v"]
+            self._mariadb = "mariadb" in version.lower()
+        return self._mariadb
+
+    def table_ids(self) -> list[TableId]:
+        rows = self._query(
+            "SELECT TABLE_SCHEMA, TABLE_NAME FROM information_schema.TABLES WHERE TABLE_TYPE='BASE TABLE'"
+            " AND TABLE_SCHEMA IN %s ORDER BY TABLE_SCHEMA, TABLE_NAME", (tuple(self.databases),))
+        return [self._table_id(r["TABLE_SCHEMA"], r["TABLE_NAME"]) for r in rows
+                if self._accept(r["TABLE_SCHEMA"], r["TABLE_NAME"])]
+
+    def _table_id(self, database: str, table: str) -> TableId:
+        return TableId(source=self.source, branch=self.branch, database=database, table=table)
+
+    def tables(self) -> list[TableSchema]:
+        return [self.schema(t) for t in self.table_ids()]
+
+    def schema(self, table: TableId) -> TableSchema:
+        """Columns and primary key from information_schema; JSON = json type or a json_valid check."""
+        rows = self._query(
+            "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, IS_NULLABLE, NUMERIC_PRECISION, NUMERIC_SCALE,"
+            " DATETIME_PRECISION, CHARACTER_MAXIMUM_LENGTH, CHARACTER_SET_NAME, COLUMN_KEY"
+            " FROM information_schema.COLUMNS WHERE TABLE_SCHEMA=%s AND TABLE_NAME=%s ORDER BY ORDINAL_POSITION",
+            (table.database, table.table))
+        if not rows:
+            raise FatalSourceError(f"`{table.qualified}` must exist in {self.source}; got no columns")
+        json_columns: set[str] = set()
+        if self.is_mariadb:
+            checks = self._query(
+                "SELECT CHECK_CLAUSE FROM information_schema.CHECK_CONSTRAINTS"
+                " WHERE CONSTRAINT_SCHEMA=%s AND TABLE_NAME=%s", (table.database, table.table))
+            for check in checks:
+                match = re.fullmatch(r"json_valid\(`((?:[^`]|``)+)`\)", check["CHECK_CLAUSE"].strip())
+                if match:
+                    json_columns.add(match.group(1).replace("``", "`"))
+        keys = self._query(
+            "SELECT COLUMN_NAME FROM information_schema.KEY_COLUMN_USAGE WHERE TABLE_SCHEMA=%s"
+            " AND TABLE_NAME=%s AND CONSTRAINT_NAME='PRIMARY' ORDER BY ORDINAL_POSITION",
+            (table.database, table.table))
+        columns = tuple(column_from_catalog(r, json_columns) for r in rows)
+        schema = TableSchema(id=table, columns=columns, primary_key=tuple(k["COLUMN_NAME"] for k in keys))
+        self._schemas[(table.database, table.table)] = schema
+        self._converters[(table.database, table.table)] = [
+            (c.name, conv) for c in columns if (conv := stream_converter(c)) is not None]
+        return schema
+
+    def retention_seconds(self) -> float | None:
+        rows = self._query("SHOW GLOBAL VARIABLES WHERE Variable_name IN"
+                           " ('binlog_expire_logs_seconds', 'expire_logs_days')")
+        values = {r["Variable_name"]: float(r["Value"] or 0) for r in rows}
+        seconds = values.get("binlog_expire_logs_seconds") or values.get("expire_logs_days", 0) * 86400
+        return seconds or None
+
+    # -- positions -------------------------------------------------------------------------------
+
+    def start_position(self) -> Checkpoint:
+        """The current end of the binlog (file, pos and, on MariaDB, the GTID position)."""
+        status = self._query("SHOW MASTER STATUS")
+        if not status:
+            raise FatalSourceError(f"`{self.source}` must have the binlog enabled (log_bin); got none")
+        file, pos = status[0]["File"], int(status[0]["Position"])
+        gtid = None
+        if self.is_mariadb:
+            gtid = self._query("SELECT BINLOG_GTID_POS(%s, %s) AS g", (file, pos))[0]["g"] or ""
+        return Checkpoint({"file": file, "pos": pos, "gtid": gtid}, binlog_position(file, pos, 0))
+
+    def acknowledge(self, checkpoint: Checkpoint) -> None:
+        """Nothing to release: the binlog is kept by retention, not by this reader."""
+
+    # -- snapshot --------------------------------------------------------------------------------
+
+    def snapshot(self, schema: TableSchema, position: int, chunk_rows: int,
+                 after: tuple[Any, ...] | None = None) -> Iterator[tuple[list[ChangeEvent], tuple[Any, ...]]]:
+        """Keyset pagination over the primary key (a table without one is read in one pass)."""
+        table = schema.id
+        names = [c.name for c in schema.columns]
+        select = ", ".join(_quote(n) for n in names)
+        source = f"{_quote(table.database)}.{_quote(table.table)}"
+        pk = list(schema.primary_key)
+        converters = [(c.name, conv) for c in schema.columns if (conv := snapshot_converter(c)) is not None]
+        key_names = pk or names
+        conn = self._connect()
+        try:
+            while True:
+                if pk:
+                    order = ", ".join(_quote(k) for k in pk)
+                    where = ""
+                    args: tuple[Any, ...] = ()
+                    if after is not None:
+                        where = f" WHERE ({order}) > ({', '.join(['%s'] * len(pk))})"
+                        args = tuple(after)
+                    sql = f"SELECT {select} FROM {source}{where} ORDER BY {order} LIMIT {int(chunk_rows)}"
+                else:
+                    sql, args = f"SELECT {select} FROM {source}", ()
+                with conn.cursor() as cur:
+                    cur.execute(sql, args)
+                    rows = cur.fetchall()
+                if not rows:
+                    return
+                last = tuple(rows[-1][k] for k in pk) if pk else ()
+                events = []
+                for row in rows:
+                    _convert(row, converters)
+                    events.append(ChangeEvent.model_construct(
+                        op=Op.READ, table=table, key={k: row[k] for k in key_names}, before=None,
+                        after=row, position=position, source_ts=None, txid=None, snapshot=True))
+                yield events, last
+                if not pk or len(rows) < chunk_rows:
+                    return
+                after = last
+        except pymysql.err.MySQLError as exc:
+            raise map_pymysql_error(exc, f"snapshot of {table.qualified}") from exc
+        finally:
+            conn.close()
+
+    # -- stream ----------------------------------------------------------------------------------
+
+    def _reader(self, start: Checkpoint) -> Any:
+        from pymysqlreplication import BinLogStreamReader
+        from pymysqlreplication.event import (
+            GtidEvent,
+            HeartbeatLogEvent,
+            MariadbGtidEvent,
+            QueryEvent,
+            RotateEvent,
+            XidEvent,
+        )
+        from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
+
+        events = [WriteRowsEvent, UpdateRowsEvent, DeleteRowsEvent, XidEvent, QueryEvent, RotateEvent,
+                  MariadbGtidEvent, GtidEvent, HeartbeatLogEvent]
+        kwargs: dict[str, Any] = {}
+        if self.is_mariadb:
+            kwargs["auto_position"] = start.data.get("gtid") or ""
+        else:
+            kwargs.update(log_file=start.data["file"], log_pos=start.data["pos"], resume_stream=True)
+        return BinLogStreamReader(
+            connection_settings=dict(self._settings), server_id=self._server_id, blocking=True,
+            only_events=events, only_schemas=self.databases, is_mariadb=self.is_mariadb,
+            slave_heartbeat=1, enable_logging=False, **kwargs)
+
+    def stream(self, start: Checkpoint, stop: threading.Event) -> Iterator[Changes]:
+        """Row changes from ``start``; one `Changes` per rows event, plus one per commit."""
+        from pymysqlreplication.event import (
+            GtidEvent,
+            HeartbeatLogEvent,
+            MariadbGtidEvent,
+            QueryEvent,
+            RotateEvent,
+            XidEvent,
+        )
+        from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
+
+        file = start.data["file"]
+        gtid_state = _parse_gtids(start.data.get("gtid") or "")
+        current_gtid: str | None = None
+        reader = self._reader(start)
+        construct = ChangeEvent.model_construct
+        try:
+            for event in reader:
+                if stop.is_set():
+                    return
+                if isinstance(event, RotateEvent):
+                    file = event.next_binlog
+                    continue
+                end = event.packet.log_pos
+                if isinstance(event, (WriteRowsEvent, UpdateRowsEvent, DeleteRowsEvent)):
+                    database, name = event.schema, event.table
+                    if not self._accept(database, name):
+                        continue
+                    key_ = (database, name)
+                    schemas: list[TableSchema] = []
+                    schema = self._schemas.get(key_)
+                    if schema is None or len(schema.columns) != len(event.columns):
+                        schema = self.schema(self._table_id(database, name))
+                        schemas.append(schema)
+                    converters = self._converters[key_]
+                    pk = schema.primary_key or tuple(c.name for c in schema.columns)
+                    start_pos = end - event.packet.event_size
+                    ts = datetime.fromtimestamp(event.timestamp, UTC)
+                    table = schema.id
+                    out = []
+                    for index, row in enumerate(event.rows):
+                        position = binlog_position(file, start_pos, index)
+                        if isinstance(event, WriteRowsEvent):
+                            after = _convert(row["values"], converters)
+                            out.append(construct(op=Op.CREATE, table=table, key={k: after[k] for k in pk},
+                                                 before=None, after=after, position=position, source_ts=ts,
+                                                 txid=current_gtid, snapshot=False))
+                        elif isinstance(event, UpdateRowsEvent):
+                            before = _convert(row["before_values"], converters)
+                            after = _convert(row["after_values"], converters)
+                            out.append(construct(op=Op.UPDATE, table=table, key={k: after[k] for k in pk},
+                                                 before=before, after=after, position=position, source_ts=ts,
+                                                 txid=current_gtid, snapshot=False))
+                        else:
+                            before = _convert(row["values"], converters)
+                            out.append(construct(op=Op.DELETE, table=table, key={k: before[k] for k in pk},
+                                                 before=before, after=None, position=position, source_ts=ts,
+                                                 txid=current_gtid, snapshot=False))
+                    yield Changes(out, None, schemas)
+                elif isinstance(event, (MariadbGtidEvent, GtidEvent)):
+                    current_gtid = str(event.gtid)
+                    if isinstance(event, MariadbGtidEvent):
+                        domain = current_gtid.split("-", 1)[0]
+                        gtid_state[domain] = current_gtid
+                elif isinstance(event, XidEvent):
+                    yield Changes([], self._checkpoint(file, end, gtid_state))
+                elif isinstance(event, QueryEvent):
+                    query = event.query.strip() if isinstance(event.query, str) else ""
+                    upper = query[:16].upper()
+                    if upper.startswith(("BEGIN", "SAVEPOINT")):
+                        continue
+                    changed = []
+                    if not upper.startswith("COMMIT"):
+                        # DDL: forget cached schemas of that database; reload tables the DDL names
+                        changed = self._forget_schemas(event.schema, query)
+                    yield Changes([], self._checkpoint(file, end, gtid_state), changed)
+                elif isinstance(event, HeartbeatLogEvent):
+                    yield Changes([])
+        except (pymysql.err.MySQLError, OSError, struct.error) as exc:
+            raise map_pymysql_error(exc, f"binlog of {self.source}") from exc
+        finally:
+            reader.close()
+
+    def _checkpoint(self, file: str, end: int, gtid_state: dict[str, str]) -> Checkpoint:
+        gtid = ",".join(gtid_state[d] for d in sorted(gtid_state, key=int)) if gtid_state else None
+        return Checkpoint({"file": file, "pos": end, "gtid": gtid}, binlog_position(file, end, 0))
+
+    def _forget_schemas(self, database: Any, query: str) -> list[TableSchema]:
+        database = database.decode() if isinstance(database, bytes) else database
+        changed = []
+        for (db, table) in list(self._schemas):
+            if re.search(rf"\b{re.escape(table)}\b", query, re.IGNORECASE) and (db == database or db in query):
+                del self._schemas[(db, table)]
+                try:
+                    changed.append(self.schema(self._table_id(db, table)))
+                except FatalSourceError:  # dropped
+                    continue
+        return changed
+
+    def close(self) -> None:
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
+
+
+def _parse_gtids(text: str) -> dict[str, str]:
+    return {part.split("-", 1)[0]: part for part in (p.strip() for p in text.split(",")) if part}
+
+
+def _quote(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+__all__ = ["MariaDbReader", "column_from_catalog", "float32", "map_pymysql_error", "Decimal"]
