@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -192,9 +192,12 @@ _STATE = _State()
 
 
 def _epoch(ts: datetime | float | None) -> float | None:
+    """Seconds since the epoch; a naive datetime is taken as UTC, as events carry UTC times."""
     if ts is None or isinstance(ts, float | int):
         return ts
-    return ts.timestamp()  # a naive datetime is taken as local time; events carry aware UTC datetimes
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.timestamp()
 
 
 class _LagCollector:
@@ -324,12 +327,17 @@ METRIC_NAMES: tuple[str, ...] = (
 # -- the write path --------------------------------------------------------------------------------
 
 
-_heartbeat_table = HEARTBEAT_TABLE  # set from the pipeline file by `serve_metrics`
+_heartbeat_tables: set[tuple[str, str]] = {HEARTBEAT_TABLE}
+
+
+def register_heartbeat_table(namespace: str, table: str) -> None:
+    """Treat ``namespace.table`` as a heartbeat table (the default is ``branchline.debezium_heartbeat``)."""
+    _heartbeat_tables.add((namespace, table))
 
 
 def is_heartbeat(table: TableId) -> bool:
     """True for the heartbeat table's changes: they move lag for the whole source, not for a user table."""
-    return table.table == _heartbeat_table
+    return (table.schema_ or table.database, table.table) in _heartbeat_tables
 
 
 def track_table(table: TableId, sink: str) -> None:
@@ -365,6 +373,10 @@ def observe_batch_written(
             stamps.append(event.source_ts.timestamp())
     newest = max(stamps) if stamps else None
     if is_heartbeat(table):
+        # The row's own `ts` has microseconds; MariaDB binlog commit times have whole seconds only.
+        beats = [_epoch(e.after["ts"]) for e in events if e.after and isinstance(e.after.get("ts"), datetime)]
+        if beats:
+            newest = max(b for b in beats if b is not None)
         if newest is not None:
             observe_heartbeat_durable(branch, source, sink, newest)
         return
@@ -397,7 +409,7 @@ def observe_heartbeat_durable(branch: str, source: str, sink: str, source_ts: da
     with _STATE.lock:
         if stamp > _STATE.heartbeat_durable.get(key, float("-inf")):
             _STATE.heartbeat_durable[key] = stamp
-        heartbeat_key = (branch, source, _heartbeat_table, sink)
+        heartbeat_key = (branch, source, "heartbeat", sink)
         if stamp > (_STATE.durable.get(heartbeat_key) or float("-inf")):
             _STATE.durable[heartbeat_key] = stamp
 
@@ -648,9 +660,7 @@ def serve_metrics(config: MetricsConfig | None = None, *, runtime: str = "run") 
 
     Call once per process, at start-up, before the pipeline runs. Port 0 picks a free port.
     """
-    global _heartbeat_table
     config = config or MetricsConfig()
-    _heartbeat_table = config.heartbeat.table
     if not config.enabled:
         return None
     set_build_info(runtime)

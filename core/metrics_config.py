@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-HEARTBEAT_TABLE = "branchline_heartbeat"
-"""Name of the heartbeat table in each source (MariaDB database / PostgreSQL schema `public`)."""
+HEARTBEAT_TABLE = ("branchline", "debezium_heartbeat")
+"""(namespace, table) of the heartbeat table in each source: MariaDB database / PostgreSQL schema
+`branchline`, the table Debezium's ``heartbeat.action.query`` writes too (see `branchline.heartbeat`)."""
 
 
 class HeartbeatConfig(BaseModel):
@@ -27,8 +28,6 @@ class HeartbeatConfig(BaseModel):
     """Write heartbeat rows. Without them lag is measured on user changes only and freezes on idle tables."""
     interval_s: float = Field(default=10.0, gt=0)
     """Seconds between heartbeat rows; lag reads at most this much too high on an idle source."""
-    table: str = Field(default=HEARTBEAT_TABLE, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
-    """Heartbeat table in each source; created on first use (needs CREATE, or create it yourself)."""
 
 
 class MetricsConfig(BaseModel):

@@ -1,0 +1,149 @@
+"""Heartbeat rows in each source, so replication lag stays true when no user table changes.
+
+Every ``interval_s`` the runtime writes one row into the source's heartbeat table (by default
+``branchline.debezium_heartbeat``, the same table Debezium's ``heartbeat.action.query`` writes on the
+distributed path, so both runtimes look alike). The row's change travels the normal capture path; when
+it is durable in the sink, `branchline.metrics.observe_heartbeat_durable` moves the lag watermark of the
+whole source. If anything stalls — capture, spool, sink — the watermark stops and lag keeps rising.
+
+Clock skew: the row carries the *source's* clock (read in the same round trip), and lag is computed
+against *this host's* clock. The writer estimates the difference on every beat (source clock minus the
+midpoint of the local round trip, exact to half the round-trip time) and exports it as
+``branchline_source_clock_skew_seconds``. Lag is off by that much; we assume NTP keeps it well below a
+second, and the alert rules warn when it is not.
+
+The writer also serves as the source health check: a beat that fails marks ``branchline_source_up`` 0
+and records the error for `branchline status`.
+
+Grants: the heartbeat user needs INSERT/UPDATE on the heartbeat table (and CREATE once, or create it
+with `heartbeat_ddl`); the heartbeat table must be captured (in the publication on PostgreSQL, accepted
+by the embedded reader's table filter) for its changes to reach the sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from branchline.metrics import observe_error, observe_heartbeat_written, set_source_up
+from branchline.metrics_config import HeartbeatConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEARTBEAT_TABLE = "branchline.debezium_heartbeat"
+"""``namespace.table``: MariaDB database `branchline` / PostgreSQL schema `branchline` (see config.py)."""
+
+
+def heartbeat_table(source: Any) -> tuple[str, str]:
+    """(namespace, table) of a source's heartbeat table: its ``heartbeat_table`` field or the default."""
+    qualified = getattr(source, "heartbeat_table", None) or DEFAULT_HEARTBEAT_TABLE
+    namespace, _, table = qualified.partition(".")
+    return namespace, table
+
+
+def heartbeat_ddl(kind: str, namespace: str, table: str) -> list[str]:
+    """Statements that create the heartbeat table; one row per writer, ``ts`` in UTC with microseconds."""
+    if kind == "postgres":
+        return [f'CREATE SCHEMA IF NOT EXISTS "{namespace}"',
+                f'CREATE TABLE IF NOT EXISTS "{namespace}"."{table}" (id integer PRIMARY KEY, ts timestamptz NOT NULL)']
+    return [f"CREATE DATABASE IF NOT EXISTS `{namespace}`",
+            f"CREATE TABLE IF NOT EXISTS `{namespace}`.`{table}` (id INT PRIMARY KEY, ts TIMESTAMP(6) NOT NULL)"]
+
+
+def debezium_heartbeat_query(kind: str, namespace: str, table: str) -> str:
+    """The ``heartbeat.action.query`` for Debezium that writes the same row the embedded writer does."""
+    if kind == "postgres":
+        return (f'INSERT INTO "{namespace}"."{table}" (id, ts) VALUES (1, now()) '
+                "ON CONFLICT (id) DO UPDATE SET ts = EXCLUDED.ts")
+    return f"INSERT INTO `{namespace}`.`{table}` (id, ts) VALUES (1, UTC_TIMESTAMP(6)) ON DUPLICATE KEY UPDATE ts = VALUES(ts)"
+
+
+def _password(source: Any) -> str:
+    secret = getattr(source, "password", None)
+    return secret.get_secret_value() if secret is not None else ""
+
+
+def write_heartbeat(source: Any, *, create: bool = True, writer_id: int = 1) -> datetime:
+    """Write one heartbeat row into ``source`` (a source section of the pipeline file) and return the
+    source clock it carries. Blocking: call it through `asyncio.to_thread`. Records skew and health."""
+    namespace, table = heartbeat_table(source)
+    if source.kind == "postgres":
+        stamp, before, after = _write_postgres(source, namespace, table, create, writer_id)
+    else:
+        stamp, before, after = _write_binlog(source, namespace, table, create, writer_id)
+    observe_heartbeat_written(source.branch, source.name, stamp, before, after)
+    set_source_up(source.branch, source.name, True)
+    return stamp
+
+
+Beat = tuple[datetime, float, float]
+"""The source clock written, and this host's clock just before and after the statement that read it."""
+
+
+def _write_postgres(source: Any, namespace: str, table: str, create: bool, writer_id: int) -> Beat:
+    import psycopg
+
+    with psycopg.connect(host=source.host, port=source.port, user=source.user, password=_password(source),
+                         dbname=source.database, autocommit=True, connect_timeout=10,
+                         application_name="branchline-heartbeat") as conn:
+        if create:
+            for statement in heartbeat_ddl("postgres", namespace, table):
+                conn.execute(statement)
+        conn.execute("SELECT 1")  # warm the connection so the timed round trip is one statement
+        before = time.time()
+        row = conn.execute(
+            f'INSERT INTO "{namespace}"."{table}" (id, ts) VALUES (%s, clock_timestamp()) '
+            "ON CONFLICT (id) DO UPDATE SET ts = EXCLUDED.ts RETURNING ts", (writer_id,)).fetchone()
+        after = time.time()
+    assert row is not None
+    return row[0], before, after
+
+
+def _write_binlog(source: Any, namespace: str, table: str, create: bool, writer_id: int) -> Beat:
+    import pymysql
+
+    conn = pymysql.connect(host=source.host, port=source.port, user=source.user, passwd=_password(source),
+                           autocommit=True, connect_timeout=10, charset="utf8mb4",
+                           init_command="SET time_zone='+00:00'")
+    try:
+        with conn.cursor() as cur:
+            if create:
+                for statement in heartbeat_ddl("mariadb", namespace, table):
+                    cur.execute(statement)
+            before = time.time()
+            cur.execute("SELECT UTC_TIMESTAMP(6)")
+            (stamp,) = cur.fetchone()
+            after = time.time()
+            cur.execute(f"INSERT INTO `{namespace}`.`{table}` (id, ts) VALUES (%s, %s) "
+                        "ON DUPLICATE KEY UPDATE ts = VALUES(ts)", (writer_id, stamp))
+    finally:
+        conn.close()
+    return stamp.replace(tzinfo=UTC), before, after
+
+
+async def run_heartbeats(sources: Sequence[Any], config: HeartbeatConfig, stop: asyncio.Event) -> None:
+    """Write a heartbeat into every source each ``config.interval_s`` until ``stop`` is set.
+
+    A failed beat is logged, counted in ``branchline_errors_total{component="source"}``, marks the
+    source down, and is tried again at the next interval: a heartbeat never stops the pipeline.
+    """
+    if not config.enabled:
+        return
+    created: set[str] = set()
+    while not stop.is_set():
+        for source in sources:
+            try:
+                await asyncio.to_thread(write_heartbeat, source, create=source.name not in created)
+                created.add(source.name)
+            except Exception as exc:  # noqa: BLE001 - any failure is reported, none stops the pipeline
+                log.warning("heartbeat into %s failed: %s", source.name, exc)
+                observe_error("source", source.name, exc)
+                set_source_up(source.branch, source.name, False, detail=str(exc)[:200])
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=config.interval_s)
+        except TimeoutError:
+            pass
