@@ -18,9 +18,15 @@ class SinkCapabilities(BaseModel):
 
     deletes: bool = True
     soft_deletes: bool = False
+    """Deleted rows stay, flagged `_bl_deleted`."""
     truncate: bool = True
     add_columns: bool = True
     max_identifier_length: int = 63
+    durable_on_write: bool = True
+    """True: a batch is durable when `write_batch` returns. False: only after `flush` returns, so the
+    caller must hold acknowledgements until then (the Delta sink buffers and commits on an interval)."""
+    commit_interval_s: float | None = None
+    """For a buffering sink: how often the caller should call `flush` (and then acknowledge)."""
 
 
 @runtime_checkable
@@ -30,15 +36,24 @@ class Sink(Protocol):
     capabilities: SinkCapabilities
 
     async def write_batch(self, table: TableSchema, events: Sequence[ChangeEvent]) -> None:
-        """Make one table's batch of changes durable in the target.
+        """Write one table's batch of changes.
 
-        Guarantees: when it returns, the batch is durable and the caller may acknowledge it.
-        Must be idempotent: may be called again with the same batch (or an older one) after a crash;
-        a row's stored position only moves forward. ``events`` may hold several changes of one key
-        in position order. Raises `RetryableSinkError` or `FatalSinkError`, never a driver error.
+        Guarantees: when it returns, the batch is durable if ``capabilities.durable_on_write``; otherwise
+        it is durable once a later `flush` returns. Must be idempotent: may be called again with the same
+        batch (or an older one) after a crash; a row's stored position only moves forward. ``events`` may
+        hold several changes of one key in position order. Raises `RetryableSinkError` (the sink's own
+        bounded retries are spent) or `FatalSinkError`, never a driver error.
+        """
+        ...
+
+    async def flush(self) -> None:
+        """Make everything written so far durable; after it returns the caller may acknowledge it.
+
+        A no-op for sinks that are durable on write. Same errors as `write_batch`.
         """
         ...
 
     async def close(self) -> None:
-        """Release connections. Not guaranteed to be called on abrupt shutdown."""
+        """Release connections. Does not flush: unflushed batches were never acknowledged and will be
+        replayed. Not guaranteed to be called on abrupt shutdown."""
         ...

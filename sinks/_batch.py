@@ -1,0 +1,104 @@
+"""What every sink does to a batch before writing it: split at truncates, collapse to one change per key.
+
+Why a sink collapses on its own: a set-based upsert fails when a batch holds one key twice
+("cannot affect row a second time"), and a sink must be correct on any input it is given, even when
+the stream stage already deduplicated (`branchline.streams.dedupe`). This is deliberately small:
+highest position wins per key, and a later change that carries `UNCHANGED` values takes them from the
+earlier change in the same batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from branchline.events import UNCHANGED, ChangeEvent, Op, TableId, TableSchema
+
+
+@dataclass(slots=True)
+class NetChange:
+    """The net effect of a batch on one key (or, for a table without a key, one change)."""
+
+    op: Op
+    branch: str
+    key: tuple[Any, ...]
+    position: int
+    source_ts: datetime | None
+    row: dict[str, Any]
+    """Values to write; may hold `UNCHANGED` for a value the source did not send."""
+
+    @property
+    def is_delete(self) -> bool:
+        return self.op is Op.DELETE
+
+    def unchanged_columns(self) -> list[str]:
+        return [name for name, value in self.row.items() if value is UNCHANGED]
+
+
+def split_at_truncates(events: Sequence[ChangeEvent]) -> Iterator[tuple[Sequence[ChangeEvent], ChangeEvent | None]]:
+    """Yield (changes, truncate-or-None) segments in batch order: apply the changes, then the truncate."""
+    start = 0
+    for index, event in enumerate(events):
+        if event.op is Op.TRUNCATE:
+            yield events[start:index], event
+            start = index + 1
+    if start < len(events) or not events:
+        yield events[start:], None
+
+
+def _key_of(event: ChangeEvent, key_columns: Sequence[str]) -> tuple[Any, ...]:
+    source = event.key if event.key else (event.row or {})
+    try:
+        return tuple(source[name] for name in key_columns)
+    except KeyError as exc:
+        raise KeyError(f"`key` of {event.table.qualified} at position {event.position} must hold {exc}") from exc
+
+
+def collapse(table: TableSchema, events: Sequence[ChangeEvent]) -> list[NetChange]:
+    """One `NetChange` per (branch, key): the change with the highest position wins.
+
+    A table without a primary key keeps every change (sinks store such tables as a change log).
+    Truncates must be split off first (`split_at_truncates`).
+    """
+    if not table.primary_key:
+        return [
+            NetChange(e.op, e.table.branch, (), e.position, e.source_ts, dict(e.row or {}))
+            for e in events
+            if e.op is not Op.TRUNCATE
+        ]
+    key_columns = table.primary_key
+    latest: dict[tuple[Any, ...], NetChange] = {}
+    for event in events:
+        op = event.op
+        if op is Op.TRUNCATE:
+            raise ValueError("truncates must be split off before collapse")
+        key = _key_of(event, key_columns)
+        slot = (event.table.branch, *key)
+        row = event.before if op is Op.DELETE else event.after
+        change = NetChange(op, event.table.branch, key, event.position, event.source_ts, dict(row or event.key))
+        previous = latest.get(slot)
+        if previous is None:
+            latest[slot] = change
+            continue
+        if previous.position > change.position:
+            previous, change = change, previous
+            # the later change already sits in the slot; fill its gaps from the older one below
+        if not change.is_delete and not previous.is_delete:
+            for name, value in change.row.items():
+                if value is UNCHANGED and previous.row.get(name, UNCHANGED) is not UNCHANGED:
+                    change.row[name] = previous.row[name]
+        latest[slot] = change
+    return list(latest.values())
+
+
+def render(template: str, table: TableId) -> str:
+    """Fill a naming template (`{source}`, `{branch}`, `{database}`, `{schema}`, `{table}`)."""
+    return template.format(
+        source=table.source,
+        branch=table.branch,
+        database=table.database,
+        schema=table.schema_ or table.database,
+        table=table.table,
+    )

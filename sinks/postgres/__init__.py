@@ -1,0 +1,1 @@
+"""PostgreSQL sink: COPY into staging, then one position-guarded set-based upsert per batch."""

@@ -1,0 +1,250 @@
+"""The SQL of one target table, built once per table schema and reused for every batch.
+
+One batch = one transaction: COPY the net changes into a temporary staging table, then set-based
+statements, each guarded so that a row's stored position only moves forward:
+
+1. (only if the batch has unchanged TOAST values, or deletes in soft-delete mode) fill those staging
+   values from the target row, so the upsert keeps what the target has;
+2. upsert: ``INSERT .. SELECT .. ON CONFLICT (key) DO UPDATE .. WHERE t._bl_position < EXCLUDED._bl_position``,
+   skipping changes older than the table's last truncate or than a tombstone;
+3. (only if the batch has deletes, hard-delete mode) delete guarded the same way, and record tombstones.
+
+The fast path — no unchanged values, no deletes — is COPY + one INSERT .. SELECT .. ON CONFLICT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from branchline.events import TableSchema
+from branchline.sinks.postgres.ddl import TRUNCATIONS, TargetTable
+from branchline.sinks.postgres.types import Converter, converter, staged_as_text
+
+STAGE = sql.Identifier("_bl_stage")
+TEXT_OID = 25
+TEXT_ARRAY_OID = 1009
+NUMERIC_OID = 1700
+TIMESTAMPTZ_OID = 1184
+
+
+@dataclass(frozen=True)
+class StagedColumn:
+    name: str
+    converter: Converter | None
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    """Everything needed to write batches of one table; rebuilt when the source schema changes."""
+
+    source: TableSchema
+    target: TargetTable
+    keyed: bool
+    soft_delete: bool
+    branch_key: bool
+    columns: tuple[StagedColumn, ...]
+    copy_types: tuple[int, ...]
+    create_stage: sql.Composed
+    clear_stage: sql.Composed
+    copy: sql.Composed
+    prefill: sql.Composed | None
+    upsert: sql.Composed
+    delete: sql.Composed | None
+    tombstone: sql.Composed | None
+    tombstone_cleanup: sql.Composed | None
+    truncate: sql.Composed
+    truncate_tombstones: sql.Composed | None
+    truncate_mark: sql.Composed
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.target.schema}.{self.target.name}"
+
+
+def _join(parts: list[sql.Composable], sep: str = ", ") -> sql.Composed:
+    return sql.SQL(sep).join(parts)
+
+
+def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, branch_key: bool) -> TablePlan:
+    keyed = bool(source.primary_key)
+    table = sql.Identifier(target.schema, target.name)
+    truncations = sql.Identifier(target.schema, TRUNCATIONS)
+    names = [c.name for c in source.columns]
+    target_type = {n: target.columns[n].type for n in names}
+    text_staged = {n for n in names if staged_as_text(target_type[n])}
+
+    def s(name: str) -> sql.Composable:
+        """A staging column as the target type."""
+        ref = sql.SQL("s.{}").format(sql.Identifier(name))
+        if name in text_staged:
+            return sql.SQL("{}::{}").format(ref, sql.SQL(target_type[name]))
+        return ref
+
+    # staging table: (_bl_branch,) source columns, bookkeeping, names of unchanged columns
+    stage_defs: list[sql.Composable] = []
+    copy_columns: list[sql.Composable] = []
+    copy_types: list[int] = []
+    if branch_key:
+        stage_defs.append(sql.SQL("_bl_branch text"))
+        copy_columns.append(sql.Identifier("_bl_branch"))
+        copy_types.append(TEXT_OID)
+    for name in names:
+        staged = "text" if name in text_staged else target_type[name]
+        stage_defs.append(sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(staged)))
+        copy_columns.append(sql.Identifier(name))
+        copy_types.append(TEXT_OID if name in text_staged else target.columns[name].oid)
+    for definition, column, oid in (
+        ("_bl_position numeric(38,0)", "_bl_position", NUMERIC_OID),
+        ("_bl_op text", "_bl_op", TEXT_OID),
+        ("_bl_source_ts timestamptz", "_bl_source_ts", TIMESTAMPTZ_OID),
+        ("_bl_unchanged text[]", "_bl_unchanged", TEXT_ARRAY_OID),
+    ):
+        stage_defs.append(sql.SQL(definition))
+        copy_columns.append(sql.Identifier(column))
+        copy_types.append(oid)
+    create_stage = sql.SQL("CREATE TEMP TABLE {} ({}) ON COMMIT DROP").format(STAGE, _join(stage_defs))
+    clear_stage = sql.SQL("TRUNCATE {}").format(STAGE)
+    copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(STAGE, _join(copy_columns))
+
+    branch_value: sql.Composable = sql.SQL("s._bl_branch") if branch_key else sql.Literal("")
+    key_match = _join(
+        [sql.SQL("t.{} = {}").format(sql.Identifier(k), s(k) if k != "_bl_branch" else branch_value) for k in target.key]
+        if keyed
+        else [sql.SQL("false")],
+        " AND ",
+    )
+
+    # 1. prefill unchanged values (and, in soft-delete mode, the deleted row's last values)
+    prefill = None
+    non_key = [n for n in names if n not in source.primary_key]
+    if keyed and non_key:
+        deleted = sql.SQL("s._bl_op = 'd' OR ") if soft_delete else sql.SQL("")
+        sets = [
+            sql.SQL("{} = CASE WHEN {}{} = ANY(s._bl_unchanged) THEN t.{}{} ELSE s.{} END").format(
+                sql.Identifier(n),
+                deleted,
+                sql.Literal(n),
+                sql.Identifier(n),
+                sql.SQL("::text") if n in text_staged else sql.SQL(""),
+                sql.Identifier(n),
+            )
+            for n in non_key
+        ]
+        prefill = sql.SQL("UPDATE {} s SET {} FROM {} t WHERE {} AND ({}s._bl_unchanged IS NOT NULL)").format(
+            STAGE, _join(sets), table, key_match, deleted
+        )
+
+    # 2. upsert
+    insert_names = (["_bl_branch"] if branch_key else []) + names
+    insert_names += ["_bl_position", "_bl_op", "_bl_source_ts", "_bl_synced_at"]
+    select_values: list[sql.Composable] = ([branch_value] if branch_key else []) + [s(n) for n in names]
+    select_values += [sql.SQL("s._bl_position"), sql.SQL("s._bl_op"), sql.SQL("s._bl_source_ts"), sql.SQL("now()")]
+    if soft_delete:
+        insert_names.append("_bl_deleted")
+        select_values.append(sql.SQL("s._bl_op = 'd'"))
+    insert_columns: list[sql.Composable] = [sql.Identifier(n) for n in insert_names]
+    conditions: list[sql.Composable] = [sql.SQL("(w.position IS NULL OR s._bl_position > w.position)")]
+    if keyed and not soft_delete:
+        conditions.append(sql.SQL("s._bl_op <> 'd'"))
+        tomb_match = _join(
+            [
+                sql.SQL("d.{} = {}").format(sql.Identifier(k), s(k) if k != "_bl_branch" else branch_value)
+                for k in target.key
+            ],
+            " AND ",
+        )
+        assert target.tombstones is not None
+        conditions.append(
+            sql.SQL("NOT EXISTS (SELECT 1 FROM {} d WHERE {} AND d._bl_position >= s._bl_position)").format(
+                sql.Identifier(target.schema, target.tombstones), tomb_match
+            )
+        )
+    select = sql.SQL("SELECT {} FROM {} s LEFT JOIN {} w ON w.table_name = {} AND w.branch = {} WHERE {}").format(
+        _join(select_values),
+        STAGE,
+        truncations,
+        sql.Literal(target.name),
+        branch_value,
+        _join(conditions, " AND "),
+    )
+    key_list = _join([sql.Identifier(k) for k in target.key])
+    if keyed:
+        updates = [
+            sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(n), sql.Identifier(n))
+            for n in insert_names
+            if n not in target.key
+        ]
+        upsert = sql.SQL(
+            "INSERT INTO {} AS t ({}) {} ON CONFLICT ({}) DO UPDATE SET {} WHERE t._bl_position < EXCLUDED._bl_position"
+        ).format(table, _join(insert_columns), select, key_list, _join(updates))
+    else:
+        upsert = sql.SQL("INSERT INTO {} AS t ({}) {} ON CONFLICT ({}) DO NOTHING").format(
+            table, _join(insert_columns), select, key_list
+        )
+
+    # 3. hard deletes and tombstones
+    delete = tombstone = tombstone_cleanup = truncate_tombstones = None
+    if keyed and not soft_delete:
+        assert target.tombstones is not None
+        tombs = sql.Identifier(target.schema, target.tombstones)
+        delete = sql.SQL(
+            "DELETE FROM {} t USING {} s WHERE s._bl_op = 'd' AND {} AND t._bl_position < s._bl_position"
+        ).format(table, STAGE, key_match)
+        tomb_values = [s(k) if k != "_bl_branch" else branch_value for k in target.key]
+        tombstone = sql.SQL(
+            "INSERT INTO {} AS d ({}, _bl_position) SELECT {}, s._bl_position FROM {} s WHERE s._bl_op = 'd'"
+            " ON CONFLICT ({}) DO UPDATE SET _bl_position = EXCLUDED._bl_position"
+            " WHERE d._bl_position < EXCLUDED._bl_position"
+        ).format(tombs, key_list, _join(tomb_values), STAGE, key_list)
+        tomb_match_cleanup = _join(
+            [
+                sql.SQL("d.{} = {}").format(sql.Identifier(k), s(k) if k != "_bl_branch" else branch_value)
+                for k in target.key
+            ],
+            " AND ",
+        )
+        tombstone_cleanup = sql.SQL(
+            "DELETE FROM {} d USING {} s WHERE s._bl_op <> 'd' AND {} AND d._bl_position < s._bl_position"
+        ).format(tombs, STAGE, tomb_match_cleanup)
+        truncate_tombstones = sql.SQL("DELETE FROM {} WHERE _bl_position < %(position)s{}").format(
+            tombs, sql.SQL(" AND _bl_branch = %(branch)s") if branch_key else sql.SQL("")
+        )
+
+    # truncate: older rows go (or are marked deleted); the mark stops older changes from coming back
+    branch_filter = sql.SQL(" AND _bl_branch = %(branch)s") if branch_key else sql.SQL("")
+    if soft_delete:
+        moves = sql.SQL(", _bl_position = %(position)s") if keyed else sql.SQL("")
+        truncate = sql.SQL(
+            "UPDATE {} SET _bl_deleted = true, _bl_op = 't', _bl_source_ts = %(source_ts)s, _bl_synced_at = now(){}"
+            " WHERE _bl_position < %(position)s{}"
+        ).format(table, moves, branch_filter)
+    else:
+        truncate = sql.SQL("DELETE FROM {} WHERE _bl_position < %(position)s{}").format(table, branch_filter)
+    truncate_mark = sql.SQL(
+        "INSERT INTO {} AS w (table_name, branch, position) VALUES ({}, %(branch)s, %(position)s)"
+        " ON CONFLICT (table_name, branch) DO UPDATE SET position = EXCLUDED.position"
+        " WHERE w.position < EXCLUDED.position"
+    ).format(truncations, sql.Literal(target.name))
+
+    return TablePlan(
+        source=source,
+        target=target,
+        keyed=keyed,
+        soft_delete=soft_delete,
+        branch_key=branch_key,
+        columns=tuple(StagedColumn(c.name, converter(c)) for c in source.columns),
+        copy_types=tuple(copy_types),
+        create_stage=create_stage,
+        clear_stage=clear_stage,
+        copy=copy,
+        prefill=prefill,
+        upsert=upsert,
+        delete=delete,
+        tombstone=tombstone,
+        tombstone_cleanup=tombstone_cleanup,
+        truncate=truncate,
+        truncate_tombstones=truncate_tombstones,
+        truncate_mark=truncate_mark,
+    )

@@ -1,0 +1,264 @@
+"""`PostgresSink`: idempotent, position-guarded writes into a cloud PostgreSQL.
+
+Each `write_batch` is one transaction (see `branchline.sinks.postgres.plan` for its statements), retried
+as a whole on retryable errors; when it returns the batch is committed. Replays, restarts and late
+older changes never move a row backwards: every statement compares the stored `_bl_position`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from datetime import UTC
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.conninfo import make_conninfo
+from psycopg.types.json import set_json_dumps
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from branchline.errors import FatalSinkError, SinkError
+from branchline.events import UNCHANGED, ChangeEvent, TableSchema
+from branchline.sinks._batch import NetChange, collapse, render, split_at_truncates
+from branchline.sinks._retry import retrying
+from branchline.sinks.config import PostgresSinkConfig
+from branchline.sinks.contract import SinkCapabilities
+from branchline.sinks.postgres.ddl import MAX_IDENTIFIER, ensure_table
+from branchline.sinks.postgres.errors import map_error
+from branchline.sinks.postgres.plan import TablePlan, build_plan
+
+log = logging.getLogger("branchline.sinks.postgres")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return orjson.Fragment(str(value))  # exact: never through float
+    raise TypeError(f"`json value` must be JSON-serializable; got {type(value).__name__}")
+
+
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value, default=_json_default)
+
+
+def conninfo(config: PostgresSinkConfig) -> str:
+    """The libpq connection string; the only place the password is revealed."""
+    options: dict[str, Any] = {
+        "application_name": config.application_name,
+        "connect_timeout": max(1, int(config.connect_timeout_s)),
+    }
+    explicit = config.model_fields_set
+    if config.dsn is None or "sslmode" in explicit:
+        options["sslmode"] = config.sslmode
+    if config.sslrootcert is not None:
+        options["sslrootcert"] = str(config.sslrootcert)
+    if config.dsn is not None:
+        return make_conninfo(config.dsn.get_secret_value(), **options)
+    options.update(host=config.host, port=config.port, user=config.user, dbname=config.database)
+    if config.password is not None:
+        options["password"] = config.password.get_secret_value()
+    return make_conninfo("", **options)
+
+
+class PostgresSink:
+    """Writes batches of changes into PostgreSQL tables, one transaction per batch."""
+
+    def __init__(self, config: PostgresSinkConfig, name: str = "postgres") -> None:
+        self.config = config
+        self.name = name
+        self.capabilities = SinkCapabilities(
+            deletes=True,
+            soft_deletes=config.soft_delete,
+            truncate=True,
+            add_columns=True,
+            max_identifier_length=MAX_IDENTIFIER,
+            durable_on_write=True,
+        )
+        self._pool: AsyncConnectionPool | None = None
+        self._pool_lock = asyncio.Lock()
+        self._plans: dict[tuple[str, str], TablePlan] = {}
+
+    # --- Sink protocol ---------------------------------------------------------------------------
+
+    async def write_batch(self, table: TableSchema, events: Sequence[ChangeEvent]) -> None:
+        """Apply one table's changes in one transaction; see `Sink.write_batch` for the guarantees."""
+        if not events:
+            return
+        plan = await self._plan(table)
+        await retrying(
+            lambda: self._write(plan, events),
+            what=f"writing {len(events)} changes into {plan.qualified}",
+            max_attempts=self.config.max_attempts,
+            backoff_s=self.config.retry_backoff_s,
+            max_backoff_s=self.config.retry_max_backoff_s,
+        )
+
+    async def flush(self) -> None:
+        """Nothing to do: every `write_batch` commits before it returns."""
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    # --- internals -------------------------------------------------------------------------------
+
+    async def _configure(self, conn: AsyncConnection) -> None:
+        set_json_dumps(_dumps, context=conn)
+
+    async def _get_pool(self) -> AsyncConnectionPool:
+        async with self._pool_lock:
+            if self._pool is None:
+                pool = AsyncConnectionPool(
+                    conninfo(self.config),
+                    min_size=self.config.pool_min_size,
+                    max_size=self.config.pool_max_size,
+                    open=False,
+                    configure=self._configure,
+                    check=AsyncConnectionPool.check_connection,
+                    timeout=self.config.connect_timeout_s,
+                    name=f"branchline-{self.name}",
+                )
+                try:
+                    await pool.open(wait=True, timeout=self.config.connect_timeout_s)
+                except Exception as exc:
+                    await pool.close()
+                    raise map_error(exc, table="(connecting)") from exc
+                self._pool = pool
+            return self._pool
+
+    def schema_for(self, table: TableSchema) -> str:
+        return render(self.config.schema_, table.id)
+
+    async def _plan(self, table: TableSchema) -> TablePlan:
+        schema = self.schema_for(table)
+        slot = (schema, table.id.table)
+        plan = self._plans.get(slot)
+        if plan is not None and plan.source == table:
+            return plan
+
+        async def create() -> TablePlan:
+            pool = await self._get_pool()
+            try:
+                async with pool.connection() as conn:
+                    target = await ensure_table(
+                        conn,
+                        schema,
+                        table,
+                        soft_delete=self.config.soft_delete,
+                        branch_key=self.config.branch_key,
+                    )
+            except SinkError:
+                raise
+            except Exception as exc:
+                raise map_error(exc, table=f"{schema}.{table.id.table}", where="(creating or altering the table)") from exc
+            return build_plan(table, target, soft_delete=self.config.soft_delete, branch_key=self.config.branch_key)
+
+        plan = await retrying(
+            create,
+            what=f"preparing {schema}.{table.id.table}",
+            max_attempts=self.config.max_attempts,
+            backoff_s=self.config.retry_backoff_s,
+            max_backoff_s=self.config.retry_max_backoff_s,
+        )
+        self._plans[slot] = plan
+        return plan
+
+    async def _write(self, plan: TablePlan, events: Sequence[ChangeEvent]) -> None:
+        pool = await self._get_pool()
+        current: list[NetChange] = []
+
+        def describe(line: int) -> str:
+            if 1 <= line <= len(current):
+                change = current[line - 1]
+                return f"key {_describe_key(plan, change)} at position {change.position}"
+            return ""
+
+        where = f"(positions {min(e.position for e in events)}..{max(e.position for e in events)})"
+        try:
+            async with pool.connection() as conn, conn.transaction():
+                staged = False
+                for changes, truncate in split_at_truncates(events):
+                    net = collapse(plan.source, changes)
+                    if net:
+                        current[:] = net
+                        await conn.execute(plan.clear_stage if staged else plan.create_stage)
+                        staged = True
+                        await self._apply(conn, plan, net)
+                    if truncate is not None:
+                        await self._truncate(conn, plan, truncate)
+        except SinkError:
+            raise
+        except (psycopg.Error, PoolTimeout, OSError) as exc:
+            raise map_error(exc, table=plan.qualified, describe_copy_line=describe, where=where) from exc
+
+    async def _apply(self, conn: AsyncConnection, plan: TablePlan, net: list[NetChange]) -> None:
+        has_unchanged = has_delete = has_upsert = False
+        columns = plan.columns
+        async with conn.cursor() as cursor:
+            async with cursor.copy(plan.copy) as copy:
+                copy.set_types(plan.copy_types)
+                for change in net:
+                    row = change.row
+                    values: list[Any] = [change.branch] if plan.branch_key else []
+                    unchanged: list[str] | None = None
+                    try:
+                        for column in columns:
+                            value = row.get(column.name)
+                            if value is None:
+                                values.append(None)
+                            elif value is UNCHANGED:
+                                unchanged = [column.name] if unchanged is None else [*unchanged, column.name]
+                                values.append(None)
+                            elif column.converter is None:
+                                values.append(value)
+                            else:
+                                values.append(column.converter(value))
+                    except (ValueError, TypeError) as exc:
+                        raise FatalSinkError(
+                            f"`{plan.qualified}` value at key {_describe_key(plan, change)} position "
+                            f"{change.position} must match its column type; got {exc}"
+                        ) from exc
+                    source_ts = change.source_ts
+                    if source_ts is not None and source_ts.tzinfo is None:
+                        source_ts = source_ts.replace(tzinfo=UTC)
+                    values += (change.position, change.op.value, source_ts, unchanged)
+                    if unchanged is not None:
+                        has_unchanged = True
+                    if change.is_delete:
+                        has_delete = True
+                    else:
+                        has_upsert = True
+                    await copy.write_row(values)
+            if plan.prefill is not None and (has_unchanged or (plan.soft_delete and has_delete)):
+                await cursor.execute(plan.prefill)
+            await cursor.execute(plan.upsert)
+            if has_delete and plan.delete is not None and plan.tombstone is not None:
+                await cursor.execute(plan.delete)
+                await cursor.execute(plan.tombstone)
+            if has_upsert and plan.tombstone_cleanup is not None:
+                await cursor.execute(plan.tombstone_cleanup)
+
+    async def _truncate(self, conn: AsyncConnection, plan: TablePlan, event: ChangeEvent) -> None:
+        params = {
+            "position": event.position,
+            "branch": event.table.branch if plan.branch_key else "",
+            "source_ts": event.source_ts,
+        }
+        await conn.execute(plan.truncate, params)
+        if plan.truncate_tombstones is not None:
+            await conn.execute(plan.truncate_tombstones, params)
+        await conn.execute(plan.truncate_mark, params)
+
+
+def _describe_key(plan: TablePlan, change: NetChange) -> str:
+    if plan.keyed:
+        pairs = ", ".join(f"{k}={v!r}" for k, v in zip(plan.source.primary_key, change.key, strict=False))
+    else:
+        pairs = "(no primary key)"
+    if plan.branch_key:
+        pairs = f"_bl_branch={change.branch!r}, {pairs}"
+    return f"({pairs})"
