@@ -49,9 +49,11 @@ def heartbeat_ddl(kind: str, namespace: str, table: str) -> list[str]:
     """Statements that create the heartbeat table; one row per writer, ``ts`` in UTC with microseconds."""
     if kind == "postgres":
         return [f'CREATE SCHEMA IF NOT EXISTS "{namespace}"',
-                f'CREATE TABLE IF NOT EXISTS "{namespace}"."{table}" (id integer PRIMARY KEY, ts timestamptz NOT NULL)']
+                (f'CREATE TABLE IF NOT EXISTS "{namespace}"."{table}"'
+                 " (id integer PRIMARY KEY, ts timestamptz NOT NULL)")]
     return [f"CREATE DATABASE IF NOT EXISTS `{namespace}`",
-            f"CREATE TABLE IF NOT EXISTS `{namespace}`.`{table}` (id INT PRIMARY KEY, ts TIMESTAMP(6) NOT NULL)"]
+            (f"CREATE TABLE IF NOT EXISTS `{namespace}`.`{table}`"
+             " (id INT PRIMARY KEY, ts TIMESTAMP(6) NOT NULL)")]
 
 
 def debezium_heartbeat_query(kind: str, namespace: str, table: str) -> str:
@@ -59,7 +61,8 @@ def debezium_heartbeat_query(kind: str, namespace: str, table: str) -> str:
     if kind == "postgres":
         return (f'INSERT INTO "{namespace}"."{table}" (id, ts) VALUES (1, now()) '
                 "ON CONFLICT (id) DO UPDATE SET ts = EXCLUDED.ts")
-    return f"INSERT INTO `{namespace}`.`{table}` (id, ts) VALUES (1, UTC_TIMESTAMP(6)) ON DUPLICATE KEY UPDATE ts = VALUES(ts)"
+    return (f"INSERT INTO `{namespace}`.`{table}` (id, ts) VALUES (1, UTC_TIMESTAMP(6)) "
+            "ON DUPLICATE KEY UPDATE ts = VALUES(ts)")
 
 
 def _password(source: Any) -> str:
@@ -106,7 +109,7 @@ def _write_postgres(source: Any, namespace: str, table: str, create: bool, write
 def _write_binlog(source: Any, namespace: str, table: str, create: bool, writer_id: int) -> Beat:
     import pymysql
 
-    conn = pymysql.connect(host=source.host, port=source.port, user=source.user, passwd=_password(source),
+    conn = pymysql.connect(host=source.host, port=source.port, user=source.user, password=_password(source),
                            autocommit=True, connect_timeout=10, charset="utf8mb4",
                            init_command="SET time_zone='+00:00'")
     try:

@@ -181,6 +181,8 @@ class _State:
     """(branch, source, sink) -> source commit time of the newest heartbeat that reached the sink."""
     read: dict[tuple[str, str], float] = field(default_factory=dict)
     """(branch, source) -> source commit time of the newest change (or heartbeat) read."""
+    read_position: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(branch, source) -> position of the newest change read (binlog file sequence for files behind)."""
     spool_oldest: dict[str, float | None] = field(default_factory=dict)
     """spool -> local time the oldest undelivered change was spooled; None when the spool is empty."""
     last_errors: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
@@ -417,13 +419,26 @@ def observe_heartbeat_durable(branch: str, source: str, sink: str, source_ts: da
 def observe_changes_read(branch: str, source: str, events: Iterable[ChangeEvent]) -> None:
     """Record a batch read from a source (before spooling or producing): moves capture lag."""
     newest = None
+    position = None
     for event in events:
         if event.source_ts is not None and not event.snapshot:
             stamp = event.source_ts.timestamp()
             if newest is None or stamp > newest:
                 newest = stamp
+            if position is None or event.position > position:
+                position = event.position
     if newest is not None:
         observe_source_timestamp_read(branch, source, newest)
+    if position is not None:
+        with _STATE.lock:
+            if position > _STATE.read_position.get((branch, source), -1):
+                _STATE.read_position[(branch, source)] = position
+
+
+def newest_position_read(branch: str, source: str) -> int | None:
+    """Position of the newest streamed change read from ``source`` by this process, if any."""
+    with _STATE.lock:
+        return _STATE.read_position.get((branch, source))
 
 
 def observe_source_timestamp_read(branch: str, source: str, source_ts: datetime | float) -> None:
@@ -608,7 +623,7 @@ def reset() -> None:
         collector.clear()
     END_TO_END_LATENCY.clear()
     with _STATE.lock:
-        for store in (_STATE.durable, _STATE.heartbeat_durable, _STATE.read, _STATE.spool_oldest,
+        for store in (_STATE.durable, _STATE.heartbeat_durable, _STATE.read, _STATE.read_position, _STATE.spool_oldest,
                       _STATE.last_errors, _STATE.connectors, _STATE.sources):
             store.clear()
 
