@@ -8,7 +8,6 @@ import sys
 from typing import Any
 
 import click
-
 from branchline.config import PipelineConfig, load_pipeline
 from branchline.errors import ConfigError
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote
 
 import httpx
-
 from branchline.errors import ConfigError, FatalSourceError, RetryableSourceError
 
 
@@ -70,7 +69,7 @@ class ConnectClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> ConnectClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

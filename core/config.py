@@ -24,10 +24,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-
 from branchline.errors import ConfigError
 from branchline.sinks.config import SinkConfig
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 IDENTIFIER = r"^[a-z][a-z0-9_]{0,30}$"
 """Source and branch names: lower-case, short, safe in topic, slot, connector and schema names."""
@@ -415,8 +422,7 @@ def _describe(error: Any, raw: Any, from_env: set[tuple[Any, ...]]) -> tuple[tup
             message += f"; got {error.get('input')!r}"
         return loc, message
     message = error["msg"]
-    if message.startswith("Value error, "):
-        message = message[len("Value error, "):]
+    message = message.removeprefix("Value error, ")
     message = re.sub(r"^Input should be", "must be", message)
     message = re.sub(r"^String should", "must", message)
     value = error.get("input")
@@ -436,7 +442,7 @@ def load_pipeline(path: str | os.PathLike[str], env: Mapping[str, str] | None = 
     except OSError as exc:
         raise ConfigError(f"`pipeline file` must be readable; got {exc.strerror or exc}", source=shown) from exc
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

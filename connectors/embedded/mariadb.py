@@ -20,8 +20,6 @@ from typing import Any
 
 import orjson
 import pymysql
-from pymysql.constants import FIELD_TYPE
-
 from branchline.connectors.embedded.reader import Changes, Checkpoint
 from branchline.errors import FatalSourceError, RetryableSourceError, SourceError
 from branchline.events import (
@@ -438,7 +436,17 @@ class MariaDbReader:
                         elif isinstance(event, UpdateRowsEvent):
                             before = _convert(row["before_values"], converters)
                             after = _convert(row["after_values"], converters)
-                            out.append(construct(op=Op.UPDATE, table=table, key={k: after[k] for k in pk},
+                            key = {k: after[k] for k in pk}
+                            old_key = {k: before[k] for k in pk}
+                            if old_key != key:  # a changed primary key: delete + create, as Debezium
+                                out.append(construct(op=Op.DELETE, table=table, key=old_key, before=before,
+                                                     after=None, position=position, source_ts=ts,
+                                                     txid=current_gtid, snapshot=False))
+                                out.append(construct(op=Op.CREATE, table=table, key=key, before=None,
+                                                     after=after, position=position, source_ts=ts,
+                                                     txid=current_gtid, snapshot=False))
+                                continue
+                            out.append(construct(op=Op.UPDATE, table=table, key=key,
                                                  before=before, after=after, position=position, source_ts=ts,
                                                  txid=current_gtid, snapshot=False))
                         else:
@@ -501,4 +509,4 @@ def _quote(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
-__all__ = ["MariaDbReader", "column_from_catalog", "float32", "map_pymysql_error", "Decimal"]
+__all__ = ["Decimal", "MariaDbReader", "column_from_catalog", "float32", "map_pymysql_error"]

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
 from branchline.cli import cli
 from branchline.config import BinlogSourceConfig, PostgresSourceConfig, load_pipeline
 from branchline.errors import ConfigError
+from click.testing import CliRunner
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
 from branchline.cli import cli
 from branchline.config import load_pipeline
 from branchline.connectors.debezium import connector_config, is_control_topic, masked, plan, settings_for
 from branchline.errors import ConfigError
+from click.testing import CliRunner
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

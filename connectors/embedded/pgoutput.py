@@ -1,0 +1,318 @@
+"""A parser of PostgreSQL's pgoutput logical-replication messages (protocol version 1), and the
+text-format value decoders shared by the stream and the snapshot.
+
+Pure functions over bytes: no connection. Messages come from ``pg_logical_slot_*_binary_changes``
+(one message per row of the result) or from a walsender; the layout is documented in
+"Logical Replication Message Formats" of the PostgreSQL manual.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from branchline.errors import BadRecordError
+from branchline.events import UNCHANGED, ColumnType, Json
+
+PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in microseconds since 1970-01-01
+
+_I16 = struct.Struct("!h")
+_I32 = struct.Struct("!i")
+_U32 = struct.Struct("!I")
+_BEGIN = struct.Struct("!QqI")
+_COMMIT = struct.Struct("!BQQq")
+
+# -- text-format values ----------------------------------------------------------------------
+
+
+def _bool(text: str) -> bool:
+    return text in ("t", "true")
+
+
+def _bytea(text: str) -> bytes:
+    if text.startswith("\\x"):
+        return bytes.fromhex(text[2:])
+    raise ValueError("bytea must be in hex output format")
+
+
+def _time(text: str) -> timedelta:
+    hours, minutes, seconds = text.split(":")
+    whole, _, fraction = seconds.partition(".")
+    micros = int((fraction + "000000")[:6]) if fraction else 0
+    return timedelta(hours=int(hours), minutes=int(minutes), seconds=int(whole), microseconds=micros)
+
+
+def _timestamp(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def _timestamptz(text: str) -> datetime:
+    value = datetime.fromisoformat(text)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+_ISO_INTERVAL = re.compile(
+    r"P(?:(?P<y>-?\d+)Y)?(?:(?P<mo>-?\d+)M)?(?:(?P<d>-?\d+)D)?"
+    r"(?:T(?:(?P<h>-?\d+)H)?(?:(?P<mi>-?\d+)M)?(?:(?P<s>-?\d+(?:\.\d+)?)S)?)?$")
+DAYS_PER_MONTH = 365.25 / 12
+"""Debezium's average month (``MicroDuration.DAYS_PER_MONTH_AVG``) for intervals with months."""
+
+
+def _interval(text: str) -> timedelta:
+    """An ISO 8601 interval (IntervalStyle=iso_8601) -> timedelta, months as Debezium counts them."""
+    match = _ISO_INTERVAL.match(text)
+    if not match:
+        raise ValueError(f"interval must be ISO 8601; got {text!r}")
+    part = {k: v or "0" for k, v in match.groupdict().items()}
+    months = int(part["y"]) * 12 + int(part["mo"])
+    seconds = Decimal(part["s"])
+    micros = (int(part["h"]) * 3600 + int(part["mi"]) * 60) * 1_000_000 + int(seconds * 1_000_000)
+    micros += round((months * DAYS_PER_MONTH + int(part["d"])) * 86_400_000_000)
+    return timedelta(microseconds=micros)
+
+
+def _json(text: str) -> Json:
+    return Json(orjson.loads(text))
+
+
+_ARRAY_ITEM = re.compile(r'"((?:[^"\\]|\\.)*)"|([^,{}"]+)')
+
+
+def text_array(text: str) -> list[str | None]:
+    """A one-dimensional PostgreSQL array literal -> list of str (NULL -> None)."""
+    if text.startswith("["):  # explicit bounds: [0:1]={a,b}
+        text = text[text.index("=") + 1 :]
+    if not (text.startswith("{") and text.endswith("}")):
+        raise ValueError(f"array must be a {{...}} literal; got {text!r}")
+    items: list[str | None] = []
+    for quoted, bare in _ARRAY_ITEM.findall(text[1:-1]):
+        if bare:
+            bare = bare.strip()
+            items.append(None if bare == "NULL" else bare)
+        else:
+            items.append(re.sub(r"\\(.)", r"\1", quoted))
+    return items
+
+
+def _str(text: str) -> str:
+    return text
+
+
+# type OID -> (column type, decoder of the text format)
+TYPES: dict[int, tuple[ColumnType, Callable[[str], Any]]] = {
+    16: (ColumnType.BOOLEAN, _bool),
+    17: (ColumnType.BYTES, _bytea),
+    18: (ColumnType.STRING, _str),
+    19: (ColumnType.STRING, _str),
+    20: (ColumnType.INT64, int),
+    21: (ColumnType.INT16, int),
+    23: (ColumnType.INT32, int),
+    25: (ColumnType.STRING, _str),
+    26: (ColumnType.INT64, int),
+    114: (ColumnType.JSON, _json),
+    700: (ColumnType.FLOAT32, float),
+    701: (ColumnType.FLOAT64, float),
+    1009: (ColumnType.STRING_ARRAY, text_array),
+    1015: (ColumnType.STRING_ARRAY, text_array),
+    1042: (ColumnType.STRING, _str),
+    1043: (ColumnType.STRING, _str),
+    1082: (ColumnType.DATE, date.fromisoformat),
+    1083: (ColumnType.TIME, _time),
+    1114: (ColumnType.TIMESTAMP, _timestamp),
+    1184: (ColumnType.TIMESTAMPTZ, _timestamptz),
+    1186: (ColumnType.INTERVAL, _interval),
+    1560: (ColumnType.BITS, _str),
+    1562: (ColumnType.BITS, _str),
+    1700: (ColumnType.DECIMAL, Decimal),
+    2950: (ColumnType.UUID, _str),
+    3802: (ColumnType.JSON, _json),
+}
+
+SESSION_SETTINGS = (
+    "SET TimeZone='UTC'; SET DateStyle='ISO, MDY'; SET IntervalStyle='iso_8601';"
+    " SET extra_float_digits=1; SET bytea_output='hex'"
+)
+"""Output formats the text decoders expect; set on every connection that reads values as text."""
+
+
+def decoder_for(type_oid: int) -> Callable[[str], Any]:
+    entry = TYPES.get(type_oid)
+    return entry[1] if entry else _str
+
+
+def column_type_for(type_oid: int, typtype: str = "b") -> ColumnType:
+    if typtype == "e":
+        return ColumnType.ENUM
+    entry = TYPES.get(type_oid)
+    return entry[0] if entry else ColumnType.STRING
+
+
+# -- messages --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Relation:
+    """A 'R' message: the table's columns as the publisher sends them in tuples."""
+
+    relid: int
+    namespace: str
+    name: str
+    replica_identity: str
+    columns: list[tuple[str, int, int, bool]]
+    """(name, type OID, typmod, part of the replica identity key)."""
+    names: tuple[str, ...] = ()
+    decoders: tuple[Callable[[str], Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.names = tuple(c[0] for c in self.columns)
+        self.decoders = tuple(decoder_for(c[1]) for c in self.columns)
+
+
+@dataclass(slots=True)
+class Begin:
+    final_lsn: int
+    commit_ts: datetime
+    xid: int
+
+
+@dataclass(slots=True)
+class Commit:
+    commit_lsn: int
+    end_lsn: int
+    commit_ts: datetime
+
+
+@dataclass(slots=True)
+class RowChange:
+    """'I', 'U' or 'D'. ``old`` is the key ('K') or full old row ('O'), when the publisher sent it."""
+
+    kind: str
+    relation: Relation
+    old: dict[str, Any] | None
+    new: dict[str, Any] | None
+    old_is_key: bool = False
+
+
+@dataclass(slots=True)
+class Truncate:
+    relations: list[Relation]
+    cascade: bool
+    restart_identity: bool
+
+
+def _ts(micros: int) -> datetime:
+    return datetime.fromtimestamp((micros + PG_EPOCH_US) / 1_000_000, UTC)
+
+
+def _cstring(data: bytes, offset: int) -> tuple[str, int]:
+    end = data.index(b"\x00", offset)
+    return data[offset:end].decode(), end + 1
+
+
+def _tuple(data: bytes, offset: int, relation: Relation) -> tuple[dict[str, Any], int]:
+    (count,) = _I16.unpack_from(data, offset)
+    offset += 2
+    names, decoders = relation.names, relation.decoders
+    if count != len(names):
+        raise BadRecordError(
+            f"`{relation.namespace}.{relation.name}` tuple must have {len(names)} columns; got {count}")
+    row: dict[str, Any] = {}
+    for i in range(count):
+        kind = data[offset]
+        offset += 1
+        if kind == 0x74:  # 't'
+            (length,) = _I32.unpack_from(data, offset)
+            offset += 4
+            text = data[offset : offset + length].decode()
+            offset += length
+            try:
+                row[names[i]] = decoders[i](text)
+            except (ValueError, ArithmeticError) as exc:
+                raise BadRecordError(
+                    f"`{relation.namespace}.{relation.name}.{names[i]}` must decode; got {text[:80]!r}"
+                ) from exc
+        elif kind == 0x6E:  # 'n'
+            row[names[i]] = None
+        elif kind == 0x75:  # 'u': unchanged TOAST, not sent
+            row[names[i]] = UNCHANGED
+        else:
+            raise BadRecordError(f"pgoutput tuple column kind must be t/n/u; got {chr(kind)!r}")
+    return row, offset
+
+
+class PgOutputParser:
+    """Stateful only in the relations it has seen ('R' precedes the first change of a table)."""
+
+    def __init__(self) -> None:
+        self.relations: dict[int, Relation] = {}
+
+    def parse(self, data: bytes) -> Begin | Commit | Relation | RowChange | Truncate | None:
+        """One message -> its model; None for messages without row data (Origin, Type, Message)."""
+        kind = data[0]
+        if kind == 0x49:  # 'I'
+            (relid,) = _U32.unpack_from(data, 1)
+            relation = self._relation(relid)
+            new, _ = _tuple(data, 6, relation)  # 5 = 'N'
+            return RowChange("I", relation, None, new)
+        if kind == 0x55:  # 'U'
+            (relid,) = _U32.unpack_from(data, 1)
+            relation = self._relation(relid)
+            offset = 5
+            old = None
+            marker = data[offset]
+            old_is_key = marker == 0x4B
+            if marker in (0x4B, 0x4F):  # 'K' / 'O'
+                old, offset = _tuple(data, offset + 1, relation)
+                marker = data[offset]
+            new, _ = _tuple(data, offset + 1, relation)
+            return RowChange("U", relation, old, new, old_is_key)
+        if kind == 0x44:  # 'D'
+            (relid,) = _U32.unpack_from(data, 1)
+            relation = self._relation(relid)
+            old, _ = _tuple(data, 6, relation)
+            return RowChange("D", relation, old, None, data[5] == 0x4B)
+        if kind == 0x42:  # 'B'
+            final_lsn, ts, xid = _BEGIN.unpack_from(data, 1)
+            return Begin(final_lsn, _ts(ts), xid)
+        if kind == 0x43:  # 'C'
+            _, commit_lsn, end_lsn, ts = _COMMIT.unpack_from(data, 1)
+            return Commit(commit_lsn, end_lsn, _ts(ts))
+        if kind == 0x52:  # 'R'
+            (relid,) = _U32.unpack_from(data, 1)
+            namespace, offset = _cstring(data, 5)
+            name, offset = _cstring(data, offset)
+            identity = chr(data[offset])
+            (count,) = _I16.unpack_from(data, offset + 1)
+            offset += 3
+            columns = []
+            for _ in range(count):
+                flags = data[offset]
+                column, offset = _cstring(data, offset + 1)
+                type_oid, typmod = struct.unpack_from("!Ii", data, offset)
+                offset += 8
+                columns.append((column, type_oid, typmod, bool(flags & 1)))
+            relation = Relation(relid, namespace, name, identity, columns)
+            self.relations[relid] = relation
+            return relation
+        if kind == 0x54:  # 'T'
+            (count,) = _I32.unpack_from(data, 1)
+            options = data[5]
+            relids = struct.unpack_from(f"!{count}I", data, 6)
+            return Truncate([self._relation(r) for r in relids], bool(options & 1), bool(options & 2))
+        if kind in (0x4F, 0x59, 0x4D):  # 'O' origin, 'Y' type, 'M' logical message
+            return None
+        raise BadRecordError(f"pgoutput message type must be known; got {chr(kind)!r}")
+
+    def _relation(self, relid: int) -> Relation:
+        try:
+            return self.relations[relid]
+        except KeyError:
+            raise BadRecordError(f"pgoutput relation {relid} must be announced before its rows") from None
