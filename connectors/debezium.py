@@ -81,12 +81,13 @@ def is_control_topic(topic: str) -> bool:
     return bool(_CONTROL_TOPIC.match(topic)) or topic.startswith(("__debezium-heartbeat.", "__branchline-"))
 
 
-def heartbeat_query(source: PostgresSourceConfig) -> str:
-    """The write Debezium runs every heartbeat: one row per slot, so the slot's LSN can advance."""
-    return (
-        f"INSERT INTO {source.heartbeat_table} (slot, ts) VALUES ('{source.slot}', now()) "
-        "ON CONFLICT (slot) DO UPDATE SET ts = EXCLUDED.ts"
-    )
+def heartbeat_query(source: Source) -> str:
+    """The write Debezium runs every heartbeat; the same row `branchline.heartbeat` writes in the
+    embedded runtime, so lag is measured alike on both paths."""
+    from branchline.heartbeat import debezium_heartbeat_query
+
+    namespace, table = source.heartbeat_table.split(".", 1)
+    return debezium_heartbeat_query(source.kind, namespace, table)
 
 
 def _common(source: Source, pipeline: PipelineConfig) -> list[Setting]:
@@ -154,17 +155,20 @@ def _binlog(source: BinlogSourceConfig, pipeline: PipelineConfig) -> list[Settin
     if kafka is None:
         raise ConfigError("`kafka` must be set for a binlog source (Debezium keeps its schema history in Kafka); "
                           "got nothing")
-    control_db = source.signal_table.split(".", 1)[0]
-    databases = list(dict.fromkeys((*source.databases, control_db)))
+    control_dbs = [source.signal_table.split(".", 1)[0], source.heartbeat_table.split(".", 1)[0]]
+    databases = list(dict.fromkeys((*source.databases, *control_dbs)))
+    control_db = ", ".join(dict.fromkeys(control_dbs))
     settings = [
         Setting("database.server.id", str(source.server_id),
                 "The replica id the connector presents; must be unique among the server's replicas."),
         Setting("database.include.list", ",".join(databases),
-                f"The file's databases, plus `{control_db}` for the signal table (Debezium reads signals from the log)."),
+                f"The file's databases, plus `{control_db}` for the signal and heartbeat tables (Debezium reads "
+                "signals from the log; heartbeat rows carry lag)."),
     ]
     if source.include:
-        tables = [*map(_regex, source.include), _regex(source.signal_table)]
-        settings.append(Setting("table.include.list", ",".join(tables), "The file's tables, plus the signal table."))
+        tables = [*map(_regex, source.include), _regex(source.signal_table), _regex(source.heartbeat_table)]
+        settings.append(Setting("table.include.list", ",".join(tables),
+                                "The file's tables, plus the signal and heartbeat tables."))
     if source.exclude:
         settings.append(Setting("table.exclude.list", ",".join(map(_regex, source.exclude)), "From the pipeline file."))
     settings += [
@@ -178,6 +182,9 @@ def _binlog(source: BinlogSourceConfig, pipeline: PipelineConfig) -> list[Settin
                 "One schema-history topic per connector (never shared), named after the branch and source."),
         Setting("snapshot.locking.mode", "minimal",
                 "Holds the global read lock only while reading schemas, not while copying rows."),
+        Setting("heartbeat.action.query", heartbeat_query(source),
+                "A heartbeat row every interval: its change flows through the pipeline and moves the lag "
+                "watermark of the whole source even while the captured tables are idle."),
     ]
     return settings
 

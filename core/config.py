@@ -86,8 +86,12 @@ class _SourceBase(_Model):
     """How often the connector emits a heartbeat (and, on PostgreSQL, runs the heartbeat query)."""
     min_log_retention_hours: int = Field(72, ge=1)
     """Preflight warns when binlog/WAL retention is shorter: an outage longer than this needs a re-snapshot."""
-    signal_table: str = f"{CONTROL_NAMESPACE}.debezium_signal"
+    signal_table: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+\.[A-Za-z0-9_]+$")] = f"{CONTROL_NAMESPACE}.debezium_signal"
     """Debezium's signal table (`namespace.table`), used for incremental snapshots."""
+    heartbeat_table: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+\.[A-Za-z0-9_]+$")] = (
+        f"{CONTROL_NAMESPACE}.debezium_heartbeat")
+    """Table the heartbeat query writes every heartbeat: lag stays measurable and, on PostgreSQL, the
+    slot advances while the captured tables are idle."""
     debezium: dict[str, str] = {}
     """Extra Debezium/Connect properties, applied last (override Branchline's choices at your own risk)."""
 
@@ -177,8 +181,6 @@ class PostgresSourceConfig(_SourceBase):
     """Replication slot name; default `branchline_<branch>_<source>`."""
     publication: Annotated[str, Field(min_length=1, max_length=63)]
     """Publication name; default `branchline_<branch>_<source>`; limited to the captured tables."""
-    heartbeat_table: str = f"{CONTROL_NAMESPACE}.debezium_heartbeat"
-    """Table the heartbeat query writes, so the slot advances while captured tables are idle."""
 
     @model_validator(mode="before")
     @classmethod
@@ -229,17 +231,19 @@ class ConnectConfig(_Model):
 
 
 class _MetricsPlaceholder(_Model):
-    """Placeholder until `branchline.metrics` defines its section."""
+    """Placeholder while `branchline.metrics_config` is absent."""
 
-    port: int = Field(9108, ge=0, le=65535)
+    port: int = Field(9464, ge=0, le=65535)
 
 
-_TableConfig = _optional_model("branchline.streams.config", "TableConfig")
+_TableConfig = _optional_model("branchline.streams.config", "TableTransforms")
+_WorkerConfig = _optional_model("branchline.streams.config", "WorkerSettings")
 _RuntimeConfig = _optional_model("branchline.runtime.config", "RuntimeConfig")
-_MetricsConfig = _optional_model("branchline.metrics", "MetricsConfig") or _MetricsPlaceholder
+_MetricsConfig = _optional_model("branchline.metrics_config", "MetricsConfig") or _MetricsPlaceholder
 
 TablesSection = dict[str, _TableConfig] if _TableConfig is not None else dict[str, dict[str, Any]]
-RuntimeSection = _RuntimeConfig | None if _RuntimeConfig is not None else dict[str, Any] | None
+WorkerSection = _WorkerConfig if _WorkerConfig is not None else dict[str, Any]
+RuntimeSection = _RuntimeConfig if _RuntimeConfig is not None else dict[str, Any]
 
 
 # ----------------------------------------------------------------------------------------- the file
@@ -260,10 +264,13 @@ class PipelineConfig(_Model):
     sinks: dict[Annotated[str, Field(pattern=IDENTIFIER)], SinkConfig] = {}
     """Targets by name."""
     tables: TablesSection = {}  # type: ignore[valid-type]
-    """Per-table transforms, keyed by `source.namespace.table` (see streams)."""
-    runtime: RuntimeSection = None  # type: ignore[valid-type]
-    """The embedded runtime (`branchline run`)."""
+    """Per-table transforms (`branchline.streams.config.TableTransforms`), keyed by `namespace.table`."""
+    worker: WorkerSection = WorkerSection()  # type: ignore[valid-type]
+    """Faust workers of the distributed runtime (`branchline.streams.config.WorkerSettings`)."""
+    runtime: RuntimeSection = RuntimeSection()  # type: ignore[valid-type]
+    """The embedded runtime, `branchline run` (`branchline.runtime.config.RuntimeConfig`)."""
     metrics: _MetricsConfig = _MetricsConfig()  # type: ignore[valid-type]
+    """The Prometheus endpoint and heartbeats (`branchline.metrics_config.MetricsConfig`)."""
 
     @model_validator(mode="before")
     @classmethod

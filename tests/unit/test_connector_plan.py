@@ -67,7 +67,8 @@ def test_mariadb_gets_the_mariadb_connector_with_exact_types(pipeline) -> None: 
         "schema.history.internal.kafka.topic": "__branchline-schema-history.hq.erp",
         "schema.history.internal.kafka.bootstrap.servers": "127.0.0.1:19092",
         "database.include.list": "erp,branchline",
-        "table.include.list": r"erp\.customers,erp\.order_[^.]*,branchline\.debezium_signal",
+        "table.include.list": r"erp\.customers,erp\.order_[^.]*,branchline\.debezium_signal,"
+                              r"branchline\.debezium_heartbeat",
         "topic.creation.default.partitions": "3",
     }
     assert {k: config[k] for k in expected} == expected
@@ -89,8 +90,8 @@ def test_postgres_uses_pgoutput_filtered_publication_and_a_heartbeat_query(pipel
     assert config["publication.autocreate.mode"] == "filtered"
     assert config["slot.name"] == config["publication.name"] == "branchline_hq_crm"
     assert config["schema.include.list"] == "public,sales,branchline"
-    assert config["heartbeat.action.query"].startswith("INSERT INTO branchline.debezium_heartbeat")
-    assert "'branchline_hq_crm'" in config["heartbeat.action.query"]
+    assert config["heartbeat.action.query"].startswith("INSERT INTO \"branchline\".\"debezium_heartbeat\"")
+    assert "ON CONFLICT (id) DO UPDATE" in config["heartbeat.action.query"]
     assert "bigint.unsigned.handling.mode" not in config and "schema.history.internal.kafka.topic" not in config
     # overrides from the file win, and are marked as such
     assert config["poll.interval.ms"] == "100" and config["snapshot.mode"] == "no_data"
