@@ -81,6 +81,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_clock = time.time
+"""This host's clock, read when lag is scraped (tests replace it to move time without sleeping)."""
+
 disable_created_metrics()  # `*_created` series double the counters and nothing here reads them
 REGISTRY = CollectorRegistry(auto_describe=True)
 """The registry `/metrics` serves: Branchline's metrics plus process, platform and GC metrics."""
@@ -211,7 +214,7 @@ class _LagCollector:
         yield GaugeMetricFamily("branchline_spool_oldest_age_seconds", "", labels=("spool",))
 
     def collect(self) -> Iterable[Metric]:
-        now = time.time()
+        now = _clock()
         replication = GaugeMetricFamily(
             "branchline_replication_lag_seconds",
             "Now minus the source commit time of the newest change durable in the sink (a heartbeat counts "
@@ -364,7 +367,7 @@ def observe_batch_written(
     reads count as events but move neither lag nor latency: their timestamps are read times, not commits.
     Heartbeat-table batches move the lag of every table of their source.
     """
-    now = time.time() if now is None else now
+    now = _clock() if now is None else now
     branch, source, name = table.branch, table.source, table.qualified
     by_op: dict[str, int] = {}
     stamps: list[float] = []
@@ -589,7 +592,7 @@ def sample(name: str, labels: Mapping[str, str] | None = None) -> float | None:
 
 def snapshot() -> dict[str, Any]:
     """The in-process state as JSON-ready data: what `/status.json` serves to `branchline status`."""
-    now = time.time()
+    now = _clock()
     with _STATE.lock:
         durable = dict(_STATE.durable)
         beats = dict(_STATE.heartbeat_durable)
