@@ -32,7 +32,7 @@ from branchline.connectors.embedded.pgoutput import (
     decoder_for,
 )
 from branchline.connectors.embedded.reader import Changes, Checkpoint
-from branchline.errors import FatalSourceError, RetryableSourceError, SourceError
+from branchline.errors import BadRecordError, FatalSourceError, RetryableSourceError, SourceError
 from branchline.events import (
     UNCHANGED,
     ChangeEvent,
@@ -46,6 +46,7 @@ from branchline.events import (
     parse_lsn,
 )
 from psycopg import sql
+from psycopg.types.string import TextLoader
 
 log = logging.getLogger(__name__)
 
@@ -222,21 +223,23 @@ class PostgresReader:
             " AND a.attnum > 0 AND NOT a.attisdropped", (f'"{table.schema_}"."{table.table}"',))
         oids = dict(type_rows)
         decoders = [decoder_for(oids[n]) for n in names]
-        select = sql.SQL(", ").join(
-            [sql.SQL("{}::text").format(sql.Identifier(n)) for n in names]
-            + [sql.Identifier(k) for k in pk])
+        select = sql.SQL(", ").join(sql.Identifier("src", n) for n in names)
         key_names = pk or names
         conn = self._connect()
+        # every value as its output function's text, exactly as pgoutput sends it (a ::text cast
+        # would differ: it strips char(n) padding and spells booleans out)
+        for oid in set(oids.values()):
+            conn.adapters.register_loader(oid, TextLoader)
         try:
             while True:
                 if pk:
-                    order = sql.SQL(", ").join(sql.Identifier(k) for k in pk)
+                    order = sql.SQL(", ").join(sql.Identifier("src", k) for k in pk)
                     if after is None:
-                        query = sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT {}").format(
+                        query = sql.SQL("SELECT {} FROM {} AS src ORDER BY {} LIMIT {}").format(
                             select, target, order, sql.Literal(chunk_rows))
                         args: tuple[Any, ...] = ()
                     else:
-                        query = sql.SQL("SELECT {} FROM {} WHERE ({}) > ({}) ORDER BY {} LIMIT {}").format(
+                        query = sql.SQL("SELECT {} FROM {} AS src WHERE ({}) > ({}) ORDER BY {} LIMIT {}").format(
                             select, target, order, sql.SQL(", ").join(sql.Placeholder() * len(pk)), order,
                             sql.Literal(chunk_rows))
                         args = tuple(after)
@@ -248,11 +251,15 @@ class PostgresReader:
                 width = len(names)
                 events = []
                 for raw in rows:
-                    row = {n: (None if v is None else d(v)) for n, d, v in zip(names, decoders, raw[:width])}
+                    try:
+                        row = {n: (None if v is None else d(v)) for n, d, v in zip(names, decoders, raw[:width])}
+                    except (ValueError, ArithmeticError) as exc:
+                        raise BadRecordError(f"`{table.qualified}` row {raw[:3]!r}... must decode;"
+                                             f" got {exc}") from exc
                     events.append(ChangeEvent.model_construct(
                         op=Op.READ, table=table, key={k: row[k] for k in key_names}, before=None,
                         after=row, position=position, source_ts=None, txid=None, snapshot=True))
-                last = tuple(rows[-1][width:])
+                last = tuple(rows[-1][names.index(k)] for k in pk)
                 yield events, last
                 if not pk or len(rows) < chunk_rows:
                     return
