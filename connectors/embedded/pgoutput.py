@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import struct
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -132,7 +133,7 @@ TYPES: dict[int, tuple[ColumnType, Callable[[str], Any]]] = {
     1560: (ColumnType.BITS, _str),
     1562: (ColumnType.BITS, _str),
     1700: (ColumnType.DECIMAL, Decimal),
-    2950: (ColumnType.UUID, _str),
+    2950: (ColumnType.UUID, uuid.UUID),
     3802: (ColumnType.JSON, _json),
 }
 
@@ -143,12 +144,21 @@ SESSION_SETTINGS = (
 """Output formats the text decoders expect; set on every connection that reads values as text."""
 
 
-def decoder_for(type_oid: int) -> Callable[[str], Any]:
+def _bit1(text: str) -> bool:
+    return text == "1"
+
+
+def decoder_for(type_oid: int, typmod: int = -1) -> Callable[[str], Any]:
+    """The text decoder of a type; ``bit(1)`` is a boolean, as Debezium maps it."""
+    if type_oid == 1560 and typmod == 1:
+        return _bit1
     entry = TYPES.get(type_oid)
     return entry[1] if entry else _str
 
 
-def column_type_for(type_oid: int, typtype: str = "b") -> ColumnType:
+def column_type_for(type_oid: int, typtype: str = "b", typmod: int = -1) -> ColumnType:
+    if type_oid == 1560 and typmod == 1:
+        return ColumnType.BOOLEAN
     if typtype == "e":
         return ColumnType.ENUM
     entry = TYPES.get(type_oid)
@@ -173,7 +183,7 @@ class Relation:
 
     def __post_init__(self) -> None:
         self.names = tuple(c[0] for c in self.columns)
-        self.decoders = tuple(decoder_for(c[1]) for c in self.columns)
+        self.decoders = tuple(decoder_for(c[1], c[2]) for c in self.columns)
 
 
 @dataclass(slots=True)

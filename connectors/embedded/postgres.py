@@ -6,8 +6,9 @@ before the spool write would lose them. Peek leaves the slot where it is; the ru
 commit only after the spool holds it, and only then is the slot advanced. Each peek re-decodes from
 the slot's restart point, so the slot is advanced often and changes are read in chunks of ~20k.
 
-Positions match Debezium's ``source.lsn``: the LSN of each change (the ``lsn`` column of the
-function, which is the walsender's XLogData start for the same message).
+Positions match the Debezium path: ``lsn_position(source.lsn, 1)`` where ``source.lsn`` is the LSN
+of each change (the ``lsn`` column of the function, which is the walsender's XLogData start for the
+same message); snapshot rows get position 0.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class PostgresReader:
             " WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord", (relid,))
         columns = []
         for name, type_oid, typmod, notnull, declared, typtype, _elem in rows:
-            kind = column_type_for(type_oid, typtype)
+            kind = column_type_for(type_oid, typtype, typmod)
             precision = scale = length = None
             if kind is ColumnType.DECIMAL and typmod > 0:
                 precision, scale = ((typmod - 4) >> 16) & 0xFFFF, (typmod - 4) & 0xFFFF
@@ -182,7 +183,9 @@ class PostgresReader:
     def start_position(self) -> Checkpoint:
         """Create the publication and the slot; the slot's consistent point is where streaming starts.
 
-        Snapshot rows get a position one below it, so every decoded change sorts after them.
+        Snapshot rows get position 0, as on the Debezium path (`branchline.streams.decode.position_of`):
+        a transaction open while the slot was created may carry a WAL LSN below the slot's, and it
+        must still win over the snapshot row. Streamed changes are ``lsn_position(lsn, 1)``.
         """
         self.ensure_publication(self.table_ids())
         rows = self._query("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
@@ -193,7 +196,7 @@ class PostgresReader:
             created = self._query("SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')",
                                   (self.slot,))
             lsn = parse_lsn(created[0][0])
-        return Checkpoint({"lsn": format_lsn(lsn)}, lsn_position(lsn) - 1)
+        return Checkpoint({"lsn": format_lsn(lsn)}, 0)
 
     def acknowledge(self, checkpoint: Checkpoint) -> None:
         """Remember the LSN; the reading thread advances the slot before its next peek."""
@@ -219,16 +222,16 @@ class PostgresReader:
         pk = list(schema.primary_key)
         names = [c.name for c in schema.columns]
         type_rows = self._query(
-            "SELECT a.attname, a.atttypid FROM pg_attribute a WHERE a.attrelid = %s::regclass"
+            "SELECT a.attname, a.atttypid, a.atttypmod FROM pg_attribute a WHERE a.attrelid = %s::regclass"
             " AND a.attnum > 0 AND NOT a.attisdropped", (f'"{table.schema_}"."{table.table}"',))
-        oids = dict(type_rows)
-        decoders = [decoder_for(oids[n]) for n in names]
+        oids = {name: (oid, typmod) for name, oid, typmod in type_rows}
+        decoders = [decoder_for(*oids[n]) for n in names]
         select = sql.SQL(", ").join(sql.Identifier("src", n) for n in names)
         key_names = pk or names
         conn = self._connect()
         # every value as its output function's text, exactly as pgoutput sends it (a ::text cast
         # would differ: it strips char(n) padding and spells booleans out)
-        for oid in set(oids.values()):
+        for oid in {oid for oid, _ in oids.values()}:
             conn.adapters.register_loader(oid, TextLoader)
         try:
             while True:
@@ -316,7 +319,7 @@ class PostgresReader:
                         if changed:
                             schemas.append(schema)
                         lsn = lsn_text
-                        events.extend(_row_events(construct, message, schema, lsn_position(lsn), ts, txid))
+                        events.extend(_row_events(construct, message, schema, lsn_position(lsn, 1), ts, txid))
                     elif isinstance(message, Begin):
                         skip = message.final_lsn < seen_end
                         ts, txid = message.commit_ts, str(message.xid)
@@ -330,12 +333,12 @@ class PostgresReader:
                         events, schemas = [], []
                     elif isinstance(message, Truncate) and not skip:
                         lsn = lsn_text
-                        for index, relation in enumerate(message.relations):
+                        for relation in message.relations:
                             if not self._accept(relation.namespace, relation.name):
                                 continue
                             schema, _ = self._schema_for(relation)
                             events.append(construct(op=Op.TRUNCATE, table=schema.id, key={}, before=None,
-                                                    after=None, position=lsn_position(lsn, index), source_ts=ts,
+                                                    after=None, position=lsn_position(lsn, 1), source_ts=ts,
                                                     txid=txid, snapshot=False))
                 if not progressed:
                     # everything peeked was already handed out; wait for the acknowledgement to advance

@@ -4,6 +4,7 @@ proto_version 1, with `SESSION_SETTINGS`), and the text decoders shared with the
 from __future__ import annotations
 
 import math
+import uuid
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
@@ -92,7 +93,7 @@ def test_insert_decodes_every_type_to_the_event_model_values():
         "tz": datetime(2024, 5, 6, 5, 8, 9, 123456, tzinfo=UTC),
         "iv": timedelta(days=429, seconds=25506, microseconds=500000),
         "js": Json({"a": [1, 2]}), "jb": Json({"b": {"c": None}}),
-        "u": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "arr": ["x", "y z", None],
+        "u": uuid.UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), "arr": ["x", "y z", None],
         "bits": "10101", "vb": "101",
     }
 
@@ -189,3 +190,8 @@ def test_undecodable_value_is_a_bad_record_naming_the_column():
 def test_rows_of_an_unannounced_relation_are_refused():
     with pytest.raises(BadRecordError, match="announced"):
         PgOutputParser().parse(bytes.fromhex(CAPTURED[6][1]))
+
+
+def test_bit1_is_a_boolean_like_debezium_and_longer_bits_a_bit_string():
+    assert decoder_for(1560, 1)("1") is True
+    assert decoder_for(1560, 5)("00101") == "00101"
