@@ -27,7 +27,8 @@ class NetChange:
     position: int
     source_ts: datetime | None
     row: dict[str, Any]
-    """Values to write; may hold `UNCHANGED` for a value the source did not send."""
+    """Values to write; may hold `UNCHANGED` for a value the source did not send. A delete's row holds
+    what its image carried (often the key only); absent columns mean "keep the stored value"."""
 
     @property
     def is_delete(self) -> bool:
@@ -85,10 +86,16 @@ def collapse(table: TableSchema, events: Sequence[ChangeEvent]) -> list[NetChang
         if previous.position > change.position:
             previous, change = change, previous
             # the later change already sits in the slot; fill its gaps from the older one below
-        if not change.is_delete and not previous.is_delete:
-            for name, value in change.row.items():
-                if value is UNCHANGED and previous.row.get(name, UNCHANGED) is not UNCHANGED:
-                    change.row[name] = previous.row[name]
+        if not previous.is_delete:
+            if change.is_delete:
+                # a delete image may carry the key only: the other values are the upsert's
+                for name, value in previous.row.items():
+                    if name not in change.row and value is not UNCHANGED:
+                        change.row[name] = value
+            else:
+                for name, value in change.row.items():
+                    if value is UNCHANGED and previous.row.get(name, UNCHANGED) is not UNCHANGED:
+                        change.row[name] = previous.row[name]
         latest[slot] = change
     return list(latest.values())
 

@@ -116,15 +116,13 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
         " AND ",
     )
 
-    # 1. prefill unchanged values (and, in soft-delete mode, the deleted row's last values)
+    # 1. prefill unchanged values (in soft-delete mode also what a key-only delete image lacks)
     prefill = None
     non_key = [n for n in names if n not in source.primary_key]
     if keyed and non_key:
-        deleted = sql.SQL("s._bl_op = 'd' OR ") if soft_delete else sql.SQL("")
         sets = [
-            sql.SQL("{} = CASE WHEN {}{} = ANY(s._bl_unchanged) THEN t.{}{} ELSE s.{} END").format(
+            sql.SQL("{} = CASE WHEN {} = ANY(s._bl_unchanged) THEN t.{}{} ELSE s.{} END").format(
                 sql.Identifier(n),
-                deleted,
                 sql.Literal(n),
                 sql.Identifier(n),
                 sql.SQL("::text") if n in text_staged else sql.SQL(""),
@@ -132,8 +130,8 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
             )
             for n in non_key
         ]
-        prefill = sql.SQL("UPDATE {} s SET {} FROM {} t WHERE {} AND ({}s._bl_unchanged IS NOT NULL)").format(
-            STAGE, _join(sets), table, key_match, deleted
+        prefill = sql.SQL("UPDATE {} s SET {} FROM {} t WHERE {} AND s._bl_unchanged IS NOT NULL").format(
+            STAGE, _join(sets), table, key_match
         )
 
     # 2. upsert

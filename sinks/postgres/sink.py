@@ -198,6 +198,7 @@ class PostgresSink:
     async def _apply(self, conn: AsyncConnection, plan: TablePlan, net: list[NetChange]) -> None:
         has_unchanged = has_delete = has_upsert = False
         columns = plan.columns
+        soft_delete = plan.soft_delete
         async with conn.cursor() as cursor:
             async with cursor.copy(plan.copy) as copy:
                 copy.set_types(plan.copy_types)
@@ -205,9 +206,12 @@ class PostgresSink:
                     row = change.row
                     values: list[Any] = [change.branch] if plan.branch_key else []
                     unchanged: list[str] | None = None
+                    keep_absent = soft_delete and change.is_delete
                     try:
                         for column in columns:
                             value = row.get(column.name)
+                            if keep_absent and column.name not in row:
+                                value = UNCHANGED
                             if value is None:
                                 values.append(None)
                             elif value is UNCHANGED:
@@ -233,7 +237,7 @@ class PostgresSink:
                     else:
                         has_upsert = True
                     await copy.write_row(values)
-            if plan.prefill is not None and (has_unchanged or (plan.soft_delete and has_delete)):
+            if plan.prefill is not None and has_unchanged:
                 await cursor.execute(plan.prefill)
             await cursor.execute(plan.upsert)
             if has_delete and plan.delete is not None and plan.tombstone is not None:
