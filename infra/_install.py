@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,10 @@ from branchline.errors import InfraError
 from branchline.infra._pins import Pins
 
 log = logging.getLogger("branchline.infra")
+
+
+class Cancelled(Exception):
+    """Raised inside `up` when another service failed and this step should give up."""
 
 POM = Path(__file__).resolve().parent / "pom.xml"
 GIB = 1024**3
@@ -80,7 +86,7 @@ def _java_17_or_newer() -> Path | None:
         if not java.exists():
             continue
         try:
-            out = subprocess.run([str(java), "-version"], capture_output=True, text=True, timeout=30).stderr
+            out = subprocess.run([str(java), "-version"], check=False, capture_output=True, text=True, timeout=30).stderr
         except (OSError, subprocess.TimeoutExpired):
             continue
         match = re.search(r'version "(\d+)', out)
@@ -131,31 +137,41 @@ def apt_install(packages: list[str]) -> None:
         prefix = ["sudo", "-n"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     log.info("apt: installing %s", command)
-    for step in (["apt-get", "update", "-q"],
-                 ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]):
-        result = subprocess.run(prefix + step, capture_output=True, text=True, env=env)
-        output = result.stdout + result.stderr
-        if result.returncode == 0 and not (step[1] == "update" and _NETWORK.search(output)):
-            continue
-        last = output.strip().splitlines()[-1] if output.strip() else f"exit code {result.returncode}"
-        if "Could not get lock" in output or "dpkg was interrupted" in output:
-            raise InfraError(
-                f"apt is busy or interrupted ({last}); wait for the other apt/dpkg process to finish "
-                f"(or run `dpkg --configure -a`) and run `branchline infra up` again."
-            )
-        if _NETWORK.search(output):
-            raise InfraError(
-                f"apt could not reach its package mirrors ({last}); check the network or proxy "
-                f"(/etc/apt/sources.list*) and run `branchline infra up` again, "
-                f"or install by hand: apt-get install -y {command}."
-            )
-        if "No space left" in output:
-            raise InfraError(f"apt ran out of disk space ({last}); free some space and run `branchline infra up` again.")
-        if result.returncode != 0:
-            raise InfraError(
-                f"`{' '.join(step)}` failed ({last}); fix the apt problem it names, "
-                f"or install by hand: apt-get install -y {command}."
-            )
+    update = subprocess.run([*prefix, "apt-get", "update", "-q"], check=False, capture_output=True, text=True, env=env)
+    install = subprocess.run([*prefix, "apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
+                             check=False, capture_output=True, text=True, env=env)
+    if install.returncode != 0:
+        # a failed `update` (unreachable mirror) only matters when the install fails too
+        raise apt_error(update.stdout + update.stderr + install.stdout + install.stderr, packages)
+
+
+def apt_error(output: str, packages: list[str]) -> InfraError:
+    """One sentence for a failed `apt-get install`: busy, unreachable, full disk, or unknown package."""
+    command = " ".join(packages)
+    lines = [ln for ln in output.strip().splitlines() if ln.startswith(("E:", "W:", "Err:"))]
+    last = (lines or output.strip().splitlines() or ["no output"])[-1][:300]
+    if "password is required" in output:
+        return InfraError(f"Installing {command} needs root; run `sudo apt-get install -y {command}` yourself "
+                          f"and then `branchline infra up` again.")
+    if "Could not get lock" in output or "dpkg was interrupted" in output:
+        return InfraError(
+            f"apt is busy or interrupted ({last}); wait for the other apt/dpkg process to finish "
+            f"(or run `dpkg --configure -a`) and run `branchline infra up` again."
+        )
+    if "No space left" in output:
+        return InfraError(f"apt ran out of disk space ({last}); free some space and run `branchline infra up` again.")
+    if _NETWORK.search(output):
+        return InfraError(
+            f"apt could not reach its package mirrors ({last}); check the network or proxy "
+            f"(/etc/apt/sources.list*) and run `branchline infra up` again, "
+            f"or install by hand: apt-get install -y {command}."
+        )
+    if "Unable to locate package" in output or "has no installation candidate" in output:
+        return InfraError(
+            f"apt does not know a package the stack needs ({last}); this needs Debian 12 or a similar "
+            f"release with {command}; install them by hand and run `branchline infra up` again."
+        )
+    return InfraError(f"`apt-get install {command}` failed ({last}); fix what it names, or install by hand.")
 
 
 def ensure_tools(pins: Pins, *, install_databases: bool = True) -> Tools:
@@ -192,7 +208,7 @@ def _wanted(pins: Pins) -> dict[str, str]:
     return {k: pins.versions[k] for k in keys} | {"pom": str(POM.stat().st_mtime_ns)}
 
 
-def resolve_jars(pins: Pins, tools: Tools) -> bool:
+def resolve_jars(pins: Pins, tools: Tools, cancel: threading.Event | None = None) -> bool:
     """Fetch Kafka's jars and unpack the Debezium plugins unless the cache already holds the pinned
     versions. Returns True when something was downloaded."""
     cache = paths.cache_dir()
@@ -223,11 +239,21 @@ def resolve_jars(pins: Pins, tools: Tools) -> bool:
     env = {**os.environ, "JAVA_HOME": str(tools.java.resolve().parent.parent)}
     log.info("maven: fetching Kafka %s and Debezium %s / MariaDB %s into %s", pins.versions["kafka"],
              pins.versions["debezium"], pins.versions["debezium_mariadb"], cache)
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
+    with tempfile.TemporaryFile("w+") as output:
+        proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, env=env)
+        while proc.poll() is None:
+            if cancel is not None and cancel.wait(0.3):
+                proc.kill()
+                proc.wait()
+                for folder in (libs, plugins):
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise Cancelled("maven")
+        output.seek(0)
+        text = output.read()
+    if proc.returncode != 0:
         for folder in (libs, plugins):
             shutil.rmtree(folder, ignore_errors=True)
-        raise _maven_error(result.stdout + result.stderr, cache)
+        raise _maven_error(text, cache)
     stamp.write_text(json.dumps(wanted))
     return True
 

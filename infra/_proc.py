@@ -41,7 +41,8 @@ def alive(pid: int | None) -> bool:
 def cmdline(pid: int) -> str:
     """The command line of a process, space-joined ('' if unknown)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        return " ".join(raw.split())
     except OSError:
         return ""
 
@@ -134,7 +135,7 @@ def port_owner(port: int) -> tuple[int, str] | None:
     return None
 
 
-def tail(path: Path, lines: int = 25) -> str:
+def tail(path: Path, lines: int = 15) -> str:
     """The last lines of a log file ('' if it does not exist)."""
     try:
         with path.open("rb") as fh:

@@ -11,6 +11,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -20,7 +21,7 @@ from pathlib import Path
 from branchline import paths
 from branchline.errors import InfraError
 from branchline.infra import _proc
-from branchline.infra._install import MIN_FREE_STATE, Tools, check_disk, kafka_libs, plugins_dir
+from branchline.infra._install import MIN_FREE_STATE, Cancelled, Tools, check_disk, kafka_libs, plugins_dir
 from branchline.infra._pins import Pins
 
 log = logging.getLogger("branchline.infra")
@@ -117,22 +118,26 @@ class Service(ABC):
         if self.pid_file.exists() and self.pid() is None:
             self.pid_file.unlink(missing_ok=True)
 
-    def wait_healthy(self, timeout: float | None = None) -> Health:
-        """Poll the probe until it answers; fail early when the process died, with its log tail."""
-        deadline = time.monotonic() + (timeout or self.start_timeout)
+    def wait_healthy(self, timeout: float | None = None, cancel: threading.Event | None = None) -> Health:
+        """Poll the probe until it answers; fail early when the server died (with its log tail) or
+        when ``cancel`` is set because another service of the same `up` failed."""
+        limit = timeout or self.start_timeout
+        deadline = time.monotonic() + limit
         health = Health(False, "not probed")
         while time.monotonic() < deadline:
             health = self.probe()
             if health.ok:
                 return health
-            if self._popen is not None and self._popen.poll() is not None and self._needs_process():
-                raise self.failure(f"exited with code {self._popen.returncode} while starting")
-            time.sleep(0.5)
-        raise self.failure(f"did not answer within {timeout or self.start_timeout:.0f} s ({health.detail})")
+            if self._died():
+                raise self.failure("stopped while starting")
+            if cancel is not None and cancel.wait(0.4):
+                raise Cancelled(self.name)
+            time.sleep(0.1)
+        raise self.failure(f"did not answer within {limit:.0f} s ({health.detail})")
 
-    def _needs_process(self) -> bool:
-        """True when the launched process must stay alive (pg_ctl exits after forking the server)."""
-        return True
+    def _died(self) -> bool:
+        """True when the process we launched has exited."""
+        return self._popen is not None and self._popen.poll() is not None
 
     def failure(self, what: str) -> InfraError:
         """The error for a server that will not start: cause, fix, and the tail of its log."""
@@ -223,7 +228,7 @@ class MariaDb(Service):
         if os.geteuid() == 0:
             command.append("--user=root")
         log.info("erp: creating MariaDB data in %s", self.data)
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, check=False, capture_output=True, text=True)
         if result.returncode != 0:
             shutil.rmtree(staging, ignore_errors=True)
             last = (result.stdout + result.stderr).strip().splitlines()[-5:]
@@ -343,7 +348,7 @@ class Postgres(Service):
             result = subprocess.run(
                 self._as_owner([str(tools.pg_bin / "initdb"), "-D", str(staging), "-U", "postgres",
                                 "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"]),
-                capture_output=True, text=True)
+                check=False, capture_output=True, text=True)
             if result.returncode != 0:
                 shutil.rmtree(staging, ignore_errors=True)
                 last = (result.stdout + result.stderr).strip().splitlines()[-5:]
@@ -377,21 +382,10 @@ class Postgres(Service):
         self._spawn(self._as_owner([str(tools.pg_bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log_file),
                                     "--no-wait", "start"]), self.dir / "console.log")
 
-    def _needs_process(self) -> bool:
-        return False  # pg_ctl exits once the postmaster is forked
-
-    def wait_healthy(self, timeout: float | None = None) -> Health:
-        deadline = time.monotonic() + (timeout or self.start_timeout)
-        while time.monotonic() < deadline:
-            health = self.probe()
-            if health.ok:
-                return health
-            # pg_ctl has returned and no postmaster lives: the server gave up
-            if (self._popen is not None and self._popen.poll() is not None and self.pid() is None
-                    and time.monotonic() - self._launched_at > 3):
-                raise self.failure("stopped while starting")
-            time.sleep(0.3)
-        raise self.failure(f"did not answer within {timeout or self.start_timeout:.0f} s")
+    def _died(self) -> bool:
+        # pg_ctl exits once it has forked the postmaster; the server died when no postmaster lives
+        return (self._popen is not None and self._popen.poll() is not None and self.pid() is None
+                and time.monotonic() - self._launched_at > 2)
 
     def log_files(self) -> list[Path]:
         return [self.log_file, self.dir / "console.log"]
@@ -413,7 +407,7 @@ class Postgres(Service):
         pg_ctl = self.bin / "pg_ctl"
         if pg_ctl.exists():
             subprocess.run(self._as_owner([str(pg_ctl), "-D", str(self.data), "-m", "fast", "-w", "-t", "60",
-                                           "stop"]), capture_output=True, text=True)
+                                           "stop"]), check=False, capture_output=True, text=True)
         return _proc.terminate(pid, timeout=30) if _proc.alive(pid) else True
 
 
@@ -527,7 +521,7 @@ class Kafka(_Jvm):
         command = self.java_command(tools, "kafka.tools.StorageTool", "format", "--ignore-formatted",
                                     "--cluster-id", cluster_id, "--config", str(self.config),
                                     heap=["-Xmx256m"], log_file=self.dir / "format.log")
-        result = subprocess.run(command, capture_output=True, text=True, cwd=self.dir)
+        result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=self.dir)
         if result.returncode != 0:
             shutil.rmtree(self.data, ignore_errors=True)
             last = (result.stdout + result.stderr).strip().splitlines()[-5:]

@@ -6,7 +6,6 @@ import sys
 
 import click
 import orjson
-
 from branchline.infra import stack
 
 

@@ -20,6 +20,7 @@ from branchline.infra import _install, _proc
 from branchline.infra._pins import Pins, load_pins
 from branchline.infra._services import (
     DEBEZIUM_PLUGINS,
+    Cancelled,
     Connect,
     Kafka,
     MariaDb,
@@ -137,11 +138,10 @@ def up(pins: Pins | None = None, *, on_progress: Callable[[str], None] | None = 
         if conflict:
             raise conflict
 
-    names = {s.name for s in todo}
     db_todo = [s for s in todo if s.name in ("erp", "crm", "cloud")]
     jvm_todo = [s for s in todo if s.name in ("kafka", "connect")]
 
-    found, packages = _install.find_tools(pins)
+    _, packages = _install.find_tools(pins)
     jvm_packages = [p for p in packages if p in ("openjdk-17-jre-headless", "maven")]
     db_packages = [p for p in packages if p not in jvm_packages] if db_todo else []
     if jvm_todo and jvm_packages:
@@ -153,13 +153,17 @@ def up(pins: Pins | None = None, *, on_progress: Callable[[str], None] | None = 
     lock = threading.Lock()
     downloaded = False
 
+    cancel = threading.Event()
+
     def start(svc: Service, tools: _install.Tools) -> None:
+        if cancel.is_set():
+            raise Cancelled(svc.name)
         svc.prepare(tools)
         say(f"{svc.name}: starting {svc.kind} on {svc.address}")
-        svc.launch(tools)
         with lock:
+            svc.launch(tools)
             started.append(svc)
-        health = svc.wait_healthy()
+        health = svc.wait_healthy(cancel=cancel)
         svc.bootstrap()
         say(f"{svc.name}: up ({health.detail})")
 
@@ -169,35 +173,44 @@ def up(pins: Pins | None = None, *, on_progress: Callable[[str], None] | None = 
         _install.apt_install(db_packages)
         tools = _install.ensure_tools(pins)
         with ThreadPoolExecutor(len(db_todo)) as pool:
-            for future in [pool.submit(start, svc, tools) for svc in db_todo]:
-                future.result()
+            futures = [pool.submit(guarded, start, svc, tools) for svc in db_todo]
+        for future in futures:
+            future.result()
 
     def jvm_lane() -> None:
         nonlocal downloaded
         if not jvm_todo:
             return
         tools = _install.ensure_tools(pins, install_databases=False)
-        downloaded = _install.resolve_jars(pins, tools)
+        downloaded = _install.resolve_jars(pins, tools, cancel=cancel)
         for svc in jvm_todo:
             start(svc, tools)
 
+    errors: list[BaseException] = []
+
+    def guarded(step: Callable[..., None], *args: object) -> None:
+        """Run one step; on failure remember the error and tell the other steps to give up."""
+        try:
+            step(*args)
+        except Cancelled:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - re-raised by `up` after cleanup
+            with lock:
+                errors.append(exc)
+            cancel.set()
+
     try:
         with ThreadPoolExecutor(2) as lanes:
-            futures = [lanes.submit(db_lane), lanes.submit(jvm_lane)]
-            errors = []
-            for future in futures:
-                try:
-                    future.result()
-                except BaseException as exc:  # noqa: BLE001 - collected, re-raised below
-                    errors.append(exc)
+            lanes.submit(guarded, db_lane)
+            lanes.submit(guarded, jvm_lane)
         if errors:
             raise errors[0]
     except BaseException:
+        cancel.set()
         _stop_started(started, say)
         raise
     seconds = time.monotonic() - began
     say(f"stack up in {seconds:.1f} s (started: {', '.join(s.name for s in started) or 'nothing'})")
-    del names
     return UpResult([s.name for s in started], running, downloaded, seconds)
 
 
