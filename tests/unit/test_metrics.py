@@ -8,13 +8,12 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from pydantic import ValidationError
-
 from branchline import metrics
 from branchline.errors import RetryableSinkError
 from branchline.events import ChangeEvent, Op, TableId
 from branchline.metrics_config import MetricsConfig
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 
 T0 = 1_800_000_000.0
 ORDERS = TableId(source="erp", branch="b1", database="erp", table="orders")
@@ -239,10 +238,9 @@ def test_pipeline_file_takes_the_metrics_section(tmp_path) -> None:  # type: ign
 def test_heartbeats_stop_when_asked_and_report_an_unreachable_source(clock: Clock) -> None:
     from types import SimpleNamespace
 
-    from pydantic import SecretStr
-
     from branchline.heartbeat import run_heartbeats
     from branchline.metrics_config import HeartbeatConfig
+    from pydantic import SecretStr
 
     # port 1 on loopback refuses at once: the beat fails, is reported, and the loop keeps going
     dead = SimpleNamespace(kind="postgres", name="crm", branch="b1", host="127.0.0.1", port=1, user="u",
