@@ -1,0 +1,176 @@
+"""Deduplication on primary keys, in two layers, both pure.
+
+1. `collapse`: inside one batch, keep the last change per (table, key) by source position, so that a
+   set-based upsert never sees a key twice. A delete replaces a pending upsert; a truncate or a
+   schema change ends the segment. Ordering is by position, never by arrival, so any interleaving of
+   the same changes collapses to the same segments.
+2. `AppliedPositions`: across batches and restarts, the last applied position per (source, table, key)
+   in a mapping (a Faust table in the worker): a redelivered or older change is dropped and counted.
+
+Both are correct only when every change of one key reaches the same partition (the worker checks
+the topics' keys at start-up); positions order changes within one source only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from branchline.events import UNCHANGED, ChangeEvent, Op, TableId, TableSchema
+
+_UPSERTS = (Op.CREATE, Op.UPDATE, Op.READ)
+
+
+@dataclass(slots=True)
+class Segment:
+    """Changes of one table that one `Sink.write_batch` call may take: at most one per key, in
+    position order, one schema; or a truncate alone."""
+
+    schema: TableSchema
+    events: list[ChangeEvent] = field(default_factory=list)
+
+    @property
+    def table(self) -> TableId:
+        return self.schema.id
+
+    @property
+    def is_truncate(self) -> bool:
+        return len(self.events) == 1 and self.events[0].op is Op.TRUNCATE
+
+
+def key_token(event: ChangeEvent) -> Any:
+    """A hashable token for the event's key (lists and dicts of a keyless table made hashable)."""
+    values = tuple(event.key.values())
+    try:
+        hash(values)
+    except TypeError:
+        return orjson.dumps(list(values), default=repr, option=orjson.OPT_PASSTHROUGH_DATETIME)
+    return values
+
+
+def _merge_unchanged(newer: ChangeEvent, older: ChangeEvent) -> ChangeEvent:
+    """Fill `UNCHANGED` values of a newer update from the pending older upsert it replaces, so that
+    collapsing never forgets a value the older change wrote (PostgreSQL TOAST)."""
+    after = newer.after
+    if after is None or older.op not in _UPSERTS or older.after is None:
+        return newer
+    missing = [name for name, value in after.items() if value is UNCHANGED]
+    if not missing:
+        return newer
+    merged = dict(after)
+    for name in missing:
+        merged[name] = older.after.get(name, UNCHANGED)
+    return newer.model_copy(update={"after": merged})
+
+
+def collapse(changes: Iterable[tuple[ChangeEvent, TableSchema]]) -> list[Segment]:
+    """Collapse one batch to segments (see module doc). Segments of one table come out in position
+    order and must be written in that order; segments of different tables are independent."""
+    per_table: dict[TableId, list[tuple[ChangeEvent, TableSchema]]] = {}
+    for event, schema in changes:
+        bucket = per_table.get(event.table)
+        if bucket is None:
+            per_table[event.table] = bucket = []
+        bucket.append((event, schema))
+
+    segments: list[Segment] = []
+    for bucket in per_table.values():
+        bucket.sort(key=lambda pair: pair[0].position)
+        pending: dict[Any, ChangeEvent] = {}
+        schema: TableSchema | None = None
+        for event, event_schema in bucket:
+            if event.op is Op.TRUNCATE:
+                if pending and schema is not None:
+                    segments.append(Segment(schema, sorted(pending.values(), key=_position)))
+                pending = {}
+                segments.append(Segment(event_schema, [event]))
+                schema = event_schema
+                continue
+            if schema is not None and event_schema is not schema and event_schema != schema:
+                if pending:
+                    segments.append(Segment(schema, sorted(pending.values(), key=_position)))
+                pending = {}
+            schema = event_schema
+            token = key_token(event)
+            older = pending.get(token)
+            if older is not None and event.op is Op.UPDATE:
+                event = _merge_unchanged(event, older)
+            pending[token] = event
+        if pending and schema is not None:
+            segments.append(Segment(schema, sorted(pending.values(), key=_position)))
+    return segments
+
+
+def _position(event: ChangeEvent) -> int:
+    return event.position
+
+
+# -- across batches ---------------------------------------------------------------------------------
+
+_TRUNCATE_KEY = "*truncate*"
+
+
+def guard_key(table: TableId, key: dict[str, Any] | None) -> str:
+    """The store key of one row: (source, branch, table, primary key values) as compact JSON."""
+    values = _TRUNCATE_KEY if key is None else list(key.values())
+    return orjson.dumps([table.source, table.branch, table.qualified, values], default=str).decode()
+
+
+@dataclass(slots=True)
+class GuardStats:
+    """What the guard did with one batch."""
+
+    admitted: int = 0
+    dropped: int = 0
+    """Redelivered or older changes that were not applied."""
+
+
+class AppliedPositions:
+    """Last applied position per (source, table, key) over any mutable mapping.
+
+    `admit` before writing drops what is not newer than what was applied; `record` after the sink
+    made the batch durable stores the new positions. A truncate is stored per table: a change older
+    than an applied truncate is dropped even if it arrives later from another partition.
+    """
+
+    def __init__(self, store: MutableMapping[str, int]) -> None:
+        self.store = store
+
+    def applied(self, table: TableId, key: dict[str, Any] | None) -> int | None:
+        return self.store.get(guard_key(table, key))
+
+    def admit(self, changes: Sequence[tuple[ChangeEvent, TableSchema]],
+              stats: GuardStats | None = None) -> list[tuple[ChangeEvent, TableSchema]]:
+        """The changes newer than the last applied change of their key and their table's last truncate."""
+        stats = stats if stats is not None else GuardStats()
+        kept = []
+        truncated: dict[TableId, int | None] = {}
+        store = self.store
+        for event, schema in changes:
+            table = event.table
+            if table not in truncated:
+                truncated[table] = store.get(guard_key(table, None))
+            floor = truncated[table]
+            if floor is not None and event.position <= floor:
+                stats.dropped += 1
+                continue
+            if event.op is not Op.TRUNCATE:
+                last = store.get(guard_key(table, event.key))
+                if last is not None and event.position <= last:
+                    stats.dropped += 1
+                    continue
+            kept.append((event, schema))
+            stats.admitted += 1
+        return kept
+
+    def record(self, segments: Iterable[Segment]) -> None:
+        """Store the positions of a batch the sink has made durable."""
+        store = self.store
+        for segment in segments:
+            for event in segment.events:
+                name = guard_key(event.table, None if event.op is Op.TRUNCATE else event.key)
+                last = store.get(name)
+                if last is None or event.position > last:
+                    store[name] = event.position
