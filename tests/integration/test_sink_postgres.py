@@ -1,0 +1,330 @@
+"""PostgreSQL sink against the stack's cloud PostgreSQL: types, fan-in, keyless tables, schema changes,
+errors that name the row, and a retry after the server kills the sink's connection mid-batch."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+
+from branchline.errors import FatalSinkError
+from branchline.events import ChangeEvent, Column, ColumnType, Json, Op, TableId, TableSchema
+from branchline.sinks.build import build_sink
+from branchline.sinks.config import PostgresSinkConfig
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def target(cloud: Any) -> Iterator[dict[str, Any]]:
+    """A fresh schema in the cloud database, dropped afterwards."""
+    schema = f"it_{uuid.uuid4().hex[:10]}"
+    dsn = f"host={cloud.host} port={cloud.port} user=postgres dbname=cloud"
+    yield {"schema": schema, "dsn": dsn, "host": cloud.host, "port": cloud.port}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def config(target: dict[str, Any], **options: Any) -> PostgresSinkConfig:
+    return PostgresSinkConfig(
+        host=target["host"], port=target["port"], database="cloud", schema=target["schema"], **options
+    )
+
+
+def fetch(target: dict[str, Any], query: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(target["dsn"]) as conn:
+        conn.execute(f'SET search_path TO "{target["schema"]}"')
+        return conn.execute(query).fetchall()
+
+
+def tid(table: str, branch: str = "b1") -> TableId:
+    return TableId(source="erp", branch=branch, database="erp", table=table)
+
+
+def change(table: TableSchema, op: Op, position: int, row: dict[str, Any], branch: str | None = None) -> ChangeEvent:
+    table_id = table.id if branch is None else table.id.model_copy(update={"branch": branch})
+    key = {k: row[k] for k in table.primary_key} if table.primary_key else dict(row)
+    image = {"before": row} if op is Op.DELETE else {"after": row}
+    return ChangeEvent(op=op, table=table_id, key=key, position=position, source_ts=datetime.now(UTC), **image)
+
+
+async def write(cfg: PostgresSinkConfig, table: TableSchema, *batches: list[ChangeEvent]) -> None:
+    sink = build_sink(cfg)
+    try:
+        for batch in batches:
+            await sink.write_batch(table, batch)
+    finally:
+        await sink.close()
+
+
+ALL_TYPES = TableSchema(
+    id=tid("all_types"),
+    columns=(
+        Column(name="id", type=ColumnType.INT32, nullable=False),
+        Column(name="flag", type=ColumnType.BOOLEAN),
+        Column(name="small", type=ColumnType.INT16),
+        Column(name="big", type=ColumnType.INT64),
+        Column(name="ubig", type=ColumnType.UINT64, source_type="bigint unsigned"),
+        Column(name="amount", type=ColumnType.DECIMAL, precision=38, scale=10),
+        Column(name="anyscale", type=ColumnType.DECIMAL),
+        Column(name="f32", type=ColumnType.FLOAT32),
+        Column(name="f64", type=ColumnType.FLOAT64),
+        Column(name="txt", type=ColumnType.STRING),
+        Column(name="raw", type=ColumnType.BYTES),
+        Column(name="day", type=ColumnType.DATE),
+        Column(name="dur", type=ColumnType.TIME, source_type="time(6)"),
+        Column(name="local", type=ColumnType.TIMESTAMP, precision=6),
+        Column(name="instant", type=ColumnType.TIMESTAMPTZ, precision=3),
+        Column(name="span", type=ColumnType.INTERVAL),
+        Column(name="doc", type=ColumnType.JSON),
+        Column(name="uid", type=ColumnType.UUID),
+        Column(name="state", type=ColumnType.ENUM),
+        Column(name="tags", type=ColumnType.SET),
+        Column(name="bits", type=ColumnType.BITS, length=10),
+        Column(name="yr", type=ColumnType.YEAR),
+        Column(name="names", type=ColumnType.STRING_ARRAY),
+    ),
+    primary_key=("id",),
+)
+
+
+def test_every_column_type_round_trips_exactly(target: dict[str, Any]) -> None:
+    u = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    rows = [
+        {
+            "id": 1,
+            "flag": True,
+            "small": -32768,
+            "big": -(2**63),
+            "ubig": 2**64 - 1,
+            "amount": Decimal("1234567890123456789012345678.0123456789"),
+            "anyscale": Decimal("-0.000000000000000000000001"),
+            "f32": 1.5,
+            "f64": 1e308,
+            "txt": "žluťoučký kůň ✓",
+            "raw": b"\x00\xff\x10",
+            "day": date(1, 1, 1),
+            "dur": timedelta(hours=-838, minutes=-59, seconds=-59),
+            "local": datetime(9999, 12, 31, 23, 59, 59, 999999),
+            "instant": datetime(2026, 3, 29, 1, 30, 0, 123000, tzinfo=UTC),
+            "span": timedelta(days=40, microseconds=1),
+            "doc": Json({"a": [1, 2.5, None], "b": {"c": "d"}}),
+            "uid": str(u),
+            "state": "shipped",
+            "tags": ["red", "blue"],
+            "bits": 0b1000000001,
+            "yr": 2155,
+            "names": ["x", "y,z"],
+        },
+        {c.name: None for c in ALL_TYPES.columns} | {"id": 2, "doc": Json(None), "bits": b"\x02\x01"},
+        {c.name: None for c in ALL_TYPES.columns} | {"id": 3, "bits": "0000000011", "tags": "a,b", "uid": u.bytes},
+    ]
+    asyncio.run(write(config(target), ALL_TYPES, [change(ALL_TYPES, Op.CREATE, i + 1, r) for i, r in enumerate(rows)]))
+    names = [c.name for c in ALL_TYPES.columns]
+    got = fetch(target, f"SELECT {', '.join(names)}, doc IS NULL FROM all_types ORDER BY id")
+    first = dict(zip(names, got[0][:-1], strict=True))
+    expected = dict(rows[0], doc={"a": [1, 2.5, None], "b": {"c": "d"}}, uid=u, bits="1000000001")
+    assert first == expected
+    assert got[1][names.index("doc")] is None and got[1][-1] is False  # JSON null stays a document
+    assert got[1][names.index("bits")] == "1000000001"
+    assert got[2][names.index("bits")] == "0000000011"
+    assert got[2][names.index("tags")] == ["a", "b"] and got[2][names.index("uid")] == u
+    types = dict(
+        fetch(
+            target,
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+            " WHERE attrelid = 'all_types'::regclass AND attnum > 0",
+        )
+    )
+    assert types["ubig"] == "numeric(20,0)" and types["amount"] == "numeric(38,10)"
+    assert types["local"] == "timestamp(6) without time zone" and types["instant"] == "timestamp(3) with time zone"
+    assert types["doc"] == "jsonb" and types["tags"] == "text[]" and types["bits"] == "bit varying(10)"
+    assert types["dur"] == "interval" and types["state"] == "text"
+    assert types["_bl_position"] == "numeric(38,0)" and types["_bl_source_ts"] == "timestamp(6) with time zone"
+
+
+ITEMS = TableSchema(
+    id=tid("items"),
+    columns=(
+        Column(name="id", type=ColumnType.INT32, nullable=False),
+        Column(name="name", type=ColumnType.STRING),
+        Column(name="price", type=ColumnType.DECIMAL, precision=10, scale=2),
+    ),
+    primary_key=("id",),
+)
+
+
+def item(id_: int, name: str, price: str = "1.00") -> dict[str, Any]:
+    return {"id": id_, "name": name, "price": Decimal(price)}
+
+
+def test_branch_key_keeps_branches_with_the_same_ids_apart(target: dict[str, Any]) -> None:
+    cfg = config(target, branch_key=True)
+    asyncio.run(
+        write(
+            cfg,
+            ITEMS,
+            [change(ITEMS, Op.CREATE, 1, item(1, "paris")), change(ITEMS, Op.CREATE, 2, item(2, "paris"))],
+            [change(ITEMS, Op.CREATE, 1, item(1, "lyon"), branch="b2")],
+            [change(ITEMS, Op.UPDATE, 5, item(1, "lyon v2"), branch="b2")],
+            [ChangeEvent(op=Op.TRUNCATE, table=ITEMS.id, key={}, position=10)],  # truncates branch b1 only
+            [change(ITEMS, Op.CREATE, 11, item(3, "paris new"))],
+        )
+    )
+    assert fetch(target, "SELECT _bl_branch, id, name FROM items ORDER BY 1, 2") == [
+        ("b1", 3, "paris new"),
+        ("b2", 1, "lyon v2"),
+    ]
+    key = fetch(
+        target,
+        "SELECT array_agg(a.attname ORDER BY a.attnum) FROM pg_index i JOIN pg_attribute a"
+        " ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'items'::regclass"
+        " AND i.indisprimary",
+    )
+    assert key == [(["_bl_branch", "id"],)]
+
+
+def test_table_without_primary_key_is_kept_as_a_change_log(target: dict[str, Any]) -> None:
+    log_table = TableSchema(id=tid("audit"), columns=ITEMS.columns, primary_key=())
+    batch = [
+        change(log_table, Op.CREATE, 1, item(1, "a")),
+        change(log_table, Op.CREATE, 2, item(1, "a")),  # a duplicate row is legal without a key
+        change(log_table, Op.DELETE, 3, item(1, "a")),
+    ]
+    asyncio.run(write(config(target), log_table, batch, batch))
+    assert fetch(target, "SELECT _bl_position, _bl_op, id, name FROM audit ORDER BY 1") == [
+        (1, "c", 1, "a"),
+        (2, "c", 1, "a"),
+        (3, "d", 1, "a"),
+    ]
+
+
+def test_new_columns_are_added_and_compatible_types_widened(target: dict[str, Any]) -> None:
+    wider = TableSchema(
+        id=ITEMS.id,
+        columns=(
+            Column(name="id", type=ColumnType.INT64, nullable=False),
+            Column(name="name", type=ColumnType.STRING),
+            Column(name="price", type=ColumnType.DECIMAL, precision=12, scale=4),
+            Column(name="stock", type=ColumnType.UINT64),
+        ),
+        primary_key=("id",),
+    )
+    asyncio.run(
+        write(
+            config(target),
+            ITEMS,
+            [change(ITEMS, Op.CREATE, 1, item(1, "a", "12345678.99"))],
+        )
+    )
+    asyncio.run(
+        write(config(target), wider, [change(wider, Op.CREATE, 2, item(2**40, "b", "99999999.9999") | {"stock": 2**64 - 1})])
+    )
+    types = dict(
+        fetch(
+            target,
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+            " WHERE attrelid = 'items'::regclass AND attnum > 0",
+        )
+    )
+    assert (types["id"], types["price"], types["stock"]) == ("bigint", "numeric(12,4)", "numeric(20,0)")
+    assert fetch(target, "SELECT id, price, stock FROM items ORDER BY id") == [
+        (1, Decimal("12345678.9900"), None),
+        (2**40, Decimal("99999999.9999"), 2**64 - 1),
+    ]
+    narrower = TableSchema(id=ITEMS.id, columns=ITEMS.columns, primary_key=("id",))
+    asyncio.run(write(config(target), narrower, [change(narrower, Op.UPDATE, 3, item(1, "still fits"))]))
+    assert fetch(target, "SELECT name FROM items WHERE id = 1") == [("still fits",)]
+
+
+def test_incompatible_type_change_stops_with_the_column_named(target: dict[str, Any]) -> None:
+    asyncio.run(write(config(target), ITEMS, [change(ITEMS, Op.CREATE, 1, item(1, "a"))]))
+    changed = TableSchema(
+        id=ITEMS.id,
+        columns=(ITEMS.columns[0], Column(name="name", type=ColumnType.INT32), ITEMS.columns[2]),
+        primary_key=("id",),
+    )
+    with pytest.raises(FatalSinkError, match=r"items\.name.*'integer'.*'text'"):
+        asyncio.run(write(config(target), changed, [change(changed, Op.UPDATE, 2, item(1, "a") | {"name": 5})]))
+
+
+def test_bad_value_stops_the_batch_naming_table_key_and_position(target: dict[str, Any]) -> None:
+    asyncio.run(write(config(target), ITEMS, [change(ITEMS, Op.CREATE, 1, item(1, "kept"))]))
+    batch = [
+        change(ITEMS, Op.UPDATE, 2, item(1, "not kept")),
+        change(ITEMS, Op.CREATE, 3, item(7, "nul \x00 byte")),
+    ]
+    with pytest.raises(FatalSinkError) as raised:
+        asyncio.run(write(config(target), ITEMS, batch))
+    message = str(raised.value)
+    assert "items" in message and "id=7" in message and "position 3" in message
+    assert fetch(target, "SELECT id, name FROM items ORDER BY id") == [(1, "kept")]  # the batch is atomic
+
+
+def test_numeric_overflow_is_fatal_and_names_the_batch(target: dict[str, Any]) -> None:
+    with pytest.raises(FatalSinkError, match=r"items.*22003"):
+        asyncio.run(write(config(target), ITEMS, [change(ITEMS, Op.CREATE, 1, item(1, "x", "123456789012.5"))]))
+
+
+def test_connection_killed_mid_batch_is_retried(target: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """The server terminates the sink's backend while its upsert waits on a lock; attempt 2 commits."""
+    app = f"bl-kill-{uuid.uuid4().hex[:6]}"
+    cfg = config(target, application_name=app, retry_backoff_s=0.2)
+    asyncio.run(write(cfg, ITEMS, [change(ITEMS, Op.CREATE, 1, item(1, "a"))]))
+
+    async def scenario() -> None:
+        locker = await psycopg.AsyncConnection.connect(target["dsn"])
+        await locker.execute(f'LOCK TABLE "{target["schema"]}".items IN ACCESS EXCLUSIVE MODE')
+        sink = build_sink(cfg)
+        try:
+            writing = asyncio.create_task(sink.write_batch(ITEMS, [change(ITEMS, Op.UPDATE, 2, item(1, "b"))]))
+            async with await psycopg.AsyncConnection.connect(target["dsn"], autocommit=True) as admin:
+                for _ in range(100):
+                    cursor = await admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE application_name = %s AND wait_event_type = 'Lock'",
+                        [app],
+                    )
+                    if await cursor.fetchall():
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    pytest.fail("the sink never waited on the lock")
+            await locker.rollback()
+            await writing
+        finally:
+            await locker.close()
+            await sink.close()
+
+    with caplog.at_level(logging.WARNING, logger="branchline.sinks.retry"):
+        asyncio.run(scenario())
+    assert fetch(target, "SELECT name, _bl_position FROM items") == [("b", 2)]
+    assert any("attempt 1 of 5" in r.getMessage() and "57P01" in r.getMessage() for r in caplog.records)
+
+
+def test_soft_delete_keeps_the_row_flagged(target: dict[str, Any]) -> None:
+    asyncio.run(
+        write(
+            config(target, soft_delete=True),
+            ITEMS,
+            [change(ITEMS, Op.CREATE, 1, item(1, "a")), change(ITEMS, Op.CREATE, 2, item(2, "b"))],
+            [change(ITEMS, Op.DELETE, 3, {"id": 1})],
+        )
+    )
+    assert fetch(target, "SELECT id, name, _bl_deleted, _bl_op FROM items ORDER BY id") == [
+        (1, "a", True, "d"),
+        (2, "b", False, "c"),
+    ]
+
+
+def test_switching_branch_key_on_an_existing_table_is_refused(target: dict[str, Any]) -> None:
+    asyncio.run(write(config(target), ITEMS, [change(ITEMS, Op.CREATE, 1, item(1, "a"))]))
+    with pytest.raises(FatalSinkError, match="primary key"):
+        asyncio.run(write(config(target, branch_key=True), ITEMS, [change(ITEMS, Op.CREATE, 2, item(2, "b"))]))
