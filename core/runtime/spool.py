@@ -1,0 +1,234 @@
+"""The durable local spool between capture and sink: SQLite in WAL mode in the state folder.
+
+Why a spool: capture must not stop when the cloud store is unreachable (a stopped reader lets the
+source purge its binlog, or pins WAL on the source's disk). Each batch is one SQLite transaction
+that also stores the source's resume `Checkpoint` (and snapshot progress), so the checkpoint can
+never run ahead of what the spool holds; only after that commit is the source acknowledged (the
+PostgreSQL slot advanced). The drain reads batches in sequence order and deletes them once the sink
+has made them durable, so the spool replays nothing that is confirmed and loses nothing that is not.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from branchline.connectors.embedded.reader import Checkpoint
+from branchline.events import ChangeEvent, Op, TableSchema
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    source TEXT NOT NULL,
+    events INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    spooled_at REAL NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    source TEXT PRIMARY KEY,
+    data TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshot_tables (
+    source TEXT NOT NULL,
+    qualified TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0,
+    rows INTEGER NOT NULL DEFAULT 0,
+    last_key BLOB,
+    PRIMARY KEY (source, qualified)
+);
+"""
+
+_OPS = {op.value: op for op in Op}
+
+
+@dataclass(slots=True)
+class SpooledBatch:
+    """One batch read back from the spool, in capture order."""
+
+    seq: int
+    source: str
+    events: list[ChangeEvent]
+    schemas: dict[Any, TableSchema]
+    bytes: int
+
+
+def encode(events: list[ChangeEvent], schemas: dict[Any, TableSchema]) -> bytes:
+    """Events as compact tuples plus each table's schema once: pickling models per event costs 10x."""
+    index: dict[Any, int] = {}
+    tables: list[TableSchema] = []
+    rows = []
+    for event in events:
+        slot = index.get(event.table)
+        if slot is None:
+            slot = index[event.table] = len(tables)
+            tables.append(schemas[event.table])
+        rows.append((event.op.value, slot, event.key, event.before, event.after, event.position,
+                     event.source_ts, event.txid, event.snapshot))
+    return pickle.dumps((tables, rows), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode(data: bytes) -> tuple[list[ChangeEvent], dict[Any, TableSchema]]:
+    tables, rows = pickle.loads(data)
+    construct = ChangeEvent.model_construct
+    events = [construct(op=_OPS[op], table=tables[slot].id, key=key, before=before, after=after,
+                        position=position, source_ts=ts, txid=txid, snapshot=snap)
+              for op, slot, key, before, after, position, ts, txid, snap in rows]
+    return events, {t.id: t for t in tables}
+
+
+class Spool:
+    """One SQLite file; safe to use from the capture threads and the drain at once.
+
+    Writes (capture) and reads/deletes (drain) use separate connections: WAL lets a reader run while
+    a writer commits.
+    """
+
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._writer = self._open(synchronous)
+        self._writer.executescript(_SCHEMA)
+        self._reader = self._open(synchronous)
+        self._bytes, self._count = self._writer.execute(
+            "SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM batches").fetchone()
+        self.changed = threading.Condition()
+
+    def _open(self, synchronous: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        return conn
+
+    # -- capture side ----------------------------------------------------------------------------
+
+    def append(self, source: str, events: list[ChangeEvent], schemas: dict[Any, TableSchema],
+               checkpoint: Checkpoint | None = None,
+               snapshot_progress: tuple[str, int, Any, bool] | None = None) -> int:
+        """Store one batch (and the source's new checkpoint / snapshot progress) in one durable commit.
+
+        Returns the bytes the batch takes. ``snapshot_progress`` = (qualified table, rows read so far,
+        last key, done).
+        """
+        data = encode(events, schemas) if events else b""
+        now = time.time()
+        with self._write_lock:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if events:
+                    conn.execute("INSERT INTO batches (source, events, bytes, spooled_at, data) VALUES (?,?,?,?,?)",
+                                 (source, len(events), len(data), now, data))
+                if checkpoint is not None:
+                    conn.execute(
+                        "INSERT INTO checkpoints (source, data, position, updated_at) VALUES (?,?,?,?)"
+                        " ON CONFLICT (source) DO UPDATE SET data=excluded.data, position=excluded.position,"
+                        " updated_at=excluded.updated_at",
+                        (source, json.dumps(checkpoint.data), checkpoint.position, now))
+                if snapshot_progress is not None:
+                    qualified, rows, last_key, done = snapshot_progress
+                    conn.execute("UPDATE snapshot_tables SET rows=?, last_key=?, done=? WHERE source=? AND qualified=?",
+                                 (rows, pickle.dumps(last_key), int(done), source, qualified))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            if events:
+                self._bytes += len(data)
+                self._count += 1
+        if events:
+            with self.changed:
+                self.changed.notify_all()
+        return len(data)
+
+    def checkpoint(self, source: str) -> Checkpoint | None:
+        with self._read_lock:
+            row = self._reader.execute("SELECT data, position FROM checkpoints WHERE source=?", (source,)).fetchone()
+        return None if row is None else Checkpoint(json.loads(row[0]), int(row[1]))
+
+    def plan_snapshot(self, source: str, start: Checkpoint, tables: list[str], position: int) -> None:
+        """Record the stream start and the tables to snapshot, together: a restart resumes both."""
+        with self._write_lock:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(
+                    "INSERT INTO checkpoints (source, data, position, updated_at) VALUES (?,?,?,?)"
+                    " ON CONFLICT (source) DO UPDATE SET data=excluded.data, position=excluded.position",
+                    (source, json.dumps(start.data), start.position, time.time()))
+                conn.executemany("INSERT OR IGNORE INTO snapshot_tables (source, qualified, position) VALUES (?,?,?)",
+                                 [(source, t, position) for t in tables])
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def snapshot_state(self, source: str) -> dict[str, tuple[int, bool, int, Any]]:
+        """qualified table -> (position, done, rows read, last key)."""
+        with self._read_lock:
+            rows = self._reader.execute(
+                "SELECT qualified, position, done, rows, last_key FROM snapshot_tables WHERE source=?",
+                (source,)).fetchall()
+        return {q: (p, bool(d), r, pickle.loads(k) if k is not None else None) for q, p, d, r, k in rows}
+
+    # -- drain side ------------------------------------------------------------------------------
+
+    def read(self, limit_events: int, after_seq: int = 0) -> Iterator[SpooledBatch]:
+        """Undelivered batches in sequence order, up to about ``limit_events`` events."""
+        with self._read_lock:
+            rows = self._reader.execute(
+                "SELECT seq, source, events, bytes, data FROM batches WHERE seq > ? ORDER BY seq LIMIT 64",
+                (after_seq,)).fetchall()
+        total = 0
+        for seq, source, count, size, data in rows:
+            if total and total + count > limit_events:
+                return
+            events, schemas = decode(data)
+            total += count
+            yield SpooledBatch(seq, source, events, schemas, size)
+
+    def delete_through(self, seq: int) -> None:
+        """The sink has made every batch up to ``seq`` durable."""
+        with self._write_lock:
+            self._writer.execute("DELETE FROM batches WHERE seq <= ?", (seq,))
+            self._bytes, self._count = self._writer.execute(
+                "SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM batches").fetchone()
+        with self.changed:
+            self.changed.notify_all()
+
+    @property
+    def size_bytes(self) -> int:
+        return int(self._bytes)
+
+    @property
+    def batches(self) -> int:
+        return int(self._count)
+
+    def oldest_spooled_at(self) -> float | None:
+        with self._read_lock:
+            row = self._reader.execute("SELECT MIN(spooled_at) FROM batches").fetchone()
+        return row[0] if row else None
+
+    def wait_below(self, limit_bytes: int, stop: threading.Event, timeout: float = 1.0) -> bool:
+        """Block the capture while the spool is over its limit; False when asked to stop."""
+        with self.changed:
+            while self._bytes >= limit_bytes and not stop.is_set():
+                self.changed.wait(timeout)
+        return not stop.is_set()
+
+    def close(self) -> None:
+        with self._write_lock, self._read_lock:
+            self._writer.close()
+            self._reader.close()
