@@ -7,6 +7,7 @@ service. When ``CI`` is set a missing `prometheus` binary is a failure, never a 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -126,3 +127,15 @@ def test_prometheus_scrapes_lag_and_answers_a_query(tmp_path: Path, branchline_m
         assert {"BranchlineReplicationLagHigh", "BranchlineConnectorTaskFailed"} <= loaded
         targets = httpx.get(f"{url}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
         assert [t["health"] for t in targets] == ["up"]
+        # every dashboard query runs against the live server (query() asserts status success)
+        panel_lag = next(q for q in dashboard_queries() if q.startswith("max by (branch, source, table, sink)"))
+        for promql in dashboard_queries():
+            query(url, promql)
+        assert query(url, panel_lag)[0]["metric"]["table"] == "erp.orders"
+
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL query of the Grafana dashboard, with Grafana's variables filled in."""
+    dashboard = json.loads((PROMETHEUS_DIR.parent / "grafana" / "branchline.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    return [q.replace("$__rate_interval", "1m").replace("$branch", ".*").replace("$source", ".*") for q in queries]

@@ -68,3 +68,22 @@ def test_rule_tests_fail_when_an_alert_would_never_fire(promtool: str, tmp_path:
     result = run(promtool, "test", "rules", "alerts_test.yml", cwd=tmp_path)
     assert result.returncode != 0
     assert "BranchlineReplicationLagHigh" in result.stdout + result.stderr
+
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL query of the Grafana dashboard, with Grafana's variables filled in."""
+    import json
+
+    dashboard = json.loads((RULES_DIR.parent / "grafana" / "branchline.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    return [q.replace("$__rate_interval", "1m").replace("$branch", ".*").replace("$source", ".*") for q in queries]
+
+
+def test_dashboard_queries_are_valid_promql(promtool: str, tmp_path: Path) -> None:
+    queries = dashboard_queries()
+    assert len(queries) > 20
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query{i}", "expr": q} for i, q in enumerate(queries)]}]}
+    (tmp_path / "dashboard_rules.yml").write_text(yaml.safe_dump(rules))
+    result = run(promtool, "check", "rules", "dashboard_rules.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
