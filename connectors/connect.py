@@ -139,15 +139,17 @@ class ConnectClient:
         self._raise_for(response, name)
         return response.status_code == 201
 
-    def validate(self, connector_class: str, config: dict[str, str]) -> list[str]:
-        """Connect's own validation of a config: one line per field error (empty when valid)."""
+    def validate(self, name: str, config: dict[str, str]) -> list[str]:
+        """Connect's own validation of a config (Debezium also connects to the database): one line per
+        field error, empty when valid."""
+        connector_class = config["connector.class"]
         plugin = connector_class.rsplit(".", 1)[-1]
         response = self._request("PUT", f"/connector-plugins/{quote(plugin, safe='')}/config/validate",
-                                 json={**config, "connector.class": connector_class})
+                                 json={"name": name, **config})
         self._raise_for(response)
         problems = []
         for entry in response.json().get("configs", []):
-            value = entry.get("value", {})
+            value = entry.get("value") or {}
             for error in value.get("errors", []):
                 problems.append(f"{value.get('name')}: {error}")
         return problems

@@ -32,7 +32,7 @@ def apply(client: ConnectClient, pipeline: PipelineConfig, only: str | None = No
     desired = {source.connector_name: connector_config(source, pipeline) for source in _sources(pipeline, only)}
     problems: list[str] = []
     for name, config in desired.items():
-        for problem in client.validate(config["connector.class"], config):
+        for problem in client.validate(name, config):
             problems.append(f"{name}: {problem}")
     if problems:
         raise ConfigError(problems, source="Kafka Connect validation")
