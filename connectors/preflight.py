@@ -383,7 +383,6 @@ class PostgresPreflight:
         return str(conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0])
 
     def _checks(self, conn: Any) -> None:
-        s = self.source
         version = self._setting(conn, "server_version")
         major = int(self._setting(conn, "server_version_num")) // 10000
         self.add("server", "PASS" if major >= 10 else "FAIL", f"PostgreSQL {version}",

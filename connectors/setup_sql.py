@@ -45,10 +45,10 @@ def binlog_setup(source: BinlogSourceConfig, password: str = PASSWORD_PLACEHOLDE
     for database in dict.fromkeys((sig_db, hb_db)):
         statements.append(f"CREATE DATABASE IF NOT EXISTS {_q(database)} CHARACTER SET utf8mb4")
     statements += [
-        f"CREATE TABLE IF NOT EXISTS {_q(sig_db)}.{_q(sig_table)} (id VARCHAR(64) NOT NULL PRIMARY KEY, "
-        "type VARCHAR(32) NOT NULL, data VARCHAR(2048) NULL) ENGINE=InnoDB",
-        f"CREATE TABLE IF NOT EXISTS {_q(hb_db)}.{_q(hb_table)} (id INT NOT NULL PRIMARY KEY, "
-        "ts TIMESTAMP(6) NOT NULL) ENGINE=InnoDB",
+        (f"CREATE TABLE IF NOT EXISTS {_q(sig_db)}.{_q(sig_table)} (id VARCHAR(64) NOT NULL PRIMARY KEY, "
+        "type VARCHAR(32) NOT NULL, data VARCHAR(2048) NULL) ENGINE=InnoDB"),
+        (f"CREATE TABLE IF NOT EXISTS {_q(hb_db)}.{_q(hb_table)} (id INT NOT NULL PRIMARY KEY, "
+        "ts TIMESTAMP(6) NOT NULL) ENGINE=InnoDB"),
         f"GRANT SELECT, INSERT ON {_q(sig_db)}.{_q(sig_table)} TO {user}",
         f"GRANT SELECT, INSERT, UPDATE ON {_q(hb_db)}.{_q(hb_table)} TO {user}",
     ]
@@ -63,8 +63,8 @@ def postgres_setup(source: PostgresSourceConfig, password: str = PASSWORD_PLACEH
     sig_schema, sig_table = source.signal_table.split(".", 1)
     hb_schema, hb_table = source.heartbeat_table.split(".", 1)
     statements = [
-        f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{source.user}') THEN "
-        f"CREATE ROLE {role} WITH LOGIN REPLICATION PASSWORD '{password}'; END IF; END $$",
+        (f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{source.user}') THEN "
+        f"CREATE ROLE {role} WITH LOGIN REPLICATION PASSWORD '{password}'; END IF; END $$"),
         f"GRANT CONNECT ON DATABASE {_pq(source.database)} TO {role}",
     ]
     for schema in source.schemas:
@@ -76,8 +76,8 @@ def postgres_setup(source: PostgresSourceConfig, password: str = PASSWORD_PLACEH
     for schema in dict.fromkeys((sig_schema, hb_schema)):
         statements += [f"CREATE SCHEMA IF NOT EXISTS {_pq(schema)}", f"GRANT USAGE ON SCHEMA {_pq(schema)} TO {role}"]
     statements += [
-        f"CREATE TABLE IF NOT EXISTS {_pq(sig_schema)}.{_pq(sig_table)} (id varchar(64) PRIMARY KEY, "
-        "type varchar(32) NOT NULL, data varchar(2048))",
+        (f"CREATE TABLE IF NOT EXISTS {_pq(sig_schema)}.{_pq(sig_table)} (id varchar(64) PRIMARY KEY, "
+        "type varchar(32) NOT NULL, data varchar(2048))"),
         f"CREATE TABLE IF NOT EXISTS {_pq(hb_schema)}.{_pq(hb_table)} (id integer PRIMARY KEY, ts timestamptz NOT NULL)",
         f"GRANT SELECT, INSERT ON {_pq(sig_schema)}.{_pq(sig_table)} TO {role}",
         f"GRANT SELECT, INSERT, UPDATE ON {_pq(hb_schema)}.{_pq(hb_table)} TO {role}",
