@@ -69,11 +69,11 @@ def collapse(changes: Iterable[tuple[ChangeEvent, TableSchema]]) -> list[Segment
     """Collapse one batch to segments (see module doc). Segments of one table come out in position
     order and must be written in that order; segments of different tables are independent."""
     per_table: dict[TableId, list[tuple[ChangeEvent, TableSchema]]] = {}
-    for event, schema in changes:
-        bucket = per_table.get(event.table)
+    for pair in changes:
+        bucket = per_table.get(pair[0].table)
         if bucket is None:
-            per_table[event.table] = bucket = []
-        bucket.append((event, schema))
+            per_table[pair[0].table] = bucket = []
+        bucket.append(pair)
 
     segments: list[Segment] = []
     for bucket in per_table.values():

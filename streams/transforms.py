@@ -1,0 +1,479 @@
+"""Per-table transforms, compiled once against the table's real columns, applied to every change.
+
+Why compile: `TableTransforms` is checked against the `TableSchema` at start-up (an unknown table or
+column is a `ConfigError` naming both, every problem at once), and the per-row work is reduced to
+a precomputed list of (target column, source column, function). Row filters are data — (column,
+operator, value) with the value converted to the column's type up front — never code.
+
+A row that stops matching the filters on an update becomes a delete of its key, so the target holds
+exactly the source rows that match. Deletes pass unfiltered (deleting a row the target never had is
+harmless). A filter column whose value is `UNCHANGED` (TOAST) counts as matching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+import string
+from collections.abc import Callable, Mapping
+from datetime import date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+from branchline.errors import BadRecordError, ConfigError
+from branchline.events import UNCHANGED, ChangeEvent, Column, ColumnType, Json, Op, TableId, TableSchema
+from branchline.streams.config import (
+    CastTarget,
+    HashMask,
+    Mask,
+    RedactMask,
+    RowFilter,
+    ScalarValue,
+    TableTransforms,
+)
+
+Fn = Callable[[Any], Any]
+
+_CAST_TYPES: dict[str, ColumnType] = {
+    "string": ColumnType.STRING, "int64": ColumnType.INT64, "decimal": ColumnType.DECIMAL,
+    "float64": ColumnType.FLOAT64, "boolean": ColumnType.BOOLEAN, "date": ColumnType.DATE,
+    "timestamp": ColumnType.TIMESTAMP, "json": ColumnType.JSON,
+}
+_NUMERIC = {ColumnType.INT16, ColumnType.INT32, ColumnType.INT64, ColumnType.UINT64, ColumnType.DECIMAL,
+            ColumnType.FLOAT32, ColumnType.FLOAT64, ColumnType.YEAR, ColumnType.BOOLEAN}
+_CAST_FROM: dict[str, set[ColumnType] | None] = {
+    "string": None,  # anything has a text form
+    "int64": _NUMERIC | {ColumnType.STRING, ColumnType.ENUM},
+    "decimal": _NUMERIC | {ColumnType.STRING},
+    "float64": _NUMERIC | {ColumnType.STRING},
+    "boolean": _NUMERIC | {ColumnType.STRING, ColumnType.BITS},
+    "date": {ColumnType.DATE, ColumnType.TIMESTAMP, ColumnType.TIMESTAMPTZ, ColumnType.STRING},
+    "timestamp": {ColumnType.DATE, ColumnType.TIMESTAMP, ColumnType.STRING},
+    "json": {ColumnType.STRING, ColumnType.JSON},
+}
+_TEMPLATE_NAMES = {"branch", "source", "database", "table", "schema"}
+
+
+# -- casts ------------------------------------------------------------------------------------------
+
+
+def _to_string(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Json):
+        return orjson.dumps(value.value).decode()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).hex()
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    number = Decimal(str(value).strip()) if not isinstance(value, Decimal) else value
+    if number != number.to_integral_value():
+        raise ValueError(f"`int64` cast must not drop a fraction; got {value!r}")
+    return int(number)
+
+
+def _to_decimal(value: Any) -> Decimal:
+    if isinstance(value, Decimal):
+        return value
+    if isinstance(value, bool):
+        return Decimal(int(value))
+    if isinstance(value, float):
+        return Decimal(repr(value))  # the shortest text of the float, not its binary expansion
+    try:
+        return Decimal(str(value).strip())
+    except InvalidOperation as exc:
+        raise ValueError(f"`decimal` cast must get a number; got {value!r}") from exc
+
+
+def _to_float(value: Any) -> float:
+    return float(value)
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "t", "yes", "y", "1"):
+            return True
+        if text in ("false", "f", "no", "n", "0"):
+            return False
+        raise ValueError(f"`boolean` cast must get true/false; got {value!r}")
+    if isinstance(value, int | float | Decimal):
+        return value != 0
+    raise TypeError(f"`boolean` cast must get a number or true/false; got {value!r}")
+
+
+def _to_date(value: Any) -> date:
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    return date.fromisoformat(str(value).strip())
+
+
+def _to_timestamp(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day)
+    parsed = datetime.fromisoformat(str(value).strip())
+    if parsed.tzinfo is not None:
+        raise ValueError(f"`timestamp` cast must get a time without offset; got {value!r}")
+    return parsed
+
+
+def _to_json(value: Any) -> Json:
+    if isinstance(value, Json):
+        return value
+    return Json(orjson.loads(value))
+
+
+_CASTS: dict[str, Fn] = {
+    "string": _to_string, "int64": _to_int, "decimal": _to_decimal, "float64": _to_float,
+    "boolean": _to_bool, "date": _to_date, "timestamp": _to_timestamp, "json": _to_json,
+}
+
+
+# -- masks ------------------------------------------------------------------------------------------
+
+
+def _mask_fn(mask: Mask) -> Fn:
+    if isinstance(mask, HashMask):
+        salt = mask.salt.get_secret_value().encode()
+
+        def hash_value(value: Any) -> str:
+            return hashlib.sha256(salt + _to_string(value).encode()).hexdigest()
+
+        return hash_value
+    if isinstance(mask, RedactMask):
+        return lambda value: None
+    keep, fill = mask.keep, mask.fill
+
+    def keep_last(value: Any) -> str:
+        text = _to_string(value)
+        hidden = max(0, len(text) - keep)
+        return fill * hidden + text[hidden:]
+
+    return keep_last
+
+
+def _masked_column(column: Column, mask: Mask) -> Column:
+    if isinstance(mask, HashMask):
+        return Column(name=column.name, type=ColumnType.STRING, nullable=column.nullable, length=64)
+    if isinstance(mask, RedactMask):
+        return column.model_copy(update={"nullable": True})
+    return Column(name=column.name, type=ColumnType.STRING, nullable=column.nullable, length=column.length)
+
+
+# -- filters ----------------------------------------------------------------------------------------
+
+_COMPARE: dict[str, Callable[[Any, Any], bool]] = {
+    "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+}
+
+
+def _coerce(value: ScalarValue, column: Column) -> Any:
+    """A filter literal as a value of the column's type (raises ValueError/TypeError)."""
+    kind = column.type
+    if value is None:
+        return None
+    if kind in (ColumnType.INT16, ColumnType.INT32, ColumnType.INT64, ColumnType.UINT64, ColumnType.YEAR):
+        return _to_int(value)
+    if kind is ColumnType.DECIMAL:
+        return _to_decimal(value)
+    if kind in (ColumnType.FLOAT32, ColumnType.FLOAT64):
+        return _to_float(value)
+    if kind is ColumnType.BOOLEAN:
+        return _to_bool(value)
+    if kind is ColumnType.DATE:
+        return _to_date(value)
+    if kind is ColumnType.TIMESTAMP:
+        return _to_timestamp(value)
+    if kind is ColumnType.TIMESTAMPTZ:
+        parsed = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+        if parsed.tzinfo is None:
+            raise ValueError(f"a `timestamptz` literal must carry an offset; got {value!r}")
+        return parsed
+    if kind in (ColumnType.STRING, ColumnType.ENUM, ColumnType.UUID, ColumnType.BITS):
+        if not isinstance(value, str):
+            raise TypeError(f"a text literal is needed; got {value!r}")
+        return value
+    raise TypeError(f"columns of type {kind.value} cannot be filtered")
+
+
+def _predicate(flt: RowFilter, column: Column) -> Callable[[dict[str, Any]], bool]:
+    name = flt.column
+    op = flt.op
+    if op == "is_null":
+        return lambda row: row.get(name) is None
+    if op == "not_null":
+        return lambda row: row.get(name) is not None
+    if op in ("in", "not_in"):
+        assert isinstance(flt.value, list)
+        members = [_coerce(v, column) for v in flt.value]
+        if column.type is ColumnType.UUID:
+            members = [str(m) for m in members]
+        inside = op == "in"
+
+        def member(row: dict[str, Any]) -> bool:
+            value = row.get(name)
+            if value is UNCHANGED:
+                return True
+            if value is None:
+                return False
+            if column.type is ColumnType.UUID:
+                value = str(value)
+            return (value in members) is inside
+
+        return member
+    literal = _coerce(flt.value, column)  # type: ignore[arg-type]
+    compare = _COMPARE[op]
+    as_text = column.type is ColumnType.UUID
+
+    def check(row: dict[str, Any]) -> bool:
+        value = row.get(name)
+        if value is UNCHANGED:
+            return True
+        if value is None:
+            return False  # SQL: a comparison with NULL is not true
+        return bool(compare(str(value) if as_text else value, literal))
+
+    return check
+
+
+# -- compilation ------------------------------------------------------------------------------------
+
+
+class CompiledTransform:
+    """`TableTransforms` bound to one table's columns. `schema` is the target's table schema."""
+
+    def __init__(self, source: TableSchema, schema: TableSchema, *, identity: bool,
+                 plan: tuple[tuple[str, str, Fn | None], ...], key_plan: tuple[tuple[str, str, Fn | None], ...],
+                 constants: dict[str, Any], predicates: tuple[Callable[[dict[str, Any]], bool], ...]) -> None:
+        self.source = source
+        self.schema = schema
+        self.identity = identity
+        self._plan = plan
+        self._key_plan = key_plan
+        self._constants = constants
+        self._predicates = predicates
+        self._table = schema.id
+
+    def _row(self, row: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for target, source_name, fn in self._plan:
+            value = row.get(source_name)
+            if fn is not None and value is not None and value is not UNCHANGED:
+                value = fn(value)
+            out[target] = value
+        if self._constants:
+            out.update(self._constants)
+        return out
+
+    def _key(self, key: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for target, source_name, fn in self._key_plan:
+            value = key.get(source_name)
+            out[target] = fn(value) if fn is not None and value is not None else value
+        return out
+
+    def _matches(self, row: dict[str, Any] | None) -> bool:
+        if row is None:
+            return True
+        return all(predicate(row) for predicate in self._predicates)
+
+    def apply(self, event: ChangeEvent) -> ChangeEvent | None:
+        """The transformed change, or None when the filters drop it. Raises `BadRecordError` naming
+        table, column, key and position when a cast fails."""
+        if self.identity:
+            return event
+        op = event.op
+        if op is Op.TRUNCATE:
+            return event.model_copy(update={"table": self._table})
+        if self._predicates and op is not Op.DELETE and not self._matches(event.after):
+            if op is not Op.UPDATE:
+                return None
+            # the row left the filter: delete it from the target by key
+            op, before_image = Op.DELETE, event.after
+        else:
+            before_image = event.before
+        try:
+            after = None if op is Op.DELETE or event.after is None else self._row(event.after)
+            before = None if before_image is None else self._row(before_image)
+            key = self._key(event.key) if self.source.primary_key else (after or before or {}).copy()
+        except Exception as exc:
+            raise BadRecordError(
+                f"`{self.source.id.qualified}` change must transform (key {event.key!r}, position "
+                f"{event.position}); got {type(exc).__name__}: {exc}"
+            ) from exc
+        return ChangeEvent.model_construct(
+            op=op, table=self._table, key=key, before=before, after=after, position=event.position,
+            source_ts=event.source_ts, txid=event.txid, snapshot=event.snapshot,
+        )
+
+
+def identity(schema: TableSchema) -> CompiledTransform:
+    """The transform of a table without a ``tables:`` entry: changes pass unchanged."""
+    return CompiledTransform(schema, schema, identity=True, plan=(), key_plan=(), constants={}, predicates=())
+
+
+def _template_names(text: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+
+
+def problems(name: str, transforms: TableTransforms, schema: TableSchema) -> list[str]:
+    """Every mismatch between one table's transforms and its real columns, each naming table and column."""
+    found: list[str] = []
+    columns = {c.name: c for c in schema.columns}
+    where = f"tables.{name}"
+
+    def unknown(field: str, column: str) -> None:
+        found.append(f"`{where}.{field}` must name a column of table `{name}`; got {column!r}")
+
+    for field_name, names in (("include", transforms.include or ()), ("exclude", transforms.exclude),
+                              ("rename_columns", transforms.rename_columns), ("mask", transforms.mask),
+                              ("casts", transforms.casts)):
+        for column in names:
+            if column not in columns:
+                unknown(field_name, column)
+    for flt in transforms.filters:
+        if flt.column not in columns:
+            unknown("filters", flt.column)
+            continue
+        try:
+            _predicate(flt, columns[flt.column])
+        except (ValueError, TypeError, InvalidOperation) as exc:
+            found.append(f"`{where}.filters` value for column `{flt.column}` of table `{name}` must fit "
+                         f"type {columns[flt.column].type.value}; got {flt.value!r} ({exc})")
+    for column in schema.primary_key:
+        if column in transforms.exclude:
+            found.append(f"`{where}.exclude` must not drop primary-key column `{column}` of table `{name}`; "
+                         f"got {column!r}")
+        mask = transforms.mask.get(column)
+        if mask is not None and not isinstance(mask, HashMask):
+            found.append(f"`{where}.mask` of primary-key column `{column}` of table `{name}` must be sha256 "
+                         f"(keys must stay distinct); got {mask.method!r}")
+    for column, target in transforms.casts.items():
+        if column in columns:
+            allowed = _CAST_FROM[target]
+            if allowed is not None and columns[column].type not in allowed:
+                found.append(f"`{where}.casts` of column `{column}` of table `{name}` must convert from "
+                             f"{columns[column].type.value}; got {target!r}")
+            if column in transforms.mask:
+                found.append(f"`{where}.casts` of column `{column}` of table `{name}` must not be combined "
+                             f"with a mask; got {target!r}")
+    kept = _kept_columns(transforms, schema)
+    targets = [transforms.rename_columns.get(c, c) for c in kept]
+    for constant, value in transforms.constants.items():
+        if constant in targets:
+            found.append(f"`{where}.constants` column `{constant}` of table `{name}` must not collide with a "
+                         f"replicated column; got {constant!r}")
+        if isinstance(value, str):
+            bad = _template_names(value) - _TEMPLATE_NAMES
+            if bad:
+                found.append(f"`{where}.constants.{constant}` may use only {{{', '.join(sorted(_TEMPLATE_NAMES))}}}"
+                             f" placeholders; got {sorted(bad)!r}")
+    seen: set[str] = set()
+    for target in targets:
+        if target in seen:
+            found.append(f"`{where}.rename_columns` must give table `{name}` distinct column names; "
+                         f"got {target!r} twice")
+        seen.add(target)
+    return found
+
+
+def _kept_columns(transforms: TableTransforms, schema: TableSchema) -> list[str]:
+    names = [c.name for c in schema.columns]
+    if transforms.include is not None:
+        wanted = set(transforms.include) | set(schema.primary_key)
+        return [n for n in names if n in wanted]
+    dropped = set(transforms.exclude)
+    return [n for n in names if n not in dropped]
+
+
+def _constant_value(value: ScalarValue, table: TableId) -> Any:
+    if isinstance(value, str):
+        return value.format_map({"branch": table.branch, "source": table.source, "database": table.database,
+                                 "table": table.table, "schema": table.schema_ or ""})
+    return value
+
+
+def _constant_column(name: str, value: Any) -> Column:
+    kind = {bool: ColumnType.BOOLEAN, int: ColumnType.INT64, Decimal: ColumnType.DECIMAL,
+            date: ColumnType.DATE, datetime: ColumnType.TIMESTAMP, timedelta: ColumnType.TIME}.get(
+        type(value), ColumnType.STRING)
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        kind = ColumnType.TIMESTAMPTZ
+    return Column(name=name, type=kind, nullable=value is None)
+
+
+def compile_transforms(schema: TableSchema, transforms: TableTransforms | None, *,
+                       name: str | None = None) -> CompiledTransform:
+    """Bind `transforms` to the table's columns; raises `ConfigError` with every problem found."""
+    if transforms is None or transforms == TableTransforms():
+        return identity(schema)
+    name = name or schema.id.qualified
+    found = problems(name, transforms, schema)
+    if found:
+        raise ConfigError(found)
+    columns = {c.name: c for c in schema.columns}
+    plan = []
+    out_columns = []
+    for source_name in _kept_columns(transforms, schema):
+        column = columns[source_name]
+        fn: Fn | None = None
+        mask = transforms.mask.get(source_name)
+        cast = transforms.casts.get(source_name)
+        if mask is not None:
+            fn = _mask_fn(mask)
+            column = _masked_column(column, mask)
+        elif cast is not None:
+            fn = _CASTS[cast]
+            column = Column(name=column.name, type=_CAST_TYPES[cast], nullable=column.nullable)
+        target = transforms.rename_columns.get(source_name, source_name)
+        plan.append((target, source_name, fn))
+        out_columns.append(column.model_copy(update={"name": target}))
+    table = schema.id if transforms.rename is None else schema.id.model_copy(update={"table": transforms.rename})
+    constants = {k: _constant_value(v, schema.id) for k, v in transforms.constants.items()}
+    out_columns.extend(_constant_column(k, v) for k, v in constants.items())
+    by_source = {source_name: (target, fn) for target, source_name, fn in plan}
+    key_plan = tuple((by_source[k][0], k, by_source[k][1]) for k in schema.primary_key)
+    target_schema = TableSchema(id=table, columns=tuple(out_columns),
+                                primary_key=tuple(target for target, _, _ in key_plan))
+    predicates = tuple(_predicate(f, columns[f.column]) for f in transforms.filters)
+    return CompiledTransform(schema, target_schema, identity=False, plan=tuple(plan), key_plan=key_plan,
+                             constants=constants, predicates=predicates)
+
+
+def validate_tables(tables: Mapping[str, TableTransforms], schemas: Mapping[str, TableSchema],
+                    *, source: str | None = None) -> None:
+    """Check a source's ``tables:`` section against its real tables (keyed by `TableId.qualified`):
+    raises one `ConfigError` listing every unknown table and column."""
+    found: list[str] = []
+    for name, transforms in tables.items():
+        schema = schemas.get(name)
+        if schema is None:
+            known = ", ".join(sorted(schemas)[:10]) or "none"
+            found.append(f"`tables.{name}` must name a captured table of the source (known: {known}); "
+                         f"got {name!r}")
+            continue
+        found.extend(problems(name, transforms, schema))
+    if found:
+        raise ConfigError(found, source)
+
+
+__all__ = ["CastTarget", "CompiledTransform", "compile_transforms", "identity", "problems", "validate_tables"]
