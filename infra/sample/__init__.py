@@ -13,6 +13,21 @@ from .load import TableLoad, load, read_table
 from .tables import CRM_TABLES, ERP_TABLES, PRIMARY_KEYS, TABLES, columns, database_of, table_schema
 
 __all__ = [
-    "CRM_TABLES", "DEFAULT_SEED", "ERP_TABLES", "Endpoint", "PRIMARY_KEYS", "TABLES", "TableLoad", "columns",
-    "count", "crm_connect", "database_of", "endpoint", "erp_connect", "load", "read_table", "rows", "table_schema",
+    "CRM_TABLES",
+    "DEFAULT_SEED",
+    "ERP_TABLES",
+    "PRIMARY_KEYS",
+    "TABLES",
+    "Endpoint",
+    "TableLoad",
+    "columns",
+    "count",
+    "crm_connect",
+    "database_of",
+    "endpoint",
+    "erp_connect",
+    "load",
+    "read_table",
+    "rows",
+    "table_schema",
 ]

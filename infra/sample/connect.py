@@ -16,10 +16,9 @@ from typing import Any, Literal
 
 import psycopg
 import pymysql
+from branchline.errors import InfraError
 from psycopg import sql
 from pydantic import BaseModel, ConfigDict, SecretStr
-
-from branchline.errors import InfraError
 
 Database = Literal["erp", "crm"]
 

@@ -101,7 +101,7 @@ class _Rand:
     """A seeded stream with cheap draws: `random.Random`'s randrange/choice are pure Python and cost
     more than the rest of a row; these use the C-level random()/getrandbits() directly."""
 
-    __slots__ = ("random", "getrandbits", "randbytes", "sample")
+    __slots__ = ("getrandbits", "randbytes", "random", "sample")
 
     def __init__(self, seed: int, table: str) -> None:
         source = random.Random(f"{seed}:{table}")

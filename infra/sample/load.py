@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, timedelta
 from importlib import resources
@@ -18,9 +19,9 @@ from typing import Any
 import orjson
 import psycopg
 import pymysql
-from psycopg import sql
-
 from branchline.events import ColumnType, Json
+from psycopg import sql
+from psycopg.copy import QueuedLibpqWriter
 
 from .connect import Endpoint, crm_connect, endpoint, ensure_crm_database, ensure_erp_database, erp_connect
 from .generate import DEFAULT_SEED, Row, rows
@@ -233,10 +234,17 @@ def load_erp(ep: Endpoint, n: int, seed: int, report: Callable[[TableLoad], None
         for table in ERP_TABLES:
             started = time.perf_counter()
             loaded = 0
-            with conn.cursor() as cur:
+            # The server inserts one statement while this thread builds the next (the driver waits
+            # on the socket without the GIL): about a third faster than taking turns.
+            with conn.cursor() as cur, ThreadPoolExecutor(1, thread_name_prefix="sample-load") as sender:
+                pending: Future[Any] | None = None
                 for statement, count in insert_statements(table, rows(table, n, seed)):
-                    cur.execute(statement)
+                    if pending is not None:
+                        pending.result()
+                    pending = sender.submit(cur.execute, statement)
                     loaded += count
+                if pending is not None:
+                    pending.result()
             conn.commit()
             result = TableLoad("erp", table, loaded, time.perf_counter() - started)
             report(result)
@@ -261,7 +269,7 @@ def load_crm(ep: Endpoint, n: int, seed: int, report: Callable[[TableLoad], None
             convert = _converter(table, _to_postgres)
             loaded = 0
             with conn.cursor() as cur:
-                with cur.copy(copy_sql) as copy:
+                with cur.copy(copy_sql, writer=QueuedLibpqWriter(cur)) as copy:
                     for row in rows(table, n, seed):
                         copy.write_row(convert(row))
                         loaded += 1
