@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from .connect import Endpoint, crm_connect, endpoint, erp_connect
 from .generate import DEFAULT_SEED, count, rows
-from .load import TableLoad, load, read_table
+from .loader import TableLoad, load, read_table
 from .tables import CRM_TABLES, ERP_TABLES, PRIMARY_KEYS, TABLES, columns, database_of, table_schema
+from .workload import ChurnReport, churn
 
 __all__ = [
     "CRM_TABLES",
@@ -18,8 +19,10 @@ __all__ = [
     "ERP_TABLES",
     "PRIMARY_KEYS",
     "TABLES",
+    "ChurnReport",
     "Endpoint",
     "TableLoad",
+    "churn",
     "columns",
     "count",
     "crm_connect",

@@ -40,8 +40,8 @@ def sample() -> None:
 def load(n: int, seed: int, target: str, erp_host: str | None, erp_port: int | None, crm_host: str | None,
          crm_port: int | None) -> None:
     """Drop and recreate the sample tables, then bulk-load deterministic rows."""
-    from .load import TableLoad
-    from .load import load as run_load
+    from .loader import TableLoad
+    from .loader import load as run_load
 
     erp, crm = _endpoints(erp_host, erp_port, crm_host, crm_port)
 
@@ -67,7 +67,7 @@ def load(n: int, seed: int, target: str, erp_host: str | None, erp_port: int | N
 def churn(rate: float, duration: float, seed: int, target: str, erp_host: str | None, erp_port: int | None,
           crm_host: str | None, crm_port: int | None) -> None:
     """Run a mixed insert/update/delete workload in multi-statement transactions."""
-    from .churn import churn as run_churn
+    from .workload import churn as run_churn
 
     erp, crm = _endpoints(erp_host, erp_port, crm_host, crm_port)
     reports = run_churn(target, rate, duration, seed, erp=erp, crm=crm)

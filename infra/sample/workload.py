@@ -33,7 +33,7 @@ from psycopg import errors as pg_errors
 from . import generate as g
 from .connect import Endpoint, crm_connect, endpoint, erp_connect
 from .generate import DEFAULT_SEED
-from .load import mysql_time
+from .loader import mysql_time
 from .tables import ENUM_VALUES
 
 _MARIADB_RETRYABLE = {1205, 1213}  # lock wait timeout, deadlock
