@@ -158,6 +158,12 @@ class PostgresReader:
         self._by_relid[relid] = schema
         return schema
 
+    def estimate_rows(self, table: TableId) -> int:
+        """pg_class.reltuples (-1 before the first ANALYZE), for snapshot progress."""
+        rows = self._query("SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
+                           (f'"{table.schema_}"."{table.table}"',))
+        return max(0, int(rows[0][0])) if rows else 0
+
     def retention_seconds(self) -> float | None:
         """A slot holds WAL until it is advanced (unless max_slot_wal_keep_size caps it): no time limit."""
         return None
@@ -285,10 +291,23 @@ class PostgresReader:
         """Peek committed transactions after ``start``; yield them in commit order, one per commit."""
         parser = PgOutputParser()
         conn = self._connect()
-        done = parse_lsn(start.data["lsn"])
+        start_lsn = parse_lsn(start.data["lsn"])
+        try:
+            rows = conn.execute("SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots"
+                                " WHERE slot_name = %s", (self.slot,)).fetchall()
+        except psycopg.Error as exc:
+            conn.close()
+            raise map_psycopg_error(exc, f"replication slot {self.slot} of {self.source}") from exc
+        if not rows:
+            conn.close()
+            raise FatalSourceError(f"`slot` {self.slot!r} must exist on {self.source} (it was dropped?); got none:"
+                                   " run with --reset to snapshot again")
+        done = int(rows[0][0] or 0)
         with self._ack_lock:
-            self._ack_lsn = max(self._ack_lsn, done)
-        seen_end = 0  # end LSN of the last transaction handed out (peek returns it again until advanced)
+            self._ack_lsn = max(self._ack_lsn, start_lsn)
+        # end LSN of the last transaction handed out: peek returns it again until the slot is advanced,
+        # and a restart may find the slot behind the spooled checkpoint
+        seen_end = start_lsn
         query = ("SELECT (lsn - '0/0'::pg_lsn)::int8, data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, 'proto_version', '1',"
                  " 'publication_names', %s)")
         construct = ChangeEvent.model_construct

@@ -35,13 +35,13 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE TABLE IF NOT EXISTS checkpoints (
     source TEXT PRIMARY KEY,
     data TEXT NOT NULL,
-    position INTEGER NOT NULL,
+    position TEXT NOT NULL,  -- binlog positions exceed 64 bits
     updated_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS snapshot_tables (
     source TEXT NOT NULL,
     qualified TEXT NOT NULL,
-    position INTEGER NOT NULL,
+    position TEXT NOT NULL,
     done INTEGER NOT NULL DEFAULT 0,
     rows INTEGER NOT NULL DEFAULT 0,
     last_key BLOB,
@@ -136,7 +136,7 @@ class Spool:
                         "INSERT INTO checkpoints (source, data, position, updated_at) VALUES (?,?,?,?)"
                         " ON CONFLICT (source) DO UPDATE SET data=excluded.data, position=excluded.position,"
                         " updated_at=excluded.updated_at",
-                        (source, json.dumps(checkpoint.data), checkpoint.position, now))
+                        (source, json.dumps(checkpoint.data), str(checkpoint.position), now))
                 if snapshot_progress is not None:
                     qualified, rows, last_key, done = snapshot_progress
                     conn.execute("UPDATE snapshot_tables SET rows=?, last_key=?, done=? WHERE source=? AND qualified=?",
@@ -167,9 +167,9 @@ class Spool:
                 conn.execute(
                     "INSERT INTO checkpoints (source, data, position, updated_at) VALUES (?,?,?,?)"
                     " ON CONFLICT (source) DO UPDATE SET data=excluded.data, position=excluded.position",
-                    (source, json.dumps(start.data), start.position, time.time()))
+                    (source, json.dumps(start.data), str(start.position), time.time()))
                 conn.executemany("INSERT OR IGNORE INTO snapshot_tables (source, qualified, position) VALUES (?,?,?)",
-                                 [(source, t, position) for t in tables])
+                                 [(source, t, str(position)) for t in tables])
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -181,7 +181,7 @@ class Spool:
             rows = self._reader.execute(
                 "SELECT qualified, position, done, rows, last_key FROM snapshot_tables WHERE source=?",
                 (source,)).fetchall()
-        return {q: (p, bool(d), r, pickle.loads(k) if k is not None else None) for q, p, d, r, k in rows}
+        return {q: (int(p), bool(d), r, pickle.loads(k) if k is not None else None) for q, p, d, r, k in rows}
 
     # -- drain side ------------------------------------------------------------------------------
 

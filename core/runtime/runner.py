@@ -1,0 +1,473 @@
+"""`branchline run`: capture, spool and write in one process, without Kafka.
+
+One capture thread per source (the drivers block) reads a consistent snapshot and then the log,
+and appends batches to the spool together with the source's checkpoint; only then is the source
+acknowledged. One asyncio drain reads the spool in order, collapses each batch per key (the same
+`branchline.streams.dedupe.collapse` as the Faust workers) and writes it with the same sinks. When
+a sink is unreachable the drain waits and retries while capture keeps filling the spool, up to its
+size limit.
+
+Snapshot without a gap: the log position is recorded (and, on PostgreSQL, the slot created) before
+the first table is read; tables are read in primary-key chunks; streaming then starts from the
+recorded position. Changes made while the snapshot ran are replayed over it; the sinks' position
+guard keeps that harmless, and the last change of each key wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from branchline.config import BinlogSourceConfig, PipelineConfig, PostgresSourceConfig
+from branchline.connectors.embedded.reader import Changes, Checkpoint, EmbeddedReader
+from branchline.errors import BranchlineError, ConfigError, is_retryable
+from branchline.events import ChangeEvent, TableId, TableSchema
+from branchline.paths import state_dir
+from branchline.runtime.config import RuntimeConfig
+from branchline.runtime.spool import Spool
+
+log = logging.getLogger("branchline.runtime")
+
+
+def table_filter(include: tuple[str, ...], exclude: tuple[str, ...]) -> Callable[[str, str], bool]:
+    """`namespace.table` patterns of the pipeline file (``*`` = any name part) -> a predicate."""
+
+    def accept(namespace: str, table: str) -> bool:
+        name = f"{namespace}.{table}"
+        if include:
+            return any(fnmatch.fnmatchcase(name, p) for p in include)
+        return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+    return accept
+
+
+def build_reader(source: BinlogSourceConfig | PostgresSourceConfig, runtime: RuntimeConfig) -> EmbeddedReader:
+    """The embedded reader of one `sources:` entry."""
+    accept = table_filter(source.include, source.exclude)
+    password = source.password.get_secret_value()
+    if isinstance(source, BinlogSourceConfig):
+        from branchline.connectors.embedded.mariadb import MariaDbReader
+
+        return MariaDbReader(source=source.name, branch=source.branch, host=source.host, port=source.port,
+                             user=source.user, password=password, databases=list(source.databases),
+                             accept=accept, server_id=source.server_id, mariadb=source.kind == "mariadb")
+    from branchline.connectors.embedded.postgres import PostgresReader
+
+    return PostgresReader(source=source.name, branch=source.branch, host=source.host, port=source.port,
+                          user=source.user, password=password, database=source.database,
+                          schemas=list(source.schemas), accept=accept, slot=source.slot,
+                          publication=source.publication, peek_changes=runtime.pg_peek_changes)
+
+
+@dataclass
+class TableProgress:
+    """Snapshot progress of one table, shown on screen and exported as metrics."""
+
+    qualified: str
+    total: int
+    rows: int = 0
+    started: float = field(default_factory=time.monotonic)
+    done: bool = False
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.rows / elapsed if elapsed > 0 else 0.0
+
+    @property
+    def remaining_s(self) -> float | None:
+        rate = self.rate
+        if self.done or rate <= 0:
+            return None
+        return max(0.0, (self.total - self.rows) / rate)
+
+
+@dataclass
+class RunStats:
+    """What the runner did so far; read by the CLI's progress display and by tests."""
+
+    captured: int = 0
+    written: int = 0
+    snapshot: dict[str, TableProgress] = field(default_factory=dict)
+    snapshot_done: dict[str, bool] = field(default_factory=dict)
+    last_capture: float = field(default_factory=time.monotonic)
+    last_write: float = field(default_factory=time.monotonic)
+    sink_down_since: float | None = None
+    error: BaseException | None = None
+
+
+class SourceCapture:
+    """Snapshot, then stream, one source into the spool (runs in its own thread)."""
+
+    def __init__(self, source: BinlogSourceConfig | PostgresSourceConfig, reader: EmbeddedReader, spool: Spool,
+                 runtime: RuntimeConfig, stop: threading.Event, stats: RunStats,
+                 wake: Callable[[], None]) -> None:
+        self.config = source
+        self.name = source.name
+        self.reader = reader
+        self.spool = spool
+        self.runtime = runtime
+        self.stop = stop
+        self.stats = stats
+        self.wake = wake
+        self.schemas: dict[TableId, TableSchema] = {}
+        self._warned_full = False
+
+    # -- snapshot --------------------------------------------------------------------------------
+
+    def _snapshot(self) -> Checkpoint:
+        """Record the start position, then read every table not yet done; returns where to stream from."""
+        start = self.spool.checkpoint(self.name)
+        if start is None:
+            schemas = self.reader.tables()
+            start = self.reader.start_position()
+            if self.runtime.snapshot == "initial":
+                self.spool.plan_snapshot(self.name, start, [s.id.qualified for s in schemas], start.position)
+            else:
+                self.spool.plan_snapshot(self.name, start, [], start.position)
+        state = self.spool.snapshot_state(self.name)
+        pending = {q: s for q, s in state.items() if not s[1]}
+        if not pending:
+            self.stats.snapshot_done[self.name] = True
+            return start
+        from branchline import metrics
+
+        by_name = {s.id.qualified: s for s in self.reader.tables()}
+        for qualified, (position, _done, rows, last_key) in sorted(pending.items()):
+            if self.stop.is_set():
+                return start
+            schema = by_name.get(qualified)
+            if schema is None:  # dropped since
+                self.spool.append(self.name, [], {}, snapshot_progress=(qualified, rows, last_key, True))
+                continue
+            self.schemas[schema.id] = schema
+            estimate = getattr(self.reader, "estimate_rows", lambda t: 0)(schema.id)
+            progress = TableProgress(f"{self.name}:{qualified}", max(estimate, rows), rows)
+            progress.started = time.monotonic()
+            self.stats.snapshot[progress.qualified] = progress
+            base_rows = rows
+            for events, last in self.reader.snapshot(schema, position, self.runtime.snapshot_chunk_rows,
+                                                     after=last_key):
+                if not self._wait_for_room():
+                    return start
+                rows += len(events)
+                self.spool.append(self.name, events, {schema.id: schema},
+                                  snapshot_progress=(qualified, rows, last, False))
+                metrics.observe_snapshot_rows(schema.id, len(events))
+                self.stats.captured += len(events)
+                progress.rows = rows
+                progress.total = max(progress.total, rows)
+                # rows/s over this run only
+                progress.started = progress.started if rows > base_rows else time.monotonic()
+                self.wake()
+                if self.stop.is_set():
+                    return start
+            self.spool.append(self.name, [], {}, snapshot_progress=(qualified, rows, last_key if rows == 0 else None,
+                                                                    True))
+            progress.done = True
+            progress.total = rows
+            log.info("snapshot of %s.%s done: %d rows in %.1f s", self.name, qualified, rows,
+                     time.monotonic() - progress.started)
+        self.stats.snapshot_done[self.name] = True
+        return start
+
+    def _wait_for_room(self) -> bool:
+        limit = self.runtime.spool.max_bytes
+        size = self.spool.size_bytes
+        if size >= limit * self.runtime.spool.warn_fraction and not self._warned_full:
+            log.warning("spool %s is %.0f%% full (%d of %d bytes): the target is not keeping up or unreachable",
+                        self.spool.path, 100 * size / limit, size, limit)
+            self._warned_full = True
+        elif size < limit * self.runtime.spool.warn_fraction:
+            self._warned_full = False
+        if size >= limit:
+            log.warning("spool %s is full (%d bytes): capture of %s pauses until the target drains it",
+                        self.spool.path, size, self.name)
+        return self.spool.wait_below(limit, self.stop)
+
+    # -- stream ----------------------------------------------------------------------------------
+
+    def _stream(self, start: Checkpoint) -> None:
+        """Read the log from ``start``; spool batches with their checkpoints; acknowledge after each commit."""
+        from branchline import metrics
+
+        batch: list[ChangeEvent] = []
+        pending: Checkpoint | None = None
+        first_at = 0.0
+        last_checkpoint_write = time.monotonic()
+        size, interval = self.runtime.batch_size, self.runtime.batch_interval_ms / 1000
+        checkpoint_every = self.runtime.checkpoint_interval_ms / 1000
+        branch = self.config.branch
+
+        def flush() -> None:
+            nonlocal batch, pending, last_checkpoint_write
+            if not self._wait_for_room():
+                return
+            schemas = {e.table: self.schemas[e.table] for e in batch}
+            self.spool.append(self.name, batch, schemas, pending)
+            if batch:
+                metrics.observe_changes_read(branch, self.name, batch)
+                self.stats.captured += len(batch)
+                self.stats.last_capture = time.monotonic()
+                self.wake()
+            if pending is not None:
+                self.reader.acknowledge(pending)
+                last_checkpoint_write = time.monotonic()
+            batch, pending = [], None
+
+        for changes in self.reader.stream(start, self.stop):
+            if changes.schemas:
+                if batch and any(s.id in {e.table for e in batch} for s in changes.schemas):
+                    flush()  # one schema per table per spooled batch
+                for schema in changes.schemas:
+                    self.schemas[schema.id] = schema
+            if changes.events:
+                for event in changes.events:
+                    if event.table not in self.schemas:
+                        self.schemas[event.table] = self.reader.schema(event.table)
+                if not batch:
+                    first_at = time.monotonic()
+                batch.extend(changes.events)
+            if changes.checkpoint is not None:
+                pending = changes.checkpoint
+            now = time.monotonic()
+            if batch and (len(batch) >= size or now - first_at >= interval) and (
+                    pending is not None or len(batch) >= size) or not batch and pending is not None and now - last_checkpoint_write >= checkpoint_every:
+                flush()
+            elif batch and not changes.events and not changes.checkpoint:
+                flush()  # idle: do not hold a partial transaction's changes back
+            if self.stop.is_set():
+                break
+        if batch or pending is not None:
+            flush()
+
+    def run(self) -> None:
+        """Snapshot then stream; reconnect on retryable source errors (from the spooled checkpoint)."""
+        attempt = 0
+        while not self.stop.is_set():
+            try:
+                start = self._snapshot()
+                if self.stop.is_set():
+                    return
+                resume = self.spool.checkpoint(self.name) or start
+                log.info("%s: streaming from %s", self.name, resume.data)
+                self._stream(resume)
+                return
+            except BranchlineError as exc:
+                if not is_retryable(exc):
+                    self.stats.error = exc
+                    self.stop.set()
+                    log.error("%s: %s", self.name, exc)
+                    return
+                attempt += 1
+                delay = min(30.0, 0.5 * 2 ** min(attempt, 6))
+                log.warning("%s: source unreachable (attempt %d, retrying in %.1f s): %s", self.name, attempt,
+                            delay, exc)
+                self.stop.wait(delay)
+            except Exception as exc:  # a bug or an unmapped driver error: stop, say where
+                self.stats.error = exc
+                self.stop.set()
+                log.exception("%s: capture failed", self.name)
+                return
+            finally:
+                try:
+                    self.reader.close()
+                except Exception:  # closing a broken connection may fail too
+                    pass
+
+
+class Runner:
+    """Runs every source of a pipeline file into its sinks until stopped (or until idle, for tests)."""
+
+    def __init__(self, pipeline: PipelineConfig, *, sinks: list[str] | None = None,
+                 spool_path: Path | None = None, exit_when_idle_s: float | None = None,
+                 stop_after_snapshot: bool = False) -> None:
+        self.pipeline = pipeline
+        runtime = pipeline.runtime
+        if not isinstance(runtime, RuntimeConfig):
+            runtime = RuntimeConfig.model_validate(runtime or {})
+        self.runtime = runtime
+        names = sinks or list(pipeline.sinks)
+        unknown = [n for n in names if n not in pipeline.sinks]
+        if unknown or not names:
+            raise ConfigError(f"`sinks` must name at least one of {sorted(pipeline.sinks)!r}; got {unknown or names!r}")
+        self.sink_names = names
+        path = spool_path or runtime.spool.path or state_dir() / "spool" / f"{pipeline.name}.sqlite"
+        self.spool = Spool(Path(path))
+        self.stop = threading.Event()
+        self.stats = RunStats()
+        self.exit_when_idle_s = exit_when_idle_s
+        self.stop_after_snapshot = stop_after_snapshot
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self.captures: list[SourceCapture] = []
+        self._warned_retention = False
+
+    def _wake_drain(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # loop closed during shutdown
+                pass
+
+    async def run(self) -> RunStats:
+        from branchline import metrics
+        from branchline.sinks.build import build_sink
+
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        sinks = {name: build_sink(self.pipeline.sinks[name], name) for name in self.sink_names}
+        threads = []
+        for source in self.pipeline.sources:
+            reader = build_reader(source, self.runtime)
+            capture = SourceCapture(source, reader, self.spool, self.runtime, self.stop, self.stats, self._wake_drain)
+            self.captures.append(capture)
+            thread = threading.Thread(target=capture.run, name=f"capture-{source.name}", daemon=True)
+            threads.append(thread)
+            thread.start()
+        retention = {c.name: self._retention(c.reader) for c in self.captures}
+        try:
+            await self._drain(sinks, retention, threads)
+        finally:
+            self.stop.set()
+            for thread in threads:
+                await asyncio.to_thread(thread.join, 10)
+            for sink in sinks.values():
+                try:
+                    await sink.close()
+                except Exception:  # closing after an outage may fail; nothing is left unacknowledged
+                    log.debug("closing sink failed", exc_info=True)
+            metrics.set_spool(str(self.spool.path), self.spool.size_bytes, self.runtime.spool.max_bytes,
+                              self.spool.oldest_spooled_at())
+            self.spool.close()
+        if self.stats.error is not None:
+            raise self.stats.error
+        return self.stats
+
+    @staticmethod
+    def _retention(reader: EmbeddedReader) -> float | None:
+        try:
+            return reader.retention_seconds()
+        except BranchlineError:
+            return None
+
+    def _finished(self, threads: list[threading.Thread]) -> bool:
+        if self.stats.error is not None:
+            return True
+        if self.stop_after_snapshot and len(self.stats.snapshot_done) == len(self.captures) \
+                and self.spool.batches == 0:
+            return True
+        if self.exit_when_idle_s is not None and len(self.stats.snapshot_done) == len(self.captures):
+            idle = time.monotonic() - max(self.stats.last_capture, self.stats.last_write)
+            if idle >= self.exit_when_idle_s and self.spool.batches == 0:
+                return True
+        if self.stop.is_set() and (self.spool.batches == 0 or self.stats.sink_down_since is not None):
+            return True
+        return not any(t.is_alive() for t in threads) and self.spool.batches == 0
+
+    async def _drain(self, sinks: dict[str, Any], retention: dict[str, float | None],
+                     threads: list[threading.Thread]) -> None:
+        from branchline import metrics
+        from branchline.streams.dedupe import collapse
+
+        assert self._wake is not None
+        attempt = 0
+        spool_name = str(self.spool.path)
+        while True:
+            metrics.set_spool(spool_name, self.spool.size_bytes, self.runtime.spool.max_bytes,
+                              self.spool.oldest_spooled_at())
+            if self._finished(threads):
+                return
+            batches = await asyncio.to_thread(lambda: list(self.spool.read(self.runtime.batch_size)))
+            if not batches:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), 0.5)
+                except TimeoutError:
+                    pass
+                continue
+            pairs = []
+            count = 0
+            for batch in batches:
+                count += len(batch.events)
+                pairs.extend((e, batch.schemas[e.table]) for e in batch.events)
+            segments = collapse(pairs)
+            started = time.monotonic()
+            try:
+                for segment in segments:
+                    for name, sink in sinks.items():
+                        began = time.monotonic()
+                        await sink.write_batch(segment.schema, segment.events)
+                        if getattr(sink.capabilities, "durable_on_write", True) is False:
+                            await sink.flush()
+                        metrics.observe_batch_written(segment.table, name, segment.events,
+                                                      time.monotonic() - began)
+            except BranchlineError as exc:
+                if not is_retryable(exc):
+                    self.stats.error = exc
+                    self.stop.set()
+                    log.error("sink failed: %s", exc)
+                    return
+                now = time.monotonic()
+                if self.stats.sink_down_since is None:
+                    self.stats.sink_down_since = now
+                    log.warning("target unreachable; capture continues into the spool: %s", exc)
+                self._warn_outage(now - self.stats.sink_down_since, retention)
+                if self.stop.is_set():
+                    log.warning("stopping with %d spooled batches undelivered; they drain on the next run",
+                                self.spool.batches)
+                    return
+                attempt += 1
+                await asyncio.sleep(min(10.0, 0.5 * 2 ** min(attempt, 5)))
+                continue
+            if self.stats.sink_down_since is not None:
+                log.info("target reachable again after %.1f s; draining %d spooled batches",
+                         time.monotonic() - self.stats.sink_down_since, self.spool.batches)
+                self.stats.sink_down_since = None
+                self._warned_retention = False
+            attempt = 0
+            await asyncio.to_thread(self.spool.delete_through, batches[-1].seq)
+            self.stats.written += count
+            self.stats.last_write = time.monotonic()
+            log.debug("wrote %d changes (%d segments) in %.3f s", count, len(segments), time.monotonic() - started)
+
+    def _warn_outage(self, down_s: float, retention: dict[str, float | None]) -> None:
+        if self._warned_retention:
+            return
+        fraction = self.runtime.retention_warning_fraction
+        for name, seconds in retention.items():
+            limit = self.runtime.source_retention_s or seconds
+            if limit and down_s >= fraction * limit:
+                log.warning("target outage of %.0f s has lasted %.0f%% of %s's log retention (%.0f s): if it"
+                            " outlasts it, the spool cannot bridge the gap and a new snapshot is needed",
+                            down_s, 100 * down_s / limit, name, limit)
+                self._warned_retention = True
+
+
+def reset_state(pipeline: PipelineConfig, spool_path: Path | None = None) -> None:
+    """Forget checkpoints and the spool (a fresh snapshot follows); drop PostgreSQL slots we created."""
+    runtime = pipeline.runtime if isinstance(pipeline.runtime, RuntimeConfig) else RuntimeConfig()
+    path = Path(spool_path or runtime.spool.path or state_dir() / "spool" / f"{pipeline.name}.sqlite")
+    for suffix in ("", "-wal", "-shm"):
+        candidate = Path(str(path) + suffix)
+        if candidate.exists():
+            os.remove(candidate)
+    for source in pipeline.sources:
+        if isinstance(source, PostgresSourceConfig):
+            reader = build_reader(source, runtime)
+            try:
+                reader.drop_slot()  # type: ignore[attr-defined]
+            finally:
+                reader.close()
+
+
+__all__ = ["Changes", "RunStats", "Runner", "SourceCapture", "build_reader", "reset_state", "table_filter"]
