@@ -280,8 +280,8 @@ class SourceCapture:
             finally:
                 try:
                     self.reader.close()
-                except Exception:  # closing a broken connection may fail too
-                    pass
+                except (BranchlineError, OSError) as exc:  # closing a broken connection may fail too
+                    log.debug("closing %s reader: %s", self.name, exc)
 
 
 class Runner:
