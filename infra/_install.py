@@ -27,6 +27,8 @@ class Cancelled(Exception):
     """Raised inside `up` when another service failed and this step should give up."""
 
 POM = Path(__file__).resolve().parent / "pom.xml"
+#: spelled out (not the `dependency:` prefix) so that an offline Maven names the download it failed
+DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
 GIB = 1024**3
 #: free space needed before downloading (the cache holds ~300 MB) and before creating server data
 MIN_FREE_CACHE = 1 * GIB
@@ -234,7 +236,7 @@ def resolve_jars(pins: Pins, tools: Tools, cancel: threading.Event | None = None
         f"-Ddebezium.version={pins.versions['debezium']}",
         f"-Ddebezium.mariadb.version={pins.versions['debezium_mariadb']}",
         f"-Dlibs.dir={libs}", f"-Dplugins.dir={plugins}", f"-Dbuild.dir={cache / 'maven-build'}",
-        "dependency:copy-dependencies@kafka-libs", "dependency:unpack@debezium-plugins",
+        f"{DEPENDENCY_PLUGIN}:copy-dependencies@kafka-libs", f"{DEPENDENCY_PLUGIN}:unpack@debezium-plugins",
     ]
     env = {**os.environ, "JAVA_HOME": str(tools.java.resolve().parent.parent)}
     log.info("maven: fetching Kafka %s and Debezium %s / MariaDB %s into %s", pins.versions["kafka"],
@@ -259,9 +261,11 @@ def resolve_jars(pins: Pins, tools: Tools, cancel: threading.Event | None = None
 
 
 def _maven_error(output: str, cache: Path) -> InfraError:
+    output = re.sub(r"\x1b\[[0-9;]*m", "", output)
     errors = [line for line in output.splitlines() if "[ERROR]" in line] or output.strip().splitlines()[-3:]
     first = errors[0].replace("[ERROR]", "").strip() if errors else "no output"
-    first = first[:400]
+    transfer = first.find("Could not transfer artifact")
+    first = first[max(0, transfer):][:400]
     if "No space left" in output:
         return InfraError(f"Maven ran out of disk space ({first}); free some space under {cache} and retry.")
     missing = re.search(r"Could not find artifact (\S+)", output)
@@ -271,7 +275,7 @@ def _maven_error(output: str, cache: Path) -> InfraError:
             f"[versions] and run `branchline infra up` again."
         )
     if re.search(r"Checksum validation failed|invalid LOC header|zip END header|Not in GZIP format|"
-                 r"Error in unpack|not a valid|Failed to read", output, re.IGNORECASE):
+                 r"Error (while )?unpack", output, re.IGNORECASE):
         return InfraError(
             f"A download from Maven Central is corrupt ({first}); delete {cache / 'm2'} "
             f"and run `branchline infra up` again."

@@ -59,7 +59,7 @@ class Service(ABC):
         self.port = pins.ports[self.port_name]
         self.host = pins.host
         self.dir = paths.state_dir() / self.name
-        self._popen: subprocess.Popen[bytes] | None = None
+        self._launched_pid: int | None = None
 
     @property
     def address(self) -> str:
@@ -137,7 +137,7 @@ class Service(ABC):
 
     def _died(self) -> bool:
         """True when the process we launched has exited."""
-        return self._popen is not None and self._popen.poll() is not None
+        return self._launched_pid is not None and not _proc.alive(self._launched_pid)
 
     def failure(self, what: str) -> InfraError:
         """The error for a server that will not start: cause, fix, and the tail of its log."""
@@ -151,14 +151,20 @@ class Service(ABC):
     def log_files(self) -> list[Path]:
         return [self.log_file]
 
-    def _spawn(self, command: list[str], console: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
-        """Start a detached server process with stdout/stderr appended to ``console``."""
+    def _spawn(self, command: list[str], console: Path) -> int:
+        """Start a server detached from this process (reparented to init through a shell, so no
+        zombie and no Popen left behind), stdout/stderr appended to ``console``. Returns its pid."""
         console.parent.mkdir(parents=True, exist_ok=True)
-        with console.open("ab") as out:
-            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    cwd=cwd or self.dir, start_new_session=True)
-        self._popen = proc
-        return proc
+        result = subprocess.run(
+            ["/bin/sh", "-c", '"$@" </dev/null >>"$BRANCHLINE_CONSOLE" 2>&1 & echo $!', "sh", *command],
+            check=False, capture_output=True, text=True, cwd=self.dir, start_new_session=True,
+            env={**os.environ, "BRANCHLINE_CONSOLE": str(console)})
+        try:
+            pid = int(result.stdout.strip())
+        except ValueError:
+            raise self.failure(f"could not be launched ({result.stderr.strip() or 'no pid'})") from None
+        self._launched_pid = pid
+        return pid
 
 
 # --- MariaDB: "erp" -----------------------------------------------------------------------------------
@@ -250,8 +256,8 @@ class MariaDb(Service):
         if os.geteuid() == 0:
             command.append("--user=root")
         self.pid_file.unlink(missing_ok=True)
-        proc = self._spawn(command, self.dir / "console.log")
-        self.pid_file.write_text(f"{proc.pid}\n")  # mariadbd rewrites it with the same pid
+        pid = self._spawn(command, self.dir / "console.log")
+        self.pid_file.write_text(f"{pid}\n")  # mariadbd rewrites it with the same pid
 
     def bootstrap(self) -> None:
         import pymysql
@@ -337,7 +343,19 @@ class Postgres(Service):
         facts = {"version": version, "wal_level": wal_level, "max_replication_slots": int(slots)}
         return Health(True, f"PostgreSQL {version.split()[0]}, wal_level={wal_level}", facts)
 
+    def _check_reachable(self) -> None:
+        """As root we run PostgreSQL as `postgres`, which must be able to walk down to its folder."""
+        if os.geteuid() != 0:
+            return
+        for folder in reversed(self.dir.parents):
+            if folder.exists() and not folder.stat().st_mode & 0o001:
+                raise InfraError(
+                    f"The state folder {self.dir} must be reachable by the `postgres` user, but {folder} "
+                    f"is closed to others; run `chmod o+x {folder}` or set BRANCHLINE_STATE to another folder."
+                )
+
     def prepare(self, tools: Tools) -> None:
+        self._check_reachable()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._chown(self.dir)
         if not (self.data / "PG_VERSION").exists():
@@ -379,13 +397,19 @@ class Postgres(Service):
         if self.pid_file.exists() and self.pid() is None:
             self.pid_file.unlink()  # stale after a crash; no live postmaster uses it
         self._launched_at = time.monotonic()
-        self._spawn(self._as_owner([str(tools.pg_bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log_file),
-                                    "--no-wait", "start"]), self.dir / "console.log")
+        console = self.dir / "console.log"
+        with console.open("ab") as out:
+            # pg_ctl forks the postmaster into the background itself and returns at once
+            result = subprocess.run(self._as_owner([str(tools.pg_bin / "pg_ctl"), "-D", str(self.data), "-l",
+                                                    str(self.log_file), "--no-wait", "start"]),
+                                    check=False, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    cwd=self.dir, start_new_session=True)
+        if result.returncode != 0:
+            raise self.failure(f"could not be launched (pg_ctl exit code {result.returncode})")
 
     def _died(self) -> bool:
-        # pg_ctl exits once it has forked the postmaster; the server died when no postmaster lives
-        return (self._popen is not None and self._popen.poll() is not None and self.pid() is None
-                and time.monotonic() - self._launched_at > 2)
+        # the server died when no postmaster has appeared (or stayed) a moment after pg_ctl returned
+        return self.pid() is None and time.monotonic() - self._launched_at > 2
 
     def log_files(self) -> list[Path]:
         return [self.log_file, self.dir / "console.log"]
@@ -463,8 +487,8 @@ class _Jvm(Service):
         ]
 
     def launch(self, tools: Tools) -> None:
-        proc = self._spawn(self.java_command(tools, self.main_class, str(self.config)), self.dir / "console.log")
-        self.pid_file.write_text(f"{proc.pid}\n")
+        pid = self._spawn(self.java_command(tools, self.main_class, str(self.config)), self.dir / "console.log")
+        self.pid_file.write_text(f"{pid}\n")
 
     @staticmethod
     def write_properties(path: Path, props: dict[str, object]) -> None:

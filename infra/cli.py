@@ -19,18 +19,24 @@ def infra() -> None:
     Kafka, Kafka Connect with Debezium). Ports and versions: infra/stack.toml."""
 
 
+_ONLY = click.option("--only", multiple=True, type=click.Choice(stack.SERVICE_NAMES),
+                     help="Limit to these services (repeatable); connect brings kafka.")
+
+
 @infra.command()
-def up() -> None:
+@_ONLY
+def up(only: tuple[str, ...]) -> None:
     """Install what is missing and start what is not running; a second `up` changes nothing."""
-    result = stack.up(on_progress=_say)
+    result = stack.up(only=only or None, on_progress=_say)
     if not result.started:
         _say(f"nothing to do: {', '.join(result.already_running)} already up ({result.seconds:.1f} s)")
 
 
 @infra.command()
-def down() -> None:
+@_ONLY
+def down(only: tuple[str, ...]) -> None:
     """Stop the services `up` started (by pid). Data stays under the state folder."""
-    stopped = stack.down(on_progress=_say)
+    stopped = stack.down(only=only or None, on_progress=_say)
     _say(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
 

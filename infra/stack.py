@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -101,15 +101,30 @@ def _port_conflict(svc: Service) -> InfraError | None:
     return None
 
 
-def up(pins: Pins | None = None, *, on_progress: Callable[[str], None] | None = None) -> UpResult:
+def _select(pins: Pins | None, only: Iterable[str] | None) -> dict[str, Service]:
+    svcs = services(pins)
+    if only is None:
+        return svcs
+    wanted = set(only)
+    unknown = wanted - set(svcs)
+    if unknown:
+        raise InfraError(f"`only` must name services among {', '.join(svcs)}; got {sorted(unknown)!r}")
+    if "connect" in wanted:
+        wanted.add("kafka")  # Connect keeps its state in Kafka
+    return {name: svc for name, svc in svcs.items() if name in wanted}
+
+
+def up(pins: Pins | None = None, *, only: Iterable[str] | None = None,
+       on_progress: Callable[[str], None] | None = None) -> UpResult:
     """Install what is missing, start what is not running, wait until everything answers.
 
     Safe to call again at any time: running healthy services are left untouched. Raises InfraError
-    (one sentence: cause and fix) after stopping whatever this call had started."""
+    (one sentence: cause and fix) after stopping whatever this call had started. ``only`` limits
+    the call to some services (Connect brings Kafka)."""
     began = time.monotonic()
     say = on_progress or log.info
     pins = pins or load_pins()
-    svcs = services(pins)
+    svcs = _select(pins, only)
     todo: list[Service] = []
     running: list[str] = []
     for svc in svcs.values():
@@ -223,12 +238,14 @@ def _stop_started(started: list[Service], say: Callable[[str], None]) -> None:
             log.warning("%s: could not stop: %s", svc.name, exc)
 
 
-def down(pins: Pins | None = None, *, on_progress: Callable[[str], None] | None = None) -> list[str]:
+def down(pins: Pins | None = None, *, only: Iterable[str] | None = None,
+         on_progress: Callable[[str], None] | None = None) -> list[str]:
     """Stop every service of ours by pid, Connect first, databases last. Returns the names stopped."""
     say = on_progress or log.info
     stopped = []
     failed = []
-    for svc in reversed(list(services(pins).values())):
+    selected = services(pins) if only is None else {n: s for n, s in services(pins).items() if n in set(only)}
+    for svc in reversed(list(selected.values())):
         pid = svc.pid()
         if pid is None:
             svc.clean_pid_file()
