@@ -47,6 +47,8 @@ class ChurnReport:
 
     database: str
     counts: Counter[str] = field(default_factory=Counter)
+    by_table: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Rows affected per (table, op)."""
     inserted: dict[str, set[Hashable]] = field(default_factory=dict)
     """Primary keys inserted, per table (the key-less legacy table is not tracked)."""
     deleted: dict[str, set[Hashable]] = field(default_factory=dict)
@@ -99,19 +101,24 @@ class _Txn:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self.by_table: Counter[tuple[str, str]] = Counter()
         self.inserted: list[tuple[str, Hashable]] = []
         self.deleted: list[tuple[str, Hashable]] = []
 
     def insert(self, table: str, key: Hashable | None, rowcount: int = 1) -> None:
         self.counts["insert"] += rowcount
+        self.by_table[table, "insert"] += rowcount
         if key is not None:
             self.inserted.append((table, key))
 
-    def update(self, rowcount: int) -> None:
+    def update(self, table: str, rowcount: int) -> None:
         self.counts["update"] += max(rowcount, 0)
+        self.by_table[table, "update"] += max(rowcount, 0)
 
     def delete(self, table: str, keys: list[Hashable], rowcount: int | None = None) -> None:
-        self.counts["delete"] += len(keys) if rowcount is None else max(rowcount, 0)
+        deleted = len(keys) if rowcount is None else max(rowcount, 0)
+        self.counts["delete"] += deleted
+        self.by_table[table, "delete"] += deleted
         self.deleted.extend((table, k) for k in keys)
 
 
@@ -157,6 +164,7 @@ class _Workload:
     def _apply(self, txn: _Txn) -> None:
         report = self.report
         report.counts.update(txn.counts)
+        report.by_table.update(txn.by_table)
         report.counts["transactions"] += 1
         for table, key in txn.inserted:
             report.inserted.setdefault(table, set()).add(key)
@@ -244,9 +252,9 @@ class ErpWorkload(_Workload):
         status, total = found[0]
         statuses = ENUM_VALUES[("sales_orders", "status")]
         following = statuses[min(statuses.index(status) + 1, 3)] if status != "cancelled" else "draft"
-        txn.update(self._exec("UPDATE sales_orders SET status = %s, note = %s, updated_at = NOW() WHERE id = %s",
+        txn.update("sales_orders", self._exec("UPDATE sales_orders SET status = %s, note = %s, updated_at = NOW() WHERE id = %s",
                               (following, f"{following} {rng.pick(g.EMOJI)} {rng.getrandbits(16)}", order))[0])
-        txn.update(self._exec("UPDATE order_lines SET quantity = quantity + 1, discount_pct = %s WHERE order_id = %s "
+        txn.update("order_lines", self._exec("UPDATE order_lines SET quantity = quantity + 1, discount_pct = %s WHERE order_id = %s "
                               "AND line_no = 1", (rng.pick(["0.00", "5.00", "12.50"]), order))[0])
         if following == "invoiced" and status != "invoiced":
             amount = Decimal(total)
@@ -263,7 +271,7 @@ class ErpWorkload(_Workload):
         customer = self.pools["customers"].pick(rng)
         tags = ENUM_VALUES[("customers", "tags")]
         if customer is not None:
-            txn.update(self._exec(
+            txn.update("customers", self._exec(
                 "UPDATE customers SET name = %s, tags = %s, attributes = %s, credit_limit = %s, flags = %s, "
                 "is_active = %s, updated_at = NOW() WHERE id = %s",
                 (g._company(rng, rng.below(1000)) + " " + rng.pick(g.EMOJI), ",".join(g._subset(rng, tags)),
@@ -271,7 +279,7 @@ class ErpWorkload(_Workload):
                  str(g._money(rng, 10_000_000) * rng.pick([1, -1])), rng.getrandbits(10), rng.random() < 0.9, customer))[0])
         product = self.pools["products"].pick(rng)
         if product is not None:
-            txn.update(self._exec(
+            txn.update("products", self._exec(
                 "UPDATE products SET unit_price = %s, external_id = %s, specs = JSON_SET(COALESCE(specs, '{}'), '$.rev', %s) "
                 "WHERE id = %s", (str(g._money(rng, 100_000)), 2**63 + rng.getrandbits(63), rng.getrandbits(20), product))[0])
 
@@ -301,7 +309,7 @@ class ErpWorkload(_Workload):
             txn.insert("stock_movements", movement)
         target = self.pools["stock_movements"].pick(rng)
         if target is not None:
-            txn.update(self._exec(
+            txn.update("stock_movements", self._exec(
                 "UPDATE stock_movements SET kind = 'adjustment', quantity = %s, reason_codes = %s, clock_offset = %s "
                 "WHERE id = %s", (str(-g._money(rng, 50)), "recount,damaged", mysql_time(timedelta(hours=-30, microseconds=-7)),
                                   target))[0])
@@ -317,7 +325,7 @@ class ErpWorkload(_Workload):
             "INSERT INTO legacy_price_list VALUES (%s, %s, %s, CURDATE(), NULL, 'churn', %s)",
             (sku, str(g._money(rng, 1000)), rng.pick(g.CURRENCIES), "价格调整 📈"))[0])
         other = f"SKU-{self.pools['products'].pick(rng) or 1:06d}"
-        txn.update(self._exec("UPDATE legacy_price_list SET price = price + 1, remark = %s WHERE sku = %s LIMIT 1",
+        txn.update("legacy_price_list", self._exec("UPDATE legacy_price_list SET price = price + 1, remark = %s WHERE sku = %s LIMIT 1",
                               (f"bumped {rng.getrandbits(16)}", other))[0])
         victim = f"SKU-{self.pools['products'].pick(rng) or 1:06d}"
         txn.delete("legacy_price_list", [],
@@ -408,10 +416,10 @@ class CrmWorkload(_Workload):
             return self.log_activity(txn)
         rowcount = self._exec("UPDATE activities SET done = NOT done, duration = %s, updated_at = now() WHERE id = %s",
                               (timedelta(minutes=rng.between(1, 240), microseconds=rng.below(10**6)), activity)).rowcount
-        txn.update(rowcount)
+        txn.update("activities", rowcount)
         txn.counts["toast_unchanged"] += rowcount
         account = self.pools["accounts"].pick(rng)
-        txn.update(self._exec("UPDATE accounts SET updated_at = now(), tags = %s WHERE id = %s",
+        txn.update("accounts", self._exec("UPDATE accounts SET updated_at = now(), tags = %s WHERE id = %s",
                               ([rng.pick(g.TRICKY_TAGS), "touched"], account)).rowcount)
         return None
 
@@ -422,7 +430,7 @@ class CrmWorkload(_Workload):
             return self.log_activity(txn)
         rowcount = self._exec("UPDATE activities SET body = %s, subject = %s, updated_at = now() WHERE id = %s",
                               (self._body(), f"rewritten {rng.getrandbits(16)}", activity)).rowcount
-        txn.update(rowcount)
+        txn.update("activities", rowcount)
         txn.counts["toast_changed"] += rowcount
         return None
 
@@ -432,7 +440,7 @@ class CrmWorkload(_Workload):
         if opportunity is None:
             return self.new_opportunity(txn)
         stage = rng.pick(ENUM_VALUES[("opportunities", "stage")])
-        txn.update(self._exec(
+        txn.update("opportunities", self._exec(
             "UPDATE opportunities SET stage = %s, amount = %s, probability = %s, sales_cycle = sales_cycle + %s, "
             "details = COALESCE(details, '{}') || %s::jsonb, closed_at = CASE WHEN %s THEN now() END WHERE id = %s",
             (stage, Decimal(rng.getrandbits(70)).scaleb(-rng.between(0, 9)), Decimal(rng.below(10_001)).scaleb(-4),
@@ -468,7 +476,7 @@ class CrmWorkload(_Workload):
         if contact is None:
             return
         self._delete_activities(txn, "contact_id", contact)
-        txn.update(self._exec("UPDATE opportunities SET contact_id = NULL WHERE contact_id = %s", (contact,)).rowcount)
+        txn.update("opportunities", self._exec("UPDATE opportunities SET contact_id = NULL WHERE contact_id = %s", (contact,)).rowcount)
         deleted = self._exec("DELETE FROM contacts WHERE id = %s", (contact,)).rowcount
         txn.delete("contacts", [contact] if deleted else [], deleted)
         return
