@@ -63,21 +63,22 @@ def _timestamptz(text: str) -> datetime:
 _ISO_INTERVAL = re.compile(
     r"P(?:(?P<y>-?\d+)Y)?(?:(?P<mo>-?\d+)M)?(?:(?P<d>-?\d+)D)?"
     r"(?:T(?:(?P<h>-?\d+)H)?(?:(?P<mi>-?\d+)M)?(?:(?P<s>-?\d+(?:\.\d+)?)S)?)?$")
-DAYS_PER_MONTH = 365.25 / 12
-"""Debezium's average month (``MicroDuration.DAYS_PER_MONTH_AVG``) for intervals with months."""
 
 
-def _interval(text: str) -> timedelta:
-    """An ISO 8601 interval (IntervalStyle=iso_8601) -> timedelta, months as Debezium counts them."""
+def _interval(text: str) -> str:
+    """An ISO 8601 interval (IntervalStyle=iso_8601) -> Debezium's ``interval.handling.mode=string`` text.
+
+    Debezium spells every field (``P1Y2M3DT4H5M6.5S``, ``P0Y0M-3DT2H0M0S``) with the seconds' trailing
+    zeros stripped; months stay months (a timedelta could not hold them exactly).
+    """
     match = _ISO_INTERVAL.match(text)
     if not match:
         raise ValueError(f"interval must be ISO 8601; got {text!r}")
     part = {k: v or "0" for k, v in match.groupdict().items()}
-    months = int(part["y"]) * 12 + int(part["mo"])
     seconds = Decimal(part["s"])
-    micros = (int(part["h"]) * 3600 + int(part["mi"]) * 60) * 1_000_000 + int(seconds * 1_000_000)
-    micros += round((months * DAYS_PER_MONTH + int(part["d"])) * 86_400_000_000)
-    return timedelta(microseconds=micros)
+    seconds_text = "0" if seconds == 0 else format(seconds.normalize(), "f")
+    return (f"P{int(part['y'])}Y{int(part['mo'])}M{int(part['d'])}DT{int(part['h'])}H{int(part['mi'])}M"
+            f"{seconds_text}S")
 
 
 def _json(text: str) -> Json:
@@ -129,7 +130,7 @@ TYPES: dict[int, tuple[ColumnType, Callable[[str], Any]]] = {
     1083: (ColumnType.TIME, _time),
     1114: (ColumnType.TIMESTAMP, _timestamp),
     1184: (ColumnType.TIMESTAMPTZ, _timestamptz),
-    1186: (ColumnType.INTERVAL, _interval),
+    1186: (ColumnType.STRING, _interval),  # as Debezium's interval.handling.mode=string
     1560: (ColumnType.BITS, _str),
     1562: (ColumnType.BITS, _str),
     1700: (ColumnType.DECIMAL, Decimal),
