@@ -153,7 +153,7 @@ def test_every_value_has_its_canonical_type_and_fits_its_column(table: str) -> N
             if value is None:
                 assert column.nullable, where
                 continue
-            assert isinstance(value, _CANONICAL[column.type]), where
+            assert type(value) in _CANONICAL[column.type], where  # exact type: no bool for int, no str subclass
             assert not (column.type is not T.BOOLEAN and isinstance(value, bool)), where
             kind = column.type
             if kind is T.DECIMAL and column.scale is not None and column.precision is not None:
