@@ -49,55 +49,63 @@ def split_at_truncates(events: Sequence[ChangeEvent]) -> Iterator[tuple[Sequence
         yield events[start:], None
 
 
-def _key_of(event: ChangeEvent, key_columns: Sequence[str]) -> tuple[Any, ...]:
-    source = event.key if event.key else (event.row or {})
-    try:
-        return tuple(source[name] for name in key_columns)
-    except KeyError as exc:
-        raise KeyError(f"`key` of {event.table.qualified} at position {event.position} must hold {exc}") from exc
+def _key_error(event: ChangeEvent, exc: KeyError) -> KeyError:
+    return KeyError(f"`key` of {event.table.qualified} at position {event.position} must hold {exc}")
 
 
 def collapse(table: TableSchema, events: Sequence[ChangeEvent]) -> list[NetChange]:
     """One `NetChange` per (branch, key): the change with the highest position wins.
 
     A table without a primary key keeps every change (sinks store such tables as a change log).
-    Truncates must be split off first (`split_at_truncates`).
+    Truncates must be split off first (`split_at_truncates`). Rows are shared with the events, never
+    modified: a merge writes a new dict. This loop runs once per change, so it stays lean.
     """
     if not table.primary_key:
         return [
-            NetChange(e.op, e.table.branch, (), e.position, e.source_ts, dict(e.row or {}))
+            NetChange(e.op, e.table.branch, (), e.position, e.source_ts, (e.before if e.op is _DELETE else e.after) or {})
             for e in events
             if e.op is not Op.TRUNCATE
         ]
     key_columns = table.primary_key
+    single = key_columns[0] if len(key_columns) == 1 else None
     latest: dict[tuple[Any, ...], NetChange] = {}
     for event in events:
         op = event.op
-        if op is Op.TRUNCATE:
+        if op is _TRUNCATE:
             raise ValueError("truncates must be split off before collapse")
-        key = _key_of(event, key_columns)
-        slot = (event.table.branch, *key)
-        row = event.before if op is Op.DELETE else event.after
-        change = NetChange(op, event.table.branch, key, event.position, event.source_ts, dict(row or event.key))
+        source = event.key or event.row or {}
+        try:
+            key = (source[single],) if single is not None else tuple([source[k] for k in key_columns])
+        except KeyError as exc:
+            raise _key_error(event, exc) from exc
+        branch = event.table.branch
+        slot = (branch, key)
+        row = (event.before if op is _DELETE else event.after) or event.key
+        change = NetChange(op, branch, key, event.position, event.source_ts, row)
         previous = latest.get(slot)
         if previous is None:
             latest[slot] = change
             continue
         if previous.position > change.position:
             previous, change = change, previous
-            # the later change already sits in the slot; fill its gaps from the older one below
         if not previous.is_delete:
+            merged = dict(change.row)
             if change.is_delete:
                 # a delete image may carry the key only: the other values are the upsert's
                 for name, value in previous.row.items():
-                    if name not in change.row and value is not UNCHANGED:
-                        change.row[name] = value
+                    if name not in merged and value is not UNCHANGED:
+                        merged[name] = value
             else:
                 for name, value in change.row.items():
                     if value is UNCHANGED and previous.row.get(name, UNCHANGED) is not UNCHANGED:
-                        change.row[name] = previous.row[name]
+                        merged[name] = previous.row[name]
+            change.row = merged
         latest[slot] = change
     return list(latest.values())
+
+
+_DELETE = Op.DELETE
+_TRUNCATE = Op.TRUNCATE
 
 
 def render(template: str, table: TableId) -> str:

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from datetime import UTC
 from decimal import Decimal
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -22,7 +23,7 @@ from psycopg.types.json import set_json_dumps
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from branchline.errors import FatalSinkError, SinkError
-from branchline.events import UNCHANGED, ChangeEvent, TableSchema
+from branchline.events import UNCHANGED, ChangeEvent, Op, TableSchema
 from branchline.sinks._batch import NetChange, collapse, render, split_at_truncates
 from branchline.sinks._retry import retrying
 from branchline.sinks.config import PostgresSinkConfig
@@ -32,6 +33,8 @@ from branchline.sinks.postgres.errors import map_error
 from branchline.sinks.postgres.plan import TablePlan, build_plan
 
 log = logging.getLogger("branchline.sinks.postgres")
+_DELETE = Op.DELETE
+_OP_CODE = {op: op.value for op in Op}
 
 
 def _json_default(value: Any) -> Any:
@@ -197,30 +200,38 @@ class PostgresSink:
 
     async def _apply(self, conn: AsyncConnection, plan: TablePlan, net: list[NetChange]) -> None:
         has_unchanged = has_delete = has_upsert = False
-        columns = plan.columns
+        names = [c.name for c in plan.columns]
+        converters = [(i, c.converter) for i, c in enumerate(plan.columns) if c.converter is not None]
         soft_delete = plan.soft_delete
+        branch_key = plan.branch_key
+        pick = itemgetter(*names) if len(names) > 1 else (lambda row: (row[names[0]],))
         async with conn.cursor() as cursor:
             async with cursor.copy(plan.copy) as copy:
                 copy.set_types(plan.copy_types)
+                write_row = copy.write_row
                 for change in net:
                     row = change.row
-                    values: list[Any] = [change.branch] if plan.branch_key else []
-                    unchanged: list[str] | None = None
-                    keep_absent = soft_delete and change.is_delete
                     try:
-                        for column in columns:
-                            value = row.get(column.name)
-                            if keep_absent and column.name not in row:
-                                value = UNCHANGED
-                            if value is None:
-                                values.append(None)
-                            elif value is UNCHANGED:
-                                unchanged = [column.name] if unchanged is None else [*unchanged, column.name]
-                                values.append(None)
-                            elif column.converter is None:
-                                values.append(value)
-                            else:
-                                values.append(column.converter(value))
+                        values = list(pick(row))
+                    except KeyError:  # a key-only delete image, or a column the source no longer sends
+                        values = [row.get(n) for n in names]
+                    unchanged: list[str] | None = None
+                    if change.op is _DELETE:
+                        has_delete = True
+                        if soft_delete:  # what a key-only image lacks: keep the stored value
+                            unchanged = [n for n in names if n not in row] or None
+                    else:
+                        has_upsert = True
+                    if UNCHANGED in values:
+                        unchanged = (unchanged or []) + [n for n, v in zip(names, values) if v is UNCHANGED]
+                        values = [None if v is UNCHANGED else v for v in values]
+                    if unchanged is not None:
+                        has_unchanged = True
+                    try:
+                        for index, convert in converters:
+                            value = values[index]
+                            if value is not None:
+                                values[index] = convert(value)
                     except (ValueError, TypeError) as exc:
                         raise FatalSinkError(
                             f"`{plan.qualified}` value at key {_describe_key(plan, change)} position "
@@ -229,14 +240,10 @@ class PostgresSink:
                     source_ts = change.source_ts
                     if source_ts is not None and source_ts.tzinfo is None:
                         source_ts = source_ts.replace(tzinfo=UTC)
-                    values += (change.position, change.op.value, source_ts, unchanged)
-                    if unchanged is not None:
-                        has_unchanged = True
-                    if change.is_delete:
-                        has_delete = True
-                    else:
-                        has_upsert = True
-                    await copy.write_row(values)
+                    if branch_key:
+                        values.insert(0, change.branch)
+                    values += (change.position, _OP_CODE[change.op], source_ts, unchanged)
+                    await write_row(values)
             if plan.prefill is not None and has_unchanged:
                 await cursor.execute(plan.prefill)
             await cursor.execute(plan.upsert)

@@ -1,0 +1,235 @@
+"""Sink throughput benchmark: prints figures, asserts nothing (not a timed test).
+
+For batches of 1k, 5k and 20k rows of a 10-column ERP table it measures, in one run against the same
+server: a plain COPY into an identical table (the ceiling: no staging, no upsert, no bookkeeping), the
+PostgreSQL sink inserting new rows and updating existing ones, and optionally the Delta sink on a local
+path. Timings cover `write_batch` (and, for Delta, the commit), not event generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import click
+import psycopg
+
+from branchline.events import ChangeEvent, Column, ColumnType, Op, TableId, TableSchema
+from branchline.sinks.build import build_sink
+from branchline.sinks.config import DeltaSinkConfig, PostgresSinkConfig
+from branchline.sinks.contract import Sink
+
+TABLE_ID = TableId(source="bench", branch="b1", database="erp", table="order_lines")
+COLUMNS = (
+    Column(name="id", type=ColumnType.INT64, nullable=False),
+    Column(name="order_id", type=ColumnType.INT64),
+    Column(name="sku", type=ColumnType.STRING),
+    Column(name="qty", type=ColumnType.INT32),
+    Column(name="unit_price", type=ColumnType.DECIMAL, precision=12, scale=2),
+    Column(name="amount", type=ColumnType.DECIMAL, precision=14, scale=2),
+    Column(name="status", type=ColumnType.ENUM),
+    Column(name="created", type=ColumnType.TIMESTAMP, precision=6),
+    Column(name="updated", type=ColumnType.TIMESTAMPTZ, precision=6),
+    Column(name="note", type=ColumnType.STRING),
+)
+TABLE = TableSchema(id=TABLE_ID, columns=COLUMNS, primary_key=("id",))
+PLAIN_DDL = (
+    "CREATE TABLE {t} (id bigint PRIMARY KEY, order_id bigint, sku text, qty integer, unit_price numeric(12,2),"
+    " amount numeric(14,2), status text, created timestamp(6), updated timestamptz(6), note text)"
+)
+T0 = datetime(2026, 1, 1, 8, 0, 0)
+
+
+def _events(table: TableId, first_id: int, count: int, position: int, op: Op, version: int) -> list[ChangeEvent]:
+    """``count`` changes of ids first_id.. at positions position.. (built outside the timed part)."""
+    out = []
+    for i in range(count):
+        id_ = first_id + i
+        qty = (id_ % 17) + version
+        price = Decimal(id_ % 1000) + Decimal("0.99")
+        row = {
+            "id": id_,
+            "order_id": id_ // 8,
+            "sku": f"SKU-{id_ % 5000:05d}",
+            "qty": qty,
+            "unit_price": price,
+            "amount": price * qty,
+            "status": ("open", "shipped", "billed")[(id_ + version) % 3],
+            "created": T0 + timedelta(seconds=id_),
+            "updated": (T0 + timedelta(seconds=id_ + version)).replace(tzinfo=UTC),
+            "note": f"line {id_} v{version}",
+        }
+        out.append(
+            ChangeEvent.model_construct(
+                op=op, table=table, key={"id": id_}, before=None, after=row, position=position + i,
+                source_ts=row["updated"], txid=None, snapshot=False,
+            )
+        )
+    return out
+
+
+@dataclass
+class Figure:
+    target: str
+    batch: int
+    kind: str
+    rows: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+
+class _PlainCopy:
+    """COPY the same rows into an identical plain table, one transaction per batch (the ceiling)."""
+
+    def __init__(self, dsn: str, table: str) -> None:
+        self.dsn = dsn
+        self.table = table
+        self.conn: psycopg.AsyncConnection | None = None
+
+    async def open(self) -> None:
+        self.conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        await self.conn.execute(PLAIN_DDL.format(t=self.table))
+
+    async def write(self, batch: list[ChangeEvent]) -> None:
+        assert self.conn is not None
+        names = [c.name for c in COLUMNS]
+        types = ["int8", "int8", "text", "int4", "numeric", "numeric", "text", "timestamp", "timestamptz", "text"]
+        async with self.conn.transaction(), self.conn.cursor() as cursor:
+            async with cursor.copy(f"COPY {self.table} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(types)
+                for event in batch:
+                    after = event.after or {}
+                    await copy.write_row([after[n] for n in names])
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+
+
+async def _timed(call: Awaitable[None]) -> float:
+    started = time.perf_counter()
+    await call
+    return time.perf_counter() - started
+
+
+async def _durable(sink: Sink, table: TableSchema, batch: list[ChangeEvent]) -> None:
+    await sink.write_batch(table, batch)
+    if not sink.capabilities.durable_on_write:
+        await sink.flush()
+
+
+def _batches(
+    table: TableId, size: int, total: int, first_id: int, position: int, op: Op, version: int
+) -> list[list[ChangeEvent]]:
+    count = max(1, total // size)
+    return [_events(table, first_id + i * size, size, position + i * size, op, version) for i in range(count)]
+
+
+async def run_sink_benchmark(
+    host: str = "127.0.0.1",
+    port: int = 15433,
+    database: str = "cloud",
+    user: str = "postgres",
+    sizes: Sequence[int] = (1_000, 5_000, 20_000),
+    rows_per_size: int = 40_000,
+    delta: bool = True,
+) -> list[Figure]:
+    """Measure every target for every batch size; returns the figures (and `bench_sinks` prints them)."""
+    dsn = f"host={host} port={port} user={user} dbname={database}"
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    figures: list[Figure] = []
+    lake = tempfile.mkdtemp(prefix="branchline-bench-lake-")
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        for size in sizes:
+            table = TABLE.model_copy(update={"id": TABLE_ID.model_copy(update={"table": f"order_lines_{size}"})})
+            inserts = _batches(table.id, size, rows_per_size, 1, 1_000_000, Op.CREATE, 0)
+            updates = _batches(table.id, size, rows_per_size, 1, 10_000_000, Op.UPDATE, 1)
+            warm_up = _events(table.id, 10**9, 1, 1, Op.CREATE, 0)
+            rows = sum(len(b) for b in inserts)
+            # the generated events are input, not work: keep the collector from re-scanning them in every measure
+            gc.collect()
+            gc.freeze()
+            plain = _PlainCopy(dsn, f'"{schema}".plain_{size}')
+            pg = build_sink(PostgresSinkConfig(host=host, port=port, user=user, database=database, schema=schema))
+            try:
+                await plain.open()
+                await pg.write_batch(table, warm_up)  # pool and table exist before the clock starts
+                # interleaved, batch by batch, so that load from other processes hits both alike
+                copy_s = new_s = 0.0
+                for batch in inserts:
+                    copy_s += await _timed(plain.write(batch))
+                    new_s += await _timed(pg.write_batch(table, batch))
+                update_s = 0.0
+                for batch in updates:
+                    update_s += await _timed(pg.write_batch(table, batch))
+            finally:
+                await plain.close()
+                await pg.close()
+            figures.append(Figure("postgres", size, "plain COPY (ceiling)", rows, copy_s))
+            figures.append(Figure("postgres", size, "sink: new rows", rows, new_s))
+            figures.append(Figure("postgres", size, "sink: updates", rows, update_s))
+            if delta:
+                try:
+                    import deltalake  # noqa: F401
+                except ImportError:
+                    continue
+                # each commit costs a new file set and a log entry: measure two batches, commit per batch
+                dl = build_sink(DeltaSinkConfig(uri=lake, commit_interval_s=3600))
+                try:
+                    n = sum(len(b) for b in inserts[:2])
+                    seconds = sum([await _timed(_durable(dl, table, b)) for b in inserts[:2]])
+                    figures.append(Figure("delta (local, commit per batch)", size, "sink: new rows", n, seconds))
+                    seconds = sum([await _timed(_durable(dl, table, b)) for b in updates[:2]])
+                    figures.append(Figure("delta (local, commit per batch)", size, "sink: updates", n, seconds))
+                finally:
+                    await dl.close()
+            gc.unfreeze()
+    finally:
+        gc.unfreeze()
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        shutil.rmtree(lake, ignore_errors=True)
+    return figures
+
+
+def format_figures(figures: Sequence[Figure]) -> str:
+    lines = [f"{'target':<34} {'batch':>6} {'measure':<22} {'rows':>7} {'rows/s':>9} {'vs COPY':>8}"]
+    ceiling: dict[int, float] = {}
+    for f in figures:
+        if f.kind.startswith("plain COPY"):
+            ceiling[f.batch] = f.rate
+        ratio = f"{f.rate / ceiling[f.batch]:.0%}" if f.target == "postgres" and f.batch in ceiling else ""
+        lines.append(f"{f.target:<34} {f.batch:>6} {f.kind:<22} {f.rows:>7} {f.rate:>9,.0f} {ratio:>8}")
+    return "\n".join(lines)
+
+
+@click.command("sinks")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=15433, show_default=True, help="The cloud PostgreSQL of the local stack.")
+@click.option("--database", default="cloud", show_default=True)
+@click.option("--user", default="postgres", show_default=True)
+@click.option("--rows", "rows_per_size", default=40_000, show_default=True, help="Rows per batch size and measure.")
+@click.option("--sizes", default="1000,5000,20000", show_default=True)
+@click.option("--no-delta", is_flag=True, help="Skip the Delta sink.")
+def bench_sinks(host: str, port: int, database: str, user: str, rows_per_size: int, sizes: str, no_delta: bool) -> None:
+    """Rows/s of each sink for 1k/5k/20k-row batches, next to a plain COPY measured in the same run."""
+    figures = asyncio.run(
+        run_sink_benchmark(
+            host=host, port=port, database=database, user=user,
+            sizes=[int(s) for s in sizes.split(",")], rows_per_size=rows_per_size, delta=not no_delta,
+        )
+    )
+    click.echo(format_figures(figures))
