@@ -1,0 +1,278 @@
+"""Lag you can watch, under a real fault: `branchline run` replicates the CRM (PostgreSQL) into the cloud
+PostgreSQL through a TCP proxy; a real Prometheus scrapes the running pipeline. Cutting the proxy stops
+the sink: lag measured by Prometheus rises while capture fills the spool; restoring it drains the spool,
+lag falls, and the target matches the source row by row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import yaml
+from branchline import metrics
+from branchline.metrics_config import MetricsConfig
+
+pytestmark = pytest.mark.integration
+
+PROMETHEUS_DIR = Path(__file__).resolve().parents[2] / "infra" / "prometheus"
+
+
+class CuttableProxy:
+    """A loopback TCP proxy whose `cut()` drops every connection and refuses new ones until `restore()`."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._cut = threading.Event()
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if self._cut.is_set():
+                client.close()
+                continue
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._sockets.update((client, server))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            with self._lock:
+                self._sockets.difference_update((source, target))
+
+    def cut(self) -> None:
+        self._cut.set()
+        with self._lock:
+            live = list(self._sockets)
+        for sock in live:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def restore(self) -> None:
+        self._cut.clear()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.cut()
+        self._listener.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 90.0,
+             failed: Callable[[], BaseException | None] = lambda: None) -> Any:
+    """Poll ``check`` until truthy; fail at once when ``failed`` reports an error (the pipeline died)."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        if (error := failed()) is not None:
+            pytest.fail(f"the pipeline stopped while waiting for {what}: {error!r}")
+        try:
+            last = check()
+            if last:
+                return last
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.25)
+    pytest.fail(f"{what} must happen within {timeout_s} s; last saw {last!r}")
+
+
+@contextlib.contextmanager
+def prometheus(tmp_path: Path, target: str) -> Iterator[str]:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        import os
+
+        message = "`prometheus` must be installed (apt-get install prometheus); got nothing on PATH"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["scrape_configs"][0]["static_configs"] = [{"targets": [target]}]
+    config["rule_files"] = [str(PROMETHEUS_DIR / "alerts.yml")]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    with (tmp_path / "prometheus.log").open("w") as log:
+        process = subprocess.Popen(
+            [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for("Prometheus to be ready", lambda: httpx.get(f"{url}/-/ready", timeout=2).status_code == 200)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def scalar(url: str, promql: str) -> float | None:
+    answer = httpx.get(f"{url}/api/v1/query", params={"query": promql}, timeout=5).json()
+    assert answer["status"] == "success", answer
+    result = answer["data"]["result"]
+    return float(result[0]["value"][1]) if result else None
+
+
+def test_lag_rises_while_the_sink_is_cut_and_falls_after_it_returns(crm: Any, cloud: Any, tmp_path: Path) -> None:
+    from branchline.config import load_pipeline
+    from branchline.runtime.runner import Runner
+
+    suffix = secrets.token_hex(3)
+    source, table = f"ml{suffix}", f"mlag_{suffix}"
+    crm_dsn = f"host={crm.host} port={crm.port} user=postgres dbname=crm"
+    cloud_dsn = f"host={cloud.host} port={cloud.port} user=postgres dbname=cloud"
+    with psycopg.connect(crm_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE public.{table} (id int PRIMARY KEY, note text)")
+        conn.execute(f"INSERT INTO public.{table} SELECT g, 'snapshot ' || g FROM generate_series(1, 10) g")
+        # as the DBA does from `branchline preflight --print-setup-sql`
+        conn.execute(f'CREATE PUBLICATION "branchline_t1_{source}" FOR TABLE public.{table}')
+
+    proxy = CuttableProxy((cloud.host, cloud.port))
+    pipeline_file = tmp_path / "pipeline.yaml"
+    pipeline_file.write_text(yaml.safe_dump({
+        "name": source, "branch": "t1",
+        "sources": [{"name": source, "kind": "postgres", "host": crm.host, "port": crm.port, "user": "postgres",
+                     "database": "crm", "include": [f"public.{table}"]}],
+        "sinks": {"cloud": {"kind": "postgres", "host": "127.0.0.1", "port": proxy.port, "user": "postgres",
+                            "database": "cloud", "max_attempts": 1, "connect_timeout_s": 2}},
+        "runtime": {"spool": {"path": str(tmp_path / "spool.sqlite")}, "batch_interval_ms": 50},
+        "metrics": {"port": 0},
+    }))
+    pipeline = load_pipeline(pipeline_file)
+    metrics.reset()
+    server = metrics.serve_metrics(MetricsConfig(port=0), runtime="run")
+    assert server is not None
+    runner = Runner(pipeline)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        import asyncio
+
+        try:
+            asyncio.run(runner.run())
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="branchline-run", daemon=True)
+
+    def until(what: str, check: Callable[[], Any]) -> Any:
+        return wait_for(what, check, failed=lambda: runner.stats.error or (errors[0] if errors else None))
+
+    labels = f'source="{source}",table="public.{table}",sink="cloud"'
+    lag_query = f"branchline_replication_lag_seconds{{{labels}}}"
+    rows_query = f"sum(branchline_rows_written_total{{{labels}}})"
+
+    def insert(first: int, last: int, note: str) -> None:
+        with psycopg.connect(crm_dsn, autocommit=True) as conn:
+            conn.execute(f"INSERT INTO public.{table} SELECT g, %s || g FROM generate_series(%s::int, %s::int) g",
+                         (note, first, last))
+
+    def watch_lag_through_an_outage(url: str) -> None:
+        # streaming works: a change made now is durable and scraped with a small lag
+        until("the snapshot to reach the target", lambda: runner.stats.snapshot_done.get(source))
+        insert(11, 20, "live ")
+        until("20 rows written", lambda: (scalar(url, rows_query) or 0) >= 20)
+        healthy = until("the lag series", lambda: scalar(url, lag_query))
+        assert healthy < 10
+
+        # cut the sink: capture continues into the spool, lag keeps rising with no new change durable
+        proxy.cut()
+        insert(21, 30, "during outage ")
+        until("changes to pile up in the spool",
+              lambda: (scalar(url, "max(branchline_spool_bytes)") or 0) > 0
+              and metrics.sample("branchline_capture_lag_seconds", {"branch": "t1", "source": source}))
+        stalled = until("lag to rise past 8 s", lambda: (v := scalar(url, lag_query)) and v > 8 and v)
+        later = until("lag to keep rising", lambda: (v := scalar(url, lag_query)) and v > stalled + 2 and v)
+        assert later > stalled > healthy
+        assert scalar(url, rows_query) == 20  # nothing more became durable while the sink was cut
+        assert (scalar(url, "max(branchline_spool_oldest_age_seconds)") or 0) > 0
+
+        # restore: the spool drains, and a fresh change brings lag back down
+        proxy.restore()
+        until("the spooled rows to be written", lambda: (scalar(url, rows_query) or 0) >= 30)
+        insert(31, 31, "after outage ")
+        recovered = until("lag to fall", lambda: (v := scalar(url, lag_query)) is not None and v < 5 and (v,))
+        assert recovered[0] < later
+        until("the spool to be empty", lambda: scalar(url, "max(branchline_spool_bytes)") == 0)
+
+    try:
+        thread.start()
+        try:
+            with prometheus(tmp_path, f"127.0.0.1:{server.port}") as url:
+                watch_lag_through_an_outage(url)
+        finally:
+            runner.stop.set()
+            thread.join(30)
+            server.close()
+            proxy.close()
+            metrics.reset()
+        assert not errors, errors
+        assert runner.stats.error is None
+        with psycopg.connect(crm_dsn) as conn:
+            expected = conn.execute(f"SELECT id, note FROM public.{table} ORDER BY id").fetchall()
+        with psycopg.connect(cloud_dsn) as conn:
+            got = conn.execute(f'SELECT id, note FROM "{source}"."{table}" ORDER BY id').fetchall()
+        assert got == expected
+        assert len(got) == 31
+    finally:
+        _drop_source_objects(crm_dsn, f"branchline_t1_{source}", table)
+        with psycopg.connect(cloud_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{source}" CASCADE')
+
+
+def _drop_source_objects(crm_dsn: str, slot: str, table: str) -> None:
+    """Drop the test's slot, publication and table: an abandoned slot would hold the CRM's WAL forever."""
+    with psycopg.connect(crm_dsn, autocommit=True) as conn:
+        for _ in range(20):  # the runner's connection may still hold the slot for a moment
+            active = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
+            if active is None or not active[0]:
+                break
+            time.sleep(0.25)
+        if active is not None:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        conn.execute(f'DROP PUBLICATION IF EXISTS "{slot}"')
+        conn.execute(f"DROP TABLE IF EXISTS public.{table}")
