@@ -207,7 +207,7 @@ class MariaDbReader:
                  server_id: int = 4217, mariadb: bool | None = None) -> None:
         self.source = source
         self.branch = branch
-        self._settings = {"host": host, "port": port, "user": user, "passwd": password}
+        self._settings = {"host": host, "port": port, "user": user, "password": password}
         self.databases = list(databases)
         self._accept = accept or (lambda database, table: True)
         self._server_id = server_id
@@ -389,7 +389,8 @@ class MariaDbReader:
         return BinLogStreamReader(
             connection_settings=dict(self._settings), server_id=self._server_id, blocking=True,
             only_events=events, only_schemas=self.databases, is_mariadb=self.is_mariadb,
-            slave_heartbeat=0.1, enable_logging=False, **kwargs)
+            slave_heartbeat=0.1, enable_logging=False,
+            pymysql_wrapper=_pymysql_connect, **kwargs)
 
     def stream(self, start: Checkpoint, stop: threading.Event) -> Iterator[Changes]:
         """Row changes from ``start``; one `Changes` per rows event, plus one per commit."""
@@ -505,6 +506,15 @@ class MariaDbReader:
         if self._ctl is not None:
             self._ctl.close()
             self._ctl = None
+
+
+def _pymysql_connect(**settings: Any) -> pymysql.connections.Connection:
+    """python-mysql-replication passes pymysql's deprecated ``db``/``passwd``; translate them."""
+    if "db" in settings:
+        settings["database"] = settings.pop("db")
+    if "passwd" in settings:
+        settings["password"] = settings.pop("passwd")
+    return pymysql.connect(**settings)
 
 
 def _parse_gtids(text: str) -> dict[str, str]:

@@ -104,7 +104,8 @@ class PostgresReader:
             if self._conn is None or self._conn.closed:
                 self._conn = self._connect()
             try:
-                return self._conn.execute(query, args).fetchall()
+                cursor = self._conn.execute(query, args)
+                return cursor.fetchall() if cursor.description is not None else []
             except psycopg.OperationalError as exc:
                 self._conn = None
                 if attempt == 2:

@@ -1,0 +1,250 @@
+"""The embedded readers against the real MariaDB and PostgreSQL of the stack: exact values, exact
+positions (checked against SHOW BINLOG EVENTS / the slot's own LSNs), snapshot = stream values.
+
+Each test works in its own database (MariaDB) or schema + slot + publication (PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+
+import psycopg
+import pymysql
+import pytest
+from branchline.connectors.embedded.mariadb import MariaDbReader
+from branchline.connectors.embedded.postgres import PostgresReader
+from branchline.events import UNCHANGED, ColumnType, Json, Op, binlog_position, lsn_position, parse_lsn
+
+pytestmark = pytest.mark.integration
+
+
+def _name() -> str:
+    return "emb_" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def mariadb_db(erp):
+    name = _name()
+    conn = pymysql.connect(host=erp.host, port=erp.port, user="root", password="", autocommit=True)
+    conn.cursor().execute(f"CREATE DATABASE {name}")
+    yield conn, name
+    conn.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
+    conn.close()
+
+
+def _collect(reader, start, want_events: int, timeout_s: float = 20.0):
+    """Stream until ``want_events`` events arrived; returns (events, checkpoints, schemas)."""
+    stop = threading.Event()
+    events, checkpoints, schemas = [], [], []
+    deadline = datetime.now(UTC) + timedelta(seconds=timeout_s)
+    for changes in reader.stream(start, stop):
+        events.extend(changes.events)
+        schemas.extend(changes.schemas)
+        if changes.checkpoint is not None:
+            checkpoints.append(changes.checkpoint)
+        if len(events) >= want_events and changes.checkpoint is not None:
+            break
+        if datetime.now(UTC) > deadline:
+            break
+    stop.set()
+    return events, checkpoints, schemas
+
+
+MARIADB_TABLE = """
+CREATE TABLE {db}.t (
+  id INT UNSIGNED PRIMARY KEY, big BIGINT UNSIGNED, small SMALLINT, flag TINYINT(1), amount DECIMAL(18,4),
+  ratio FLOAT, score DOUBLE, name VARCHAR(20), code CHAR(3), note TEXT, raw BLOB, vb VARBINARY(8),
+  made DATETIME(3), stamped TIMESTAMP(6) NULL, day DATE, span TIME(2), yr YEAR, kind ENUM('a','b'),
+  tags SET('x','y','z'), doc JSON, bits BIT(5), bit1 BIT(1)
+)"""
+
+MARIADB_ROW = ("(1, 18446744073709551615, -5, 1, 12345.6789, 1.1, 2.2, 'héllo', 'ab', 'long text', x'00ff10',"
+               " x'0102', '2024-01-02 03:04:05.123', '2024-05-06 07:08:09.123456', '2024-02-29', '-838:59:58.5',"
+               " 2024, 'b', 'z,x', '{\"a\": [1, 2.5]}', b'10101', b'1')")
+
+MARIADB_VALUES = {
+    "id": 1, "big": 18446744073709551615, "small": -5, "flag": 1, "amount": Decimal("12345.6789"), "ratio": 1.1,
+    "score": 2.2, "name": "héllo", "code": "ab", "note": "long text", "raw": b"\x00\xff\x10", "vb": b"\x01\x02",
+    "made": datetime(2024, 1, 2, 3, 4, 5, 123000), "stamped": datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC),
+    "day": date(2024, 2, 29), "span": -timedelta(hours=838, minutes=59, seconds=58, microseconds=500000),
+    "yr": 2024, "kind": "b", "tags": ["x", "z"], "doc": Json({"a": [1, 2.5]}), "bits": "10101", "bit1": True,
+}
+
+
+def test_mariadb_stream_and_snapshot_give_exact_values_and_debezium_positions(erp, mariadb_db):
+    conn, db = mariadb_db
+    cur = conn.cursor()
+    cur.execute("SET time_zone = '+00:00'")
+    cur.execute(MARIADB_TABLE.format(db=db))
+    reader = MariaDbReader(source="erp", branch="b1", host=erp.host, port=erp.port, user="root", password="",
+                           databases=[db], server_id=4242001)
+    start = reader.start_position()
+    cur.execute(f"INSERT INTO {db}.t VALUES {MARIADB_ROW}")
+    cur.execute(f"INSERT INTO {db}.t (id) VALUES (2), (3)")
+    cur.execute(f"UPDATE {db}.t SET name = 'bye' WHERE id = 1")
+    cur.execute(f"UPDATE {db}.t SET id = 4 WHERE id = 2")
+    cur.execute(f"DELETE FROM {db}.t WHERE id = 3")
+    events, checkpoints, _ = _collect(reader, start, 7)
+
+    assert [(e.op, e.key) for e in events] == [
+        (Op.CREATE, {"id": 1}), (Op.CREATE, {"id": 2}), (Op.CREATE, {"id": 3}), (Op.UPDATE, {"id": 1}),
+        (Op.DELETE, {"id": 2}), (Op.CREATE, {"id": 4}), (Op.DELETE, {"id": 3}),
+    ]
+    assert events[0].after == MARIADB_VALUES
+    assert events[3].before["name"] == "héllo" and events[3].after["name"] == "bye"
+    assert events[4].position == events[5].position  # a key change: delete + create at one position
+    assert all(e.source_ts is not None and e.source_ts.tzinfo is UTC for e in events)
+    assert all(e.txid and e.txid.count("-") == 2 for e in events)  # MariaDB GTID d-s-n
+
+    # positions: (file, start of the rows event, row index), as Debezium's source.file/pos/row
+    cur.execute(f"SHOW BINLOG EVENTS IN '{start.data['file']}' FROM {start.data['pos']}")
+    ours: set[str] = set()
+    rows_events = []
+    for row in cur.fetchall():  # other sessions write to the shared stack's binlog too
+        kind, info = row[2], row[5]
+        if kind == "Table_map" and f"({db}.t)" in info:
+            ours.add(info.split()[1])
+        elif kind in ("Write_rows_v1", "Update_rows_v1", "Delete_rows_v1") and info.split()[1] in ours:
+            rows_events.append(row)
+    assert len(rows_events) == 5
+    file = start.data["file"]
+    expected = [binlog_position(file, rows_events[0][1], 0), binlog_position(file, rows_events[1][1], 0),
+                binlog_position(file, rows_events[1][1], 1), binlog_position(file, rows_events[2][1], 0),
+                binlog_position(file, rows_events[3][1], 0), binlog_position(file, rows_events[3][1], 0),
+                binlog_position(file, rows_events[4][1], 0)]
+    assert [e.position for e in events] == expected
+    assert all(c.position > start.position for c in checkpoints)
+    assert checkpoints[-1].data["gtid"]
+
+    # a snapshot reads the same values as the stream
+    schema = reader.schema(events[0].table)
+    assert schema.primary_key == ("id",)
+    assert schema.column("doc").type is ColumnType.JSON and schema.column("big").type is ColumnType.UINT64
+    snapshot = [e for chunk, _ in reader.snapshot(schema, start.position, 1) for e in chunk]
+    assert [e.key for e in snapshot] == [{"id": 1}, {"id": 4}]
+    assert snapshot[0].after == {**MARIADB_VALUES, "name": "bye"}
+    assert all(e.op is Op.READ and e.snapshot and e.position == start.position for e in snapshot)
+    reader.close()
+
+
+def test_mariadb_resumes_after_the_checkpoint_without_loss_or_repeat(erp, mariadb_db):
+    conn, db = mariadb_db
+    cur = conn.cursor()
+    cur.execute(f"CREATE TABLE {db}.t (id INT PRIMARY KEY, v INT)")
+    reader = MariaDbReader(source="erp", branch="b1", host=erp.host, port=erp.port, user="root", password="",
+                           databases=[db], server_id=4242002)
+    start = reader.start_position()
+    for i in range(3):
+        cur.execute(f"INSERT INTO {db}.t VALUES ({i}, {i})")
+    first, checkpoints, _ = _collect(reader, start, 3)
+    assert [e.key["id"] for e in first] == [0, 1, 2]
+    for i in range(3, 5):
+        cur.execute(f"INSERT INTO {db}.t VALUES ({i}, {i})")
+    again, _, _ = _collect(MariaDbReader(source="erp", branch="b1", host=erp.host, port=erp.port, user="root",
+                                         password="", databases=[db], server_id=4242003), checkpoints[-1], 2)
+    assert [e.key["id"] for e in again] == [3, 4]
+    reader.close()
+
+
+def test_mariadb_added_column_reaches_events_and_schema(erp, mariadb_db):
+    conn, db = mariadb_db
+    cur = conn.cursor()
+    cur.execute(f"CREATE TABLE {db}.t (id INT PRIMARY KEY, v INT)")
+    reader = MariaDbReader(source="erp", branch="b1", host=erp.host, port=erp.port, user="root", password="",
+                           databases=[db], server_id=4242004)
+    start = reader.start_position()
+    cur.execute(f"INSERT INTO {db}.t VALUES (1, 1)")
+    cur.execute(f"ALTER TABLE {db}.t ADD COLUMN note VARCHAR(10)")
+    cur.execute(f"INSERT INTO {db}.t VALUES (2, 2, 'new')")
+    events, _, schemas = _collect(reader, start, 2)
+    assert events[1].after == {"id": 2, "v": 2, "note": "new"}
+    assert [c.name for c in schemas[-1].columns] == ["id", "v", "note"]
+    reader.close()
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pg_schema(crm):
+    name = _name()
+    conn = psycopg.connect(host=crm.host, port=crm.port, user="postgres", dbname="crm", autocommit=True)
+    conn.execute(f"CREATE SCHEMA {name}")
+    reader = PostgresReader(source="crm", branch="b1", host=crm.host, port=crm.port, user="postgres", password="",
+                            database="crm", schemas=[name], slot=name, publication=name)
+    yield conn, name, reader
+    reader.close()
+    conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", (name,))
+    conn.execute(f"DROP PUBLICATION IF EXISTS {name}")
+    conn.execute(f"DROP SCHEMA {name} CASCADE")
+    conn.close()
+
+
+PG_TABLE = """
+CREATE TABLE {s}.t (id int PRIMARY KEY, big bigint, sm smallint, b boolean, n numeric(18,4), nv numeric,
+  f4 real, f8 double precision, t text, ch char(3), by bytea, d date, tm time, ts timestamp(3), tz timestamptz,
+  iv interval, js json, jb jsonb, u uuid, arr text[], bits bit(5), bit1 bit(1), doc text)"""
+
+PG_ROW = ("(1, 9223372036854775807, -3, true, 12345.6789, 1e-20, 1.1, 2.2, 'héllo', 'ab', '\\x00ff10', '2024-02-29',"
+          " '13:14:15.5', '2024-01-02 03:04:05.123', '2024-05-06 07:08:09.123456+02', '1 year 2 mons 3 days 04:05:06.5',"
+          " '{\"a\": [1, 2]}', '{\"b\": {\"c\": null}}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{x,\"y z\",NULL}',"
+          " B'10101', B'1', repeat('x', 5000))")
+
+PG_VALUES = {
+    "id": 1, "big": 9223372036854775807, "sm": -3, "b": True, "n": Decimal("12345.6789"), "nv": Decimal("1E-20"),
+    "f4": 1.1, "f8": 2.2, "t": "héllo", "ch": "ab ", "by": b"\x00\xff\x10", "d": date(2024, 2, 29),
+    "tm": timedelta(hours=13, minutes=14, seconds=15, microseconds=500000),
+    "ts": datetime(2024, 1, 2, 3, 4, 5, 123000), "tz": datetime(2024, 5, 6, 5, 8, 9, 123456, tzinfo=UTC),
+    "iv": "P1Y2M3DT4H5M6.5S", "js": Json({"a": [1, 2]}), "jb": Json({"b": {"c": None}}),
+    "u": uuid.UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), "arr": ["x", "y z", None], "bits": "10101",
+    "bit1": True, "doc": "x" * 5000,
+}
+
+
+def test_postgres_stream_and_snapshot_give_exact_values_and_slot_lsns(pg_schema):
+    conn, s, reader = pg_schema
+    conn.execute(PG_TABLE.format(s=s))
+    conn.execute(f"ALTER TABLE {s}.t ALTER COLUMN doc SET STORAGE EXTERNAL")
+    start = reader.start_position()
+    conn.execute(f"INSERT INTO {s}.t VALUES {PG_ROW}")
+    with conn.transaction():
+        conn.execute(f"INSERT INTO {s}.t (id) VALUES (2), (3)")
+        conn.execute(f"UPDATE {s}.t SET t = 'bye' WHERE id = 1")
+        conn.execute(f"UPDATE {s}.t SET id = 4 WHERE id = 2")
+        conn.execute(f"DELETE FROM {s}.t WHERE id = 3")
+    conn.execute(f"TRUNCATE {s}.t")
+    slot_lsns = [parse_lsn(r[0]) for r in conn.execute(
+        "SELECT lsn::text FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, 'proto_version', '1',"
+        " 'publication_names', %s) WHERE substr(data, 1, 1) IN ('I', 'U', 'D', 'T')", (s, s)).fetchall()]
+    events, checkpoints, _ = _collect(reader, start, 8)
+    assert [(e.op, e.key) for e in events] == [
+        (Op.CREATE, {"id": 1}), (Op.CREATE, {"id": 2}), (Op.CREATE, {"id": 3}), (Op.UPDATE, {"id": 1}),
+        (Op.DELETE, {"id": 2}), (Op.CREATE, {"id": 4}), (Op.DELETE, {"id": 3}), (Op.TRUNCATE, {}),
+    ]
+    assert events[0].after == PG_VALUES
+    assert events[3].after["doc"] is UNCHANGED and events[3].after["t"] == "bye" and events[3].before is None
+    # positions are the Debezium path's: lsn_position(source.lsn, 1), source.lsn = each change's LSN
+    positions = [lsn_position(lsn, 1) for lsn in slot_lsns]
+    assert [e.position for e in events] == [positions[0], positions[1], positions[2], positions[3], positions[4],
+                                            positions[4], positions[5], positions[6]]
+    assert events[1].txid == events[6].txid != events[0].txid
+    assert [c.position for c in checkpoints] == sorted(c.position for c in checkpoints)
+
+    # after acknowledging, the slot moves and a new reader resumes after the checkpoint
+    reader.acknowledge(checkpoints[1])
+    conn.execute(f"INSERT INTO {s}.t (id, t) VALUES (9, 'after')")
+    more, _, _ = _collect(reader, checkpoints[1], 2)
+    assert [(e.op, e.key) for e in more] == [(Op.TRUNCATE, {}), (Op.CREATE, {"id": 9})]
+    confirmed = conn.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                             (s,)).fetchone()[0]
+    assert parse_lsn(confirmed) >= parse_lsn(checkpoints[1].data["lsn"])
+
+    conn.execute(f"INSERT INTO {s}.t VALUES {PG_ROW}")
+    schema = reader.schema(events[0].table)
+    snapshot = [e for chunk, _ in reader.snapshot(schema, 0, 1) for e in chunk]
+    assert [e.key for e in snapshot] == [{"id": 1}, {"id": 9}]
+    assert snapshot[0].after == PG_VALUES
+    assert all(e.op is Op.READ and e.snapshot and e.position == 0 for e in snapshot)
