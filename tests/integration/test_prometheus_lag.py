@@ -276,3 +276,104 @@ def _drop_source_objects(crm_dsn: str, slot: str, table: str) -> None:
             conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
         conn.execute(f'DROP PUBLICATION IF EXISTS "{slot}"')
         conn.execute(f"DROP TABLE IF EXISTS public.{table}")
+
+
+def test_heartbeats_keep_idle_table_lag_true_and_show_a_stall(crm: Any, cloud: Any, tmp_path: Path) -> None:
+    """No user table changes at all: heartbeat rows alone keep the idle table's lag low while healthy,
+    let it rise while the sink is cut, and bring it back down once the sink returns."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from branchline.config import load_pipeline
+    from branchline.heartbeat import run_heartbeats, write_heartbeat
+    from branchline.metrics_config import HeartbeatConfig
+    from branchline.runtime.runner import Runner
+    from pydantic import SecretStr
+
+    suffix = secrets.token_hex(3)
+    source, table = f"hb{suffix}", f"idle_{suffix}"
+    crm_dsn = f"host={crm.host} port={crm.port} user=postgres dbname=crm"
+    cloud_dsn = f"host={cloud.host} port={cloud.port} user=postgres dbname=cloud"
+    beat_source = SimpleNamespace(kind="postgres", name=source, branch="t1", host=crm.host, port=crm.port,
+                                  user="postgres", password=SecretStr(""), database="crm")
+    write_heartbeat(beat_source)  # creates branchline.debezium_heartbeat once
+    with psycopg.connect(crm_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE public.{table} (id int PRIMARY KEY, note text)")
+        conn.execute(f"INSERT INTO public.{table} SELECT g, 'idle ' || g FROM generate_series(1, 5) g")
+        conn.execute(f'CREATE PUBLICATION "branchline_t1_{source}" FOR TABLE public.{table}, '
+                     "branchline.debezium_heartbeat")
+
+    proxy = CuttableProxy((cloud.host, cloud.port))
+    pipeline_file = tmp_path / "pipeline.yaml"
+    pipeline_file.write_text(yaml.safe_dump({
+        "name": source, "branch": "t1",
+        "sources": [{"name": source, "kind": "postgres", "host": crm.host, "port": crm.port, "user": "postgres",
+                     "database": "crm", "schemas": ["public", "branchline"],
+                     "include": [f"public.{table}", "branchline.debezium_heartbeat"]}],
+        "sinks": {"cloud": {"kind": "postgres", "host": "127.0.0.1", "port": proxy.port, "user": "postgres",
+                            "database": "cloud", "max_attempts": 1, "connect_timeout_s": 2}},
+        "runtime": {"spool": {"path": str(tmp_path / "spool.sqlite")}, "batch_interval_ms": 50},
+    }))
+    pipeline = load_pipeline(pipeline_file)
+    metrics.reset()
+    runner = Runner(pipeline)
+    errors: list[BaseException] = []
+    stop_beats = threading.Event()
+
+    def run() -> None:
+        try:
+            asyncio.run(runner.run())
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            errors.append(exc)
+
+    def beat() -> None:
+        async def main() -> None:
+            stop = asyncio.Event()
+            task = asyncio.create_task(run_heartbeats([beat_source], HeartbeatConfig(interval_s=0.5), stop))
+            await asyncio.to_thread(stop_beats.wait)
+            stop.set()
+            await task
+
+        asyncio.run(main())
+
+    threads = [threading.Thread(target=run, daemon=True), threading.Thread(target=beat, daemon=True)]
+
+    def until(what: str, check: Callable[[], Any], timeout_s: float = 90.0) -> Any:
+        return wait_for(what, check, timeout_s,
+                        failed=lambda: runner.stats.error or (errors[0] if errors else None))
+
+    def lag() -> float | None:
+        return metrics.sample("branchline_replication_lag_seconds",
+                              {"branch": "t1", "source": source, "table": f"public.{table}", "sink": "cloud"})
+
+    try:
+        for thread in threads:
+            thread.start()
+        try:
+            until("the idle table's lag to be known", lambda: lag() is not None and lag() < 3)
+            started = time.monotonic()
+            # idle for longer than the bound: without heartbeats its lag would now exceed it
+            until("6 s of idle time with lag held low", lambda: time.monotonic() - started > 6 and lag() < 3)
+            proxy.cut()
+            until("lag to rise with no user change", lambda: (lag() or 0) > 6)
+            proxy.restore()
+            until("lag to fall again on heartbeats alone", lambda: (lag() or 99) < 3)
+            beats = metrics.sample("branchline_heartbeats_written_total", {"branch": "t1", "source": source})
+            assert beats is not None and beats > 10
+            skew = metrics.sample("branchline_source_clock_skew_seconds", {"branch": "t1", "source": source})
+            assert skew is not None and abs(skew) < 1  # same host: the skew estimate must be near zero
+        finally:
+            stop_beats.set()
+            runner.stop.set()
+            for thread in threads:
+                thread.join(30)
+            proxy.close()
+            metrics.reset()
+        assert not errors, errors
+        with psycopg.connect(cloud_dsn) as conn:  # the idle table itself arrived, row by row
+            got = conn.execute(f'SELECT id, note FROM "{source}"."{table}" ORDER BY id').fetchall()
+        assert got == [(i, f"idle {i}") for i in range(1, 6)]
+    finally:
+        _drop_source_objects(crm_dsn, f"branchline_t1_{source}", table)
+        with psycopg.connect(cloud_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{source}" CASCADE')
