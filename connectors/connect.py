@@ -8,6 +8,7 @@ the password.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -15,6 +16,8 @@ from urllib.parse import quote
 
 import httpx
 from branchline.errors import ConfigError, FatalSourceError, RetryableSourceError
+
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the command's output
 
 
 class ConnectUnavailable(RetryableSourceError):
@@ -170,6 +173,15 @@ class ConnectClient:
 
     def resume(self, name: str) -> None:
         self._raise_for(self._request("PUT", f"/connectors/{quote(name, safe='')}/resume"), name)
+
+    def stop(self, name: str) -> None:
+        """Stop (Connect 3.5+): tasks shut down, config kept; required before offsets can be reset."""
+        self._raise_for(self._request("PUT", f"/connectors/{quote(name, safe='')}/stop"), name)
+
+    def reset_offsets(self, name: str) -> None:
+        """Forget the connector's source offsets (Connect 3.6+; the connector must be STOPPED), so a
+        connector created again under this name starts over with a snapshot."""
+        self._raise_for(self._request("DELETE", f"/connectors/{quote(name, safe='')}/offsets"), name)
 
     def restart(self, name: str, include_tasks: bool = True, only_failed: bool = False) -> None:
         params = {"includeTasks": str(include_tasks).lower(), "onlyFailed": str(only_failed).lower()}

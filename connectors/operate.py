@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from branchline.config import PipelineConfig
 from branchline.connectors.connect import ConnectClient, ConnectorNotFound, ConnectorState
 from branchline.connectors.debezium import connector_config
-from branchline.errors import ConfigError
+from branchline.errors import ConfigError, FatalSourceError
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,25 @@ def act(client: ConnectClient, pipeline: PipelineConfig, only: str | None, actio
         outcomes.append((name, {"pause": "pause requested", "resume": "resume requested",
                                 "restart": "restart requested"}[action]))
     return outcomes
+
+
+def retire(client: ConnectClient, name: str, timeout_s: float = 60.0) -> bool:
+    """Stop a connector, forget its offsets, delete it: a later connector of that name starts afresh.
+    False when there was no such connector. (Topics and PostgreSQL slots are left alone.)"""
+    if client.config(name) is None:
+        return False
+    client.stop(name)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.reset_offsets(name)
+            break
+        except (ConfigError, FatalSourceError):
+            if time.monotonic() > deadline:  # Connect answers 400 until the stop has completed
+                raise
+            time.sleep(0.5)
+    client.delete(name)
+    return True
 
 
 @dataclass

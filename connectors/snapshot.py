@@ -9,7 +9,6 @@ streamed changes always win over the chunk reads. Progress arrives as notificati
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -18,6 +17,7 @@ from typing import Any
 
 from branchline.config import BinlogSourceConfig, PipelineConfig, PostgresSourceConfig
 from branchline.connectors.debezium import notification_topic
+from branchline.connectors.topics import read_topics
 from branchline.errors import ConfigError, FatalSourceError, RetryableSourceError
 
 Source = BinlogSourceConfig | PostgresSourceConfig
@@ -82,39 +82,16 @@ def request_snapshot(source: Source, tables: Sequence[str]) -> str:
     return signal_id
 
 
-async def _read_notifications(bootstrap: str, topic: str) -> list[dict[str, Any]]:
-    """Every notification on the topic, oldest first (the topic is small: a few per snapshot chunk)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        partitions = await consumer.partitions_for_topic(topic) if topic in await consumer.topics() else None
-        if not partitions:
-            return []
-        assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(assigned)
-        await consumer.seek_to_beginning(*assigned)
-        end = await consumer.end_offsets(assigned)
-        out: list[dict[str, Any]] = []
-        while any(await consumer.position(tp) < end[tp] for tp in assigned):
-            batch = await consumer.getmany(*assigned, timeout_ms=1000)
-            for records in batch.values():
-                for record in records:
-                    if record.value is None:
-                        continue
-                    body = json.loads(record.value)
-                    out.append(body.get("payload", body) if isinstance(body, dict) else body)
-        return out
-    finally:
-        await consumer.stop()
-
-
 def notifications(pipeline: PipelineConfig, source: Source) -> list[dict[str, Any]]:
     if pipeline.kafka is None:
         raise ConfigError("`kafka.bootstrap_servers` must be set to read snapshot progress; got no `kafka:` section")
-    return asyncio.run(_read_notifications(pipeline.kafka.bootstrap_servers, notification_topic(source)))
+    topic = notification_topic(source)
+    out = []
+    for record in read_topics(pipeline.kafka.bootstrap_servers, lambda t: t == topic, timeout_s=30):
+        if record.value is not None:
+            body = json.loads(record.value)
+            out.append(body.get("payload", body) if isinstance(body, dict) else body)
+    return out
 
 
 def latest_notification(pipeline: PipelineConfig, source: Source, since_ms: int = 0) -> dict[str, Any] | None:
