@@ -239,6 +239,19 @@ def test_lag_rises_while_the_sink_is_cut_and_falls_after_it_returns(crm: Any, cl
         assert recovered[0] < later
         until("the spool to be empty", lambda: scalar(url, "max(branchline_spool_bytes)") == 0)
 
+        # the DBA's screen agrees: the source answers, its slot exists, the table's lag is small
+        # (the embedded reader polls the slot over SQL, so `active` is only true during a poll)
+        from branchline.status_cli import collect_status
+
+        report = collect_status(pipeline, server.url)
+        (seen,) = report["sources"]
+        assert seen["up"] and seen["slot"]["slot"] == f"branchline_t1_{source}"
+        assert seen["slot"]["retained_bytes"] >= 0
+        (row,) = [t for t in report["tables"] if t["table"] == f"public.{table}"]
+        assert row["replication_lag_s"] < 5 and row["rows_written"] == 31
+        assert report["spools"][0]["bytes"] == 0
+        assert report["healthy"], report["problems"]
+
     try:
         thread.start()
         try:
