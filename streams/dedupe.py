@@ -112,10 +112,21 @@ def _position(event: ChangeEvent) -> int:
 _TRUNCATE_KEY = "*truncate*"
 
 
+def _table_prefix(table: TableId) -> str:
+    return orjson.dumps([table.source, table.branch, table.qualified]).decode()[:-1]
+
+
 def guard_key(table: TableId, key: dict[str, Any] | None) -> str:
-    """The store key of one row: (source, branch, table, primary key values) as compact JSON."""
-    values = _TRUNCATE_KEY if key is None else list(key.values())
-    return orjson.dumps([table.source, table.branch, table.qualified, values], default=str).decode()
+    """The store key of one row: (source, branch, table, primary key values) as compact JSON.
+
+    A string, so that a store persisted as JSON (the Faust table's changelog) gives back equal keys."""
+    return _table_prefix(table) + "," + _key_json(key) + "]"
+
+
+def _key_json(key: dict[str, Any] | None) -> str:
+    if key is None:
+        return '"' + _TRUNCATE_KEY + '"'
+    return orjson.dumps(list(key.values()), default=str).decode()
 
 
 @dataclass(slots=True)
@@ -137,9 +148,19 @@ class AppliedPositions:
 
     def __init__(self, store: MutableMapping[str, int]) -> None:
         self.store = store
+        self._prefixes: dict[int, tuple[TableId, str]] = {}
+
+    def _key(self, table: TableId, key: dict[str, Any] | None) -> str:
+        cached = self._prefixes.get(id(table))
+        if cached is None or cached[0] is not table:
+            cached = (table, _table_prefix(table))
+            if len(self._prefixes) > 10_000:
+                self._prefixes.clear()
+            self._prefixes[id(table)] = cached
+        return cached[1] + "," + _key_json(key) + "]"
 
     def applied(self, table: TableId, key: dict[str, Any] | None) -> int | None:
-        return self.store.get(guard_key(table, key))
+        return self.store.get(self._key(table, key))
 
     def admit(self, changes: Sequence[tuple[ChangeEvent, TableSchema]],
               stats: GuardStats | None = None) -> list[tuple[ChangeEvent, TableSchema]]:
@@ -151,13 +172,13 @@ class AppliedPositions:
         for event, schema in changes:
             table = event.table
             if table not in truncated:
-                truncated[table] = store.get(guard_key(table, None))
+                truncated[table] = store.get(self._key(table, None))
             floor = truncated[table]
             if floor is not None and event.position <= floor:
                 stats.dropped += 1
                 continue
             if event.op is not Op.TRUNCATE:
-                last = store.get(guard_key(table, event.key))
+                last = store.get(self._key(table, event.key))
                 if last is not None and event.position <= last:
                     stats.dropped += 1
                     continue
@@ -170,7 +191,7 @@ class AppliedPositions:
         store = self.store
         for segment in segments:
             for event in segment.events:
-                name = guard_key(event.table, None if event.op is Op.TRUNCATE else event.key)
+                name = self._key(event.table, None if event.op is Op.TRUNCATE else event.key)
                 last = store.get(name)
                 if last is None or event.position > last:
                     store[name] = event.position

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 from branchline.errors import BadRecordError, ConfigError
 from branchline.events import UNCHANGED, ChangeEvent, Column, ColumnType, Json, Op, TableId, TableSchema
+from branchline.streams._construct import new_event
 from branchline.streams.config import (
     CastTarget,
     HashMask,
@@ -59,7 +60,7 @@ _TEMPLATE_NAMES = {"branch", "source", "database", "table", "schema"}
 
 
 def _to_string(value: Any) -> str:
-    if isinstance(value, str):
+    if value.__class__ is str or isinstance(value, str):
         return value
     if isinstance(value, Json):
         return orjson.dumps(value.value).decode()
@@ -153,10 +154,12 @@ _CASTS: dict[str, Fn] = {
 
 def _mask_fn(mask: Mask) -> Fn:
     if isinstance(mask, HashMask):
-        salt = mask.salt.get_secret_value().encode()
+        salted = hashlib.sha256(mask.salt.get_secret_value().encode())
 
         def hash_value(value: Any) -> str:
-            return hashlib.sha256(salt + _to_string(value).encode()).hexdigest()
+            digest = salted.copy()
+            digest.update(_to_string(value).encode())
+            return digest.hexdigest()
 
         return hash_value
     if isinstance(mask, RedactMask):
@@ -261,34 +264,47 @@ def _predicate(flt: RowFilter, column: Column) -> Callable[[dict[str, Any]], boo
 class CompiledTransform:
     """`TableTransforms` bound to one table's columns. `schema` is the target's table schema."""
 
-    def __init__(self, source: TableSchema, schema: TableSchema, *, identity: bool,
-                 plan: tuple[tuple[str, str, Fn | None], ...], key_plan: tuple[tuple[str, str, Fn | None], ...],
-                 constants: dict[str, Any], predicates: tuple[Callable[[dict[str, Any]], bool], ...]) -> None:
+    def __init__(self, source: TableSchema, schema: TableSchema, *, identity: bool = False,
+                 drop: tuple[str, ...] = (), fns: tuple[tuple[str, Fn], ...] = (),
+                 renames: dict[str, str] | None = None, constants: dict[str, Any] | None = None,
+                 predicates: tuple[Callable[[dict[str, Any]], bool], ...] = ()) -> None:
         self.source = source
         self.schema = schema
         self.identity = identity
-        self._plan = plan
-        self._key_plan = key_plan
-        self._constants = constants
+        self._drop = drop
+        self._fns = fns
+        self._renames = renames or {}
+        self._constants = constants or {}
         self._predicates = predicates
         self._table = schema.id
+        touched = {name for name, _ in fns} | set(self._renames)
+        self._key_fns = tuple((name, fn) for name, fn in fns if name in source.primary_key)
+        self._key_same = not (touched & set(source.primary_key))
 
     def _row(self, row: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for target, source_name, fn in self._plan:
-            value = row.get(source_name)
-            if fn is not None and value is not None and value is not UNCHANGED:
-                value = fn(value)
-            out[target] = value
+        out = row.copy()
+        for name in self._drop:
+            out.pop(name, None)
+        for name, fn in self._fns:
+            value = out.get(name)
+            if value is not None and value is not UNCHANGED:
+                out[name] = fn(value)
+        if self._renames:
+            renames = self._renames
+            out = {renames.get(k, k): v for k, v in out.items()}
         if self._constants:
             out.update(self._constants)
         return out
 
     def _key(self, key: dict[str, Any]) -> dict[str, Any]:
-        out = {}
-        for target, source_name, fn in self._key_plan:
-            value = key.get(source_name)
-            out[target] = fn(value) if fn is not None and value is not None else value
+        if self._key_same:
+            return key
+        out = dict(key)
+        for name, fn in self._key_fns:
+            if out.get(name) is not None:
+                out[name] = fn(out[name])
+        if self._renames:
+            out = {self._renames.get(k, k): v for k, v in out.items()}
         return out
 
     def _matches(self, row: dict[str, Any] | None) -> bool:
@@ -320,15 +336,16 @@ class CompiledTransform:
                 f"`{self.source.id.qualified}` change must transform (key {event.key!r}, position "
                 f"{event.position}); got {type(exc).__name__}: {exc}"
             ) from exc
-        return ChangeEvent.model_construct(
-            op=op, table=self._table, key=key, before=before, after=after, position=event.position,
-            source_ts=event.source_ts, txid=event.txid, snapshot=event.snapshot,
-        )
+        return new_event({
+            "op": op, "table": self._table, "key": key, "before": before, "after": after,
+            "position": event.position, "source_ts": event.source_ts, "txid": event.txid,
+            "snapshot": event.snapshot,
+        })
 
 
 def identity(schema: TableSchema) -> CompiledTransform:
     """The transform of a table without a ``tables:`` entry: changes pass unchanged."""
-    return CompiledTransform(schema, schema, identity=True, plan=(), key_plan=(), constants={}, predicates=())
+    return CompiledTransform(schema, schema, identity=True)
 
 
 def _template_names(text: str) -> set[str]:
@@ -431,31 +448,30 @@ def compile_transforms(schema: TableSchema, transforms: TableTransforms | None, 
     if found:
         raise ConfigError(found)
     columns = {c.name: c for c in schema.columns}
-    plan = []
+    kept = _kept_columns(transforms, schema)
+    fns: list[tuple[str, Fn]] = []
     out_columns = []
-    for source_name in _kept_columns(transforms, schema):
+    for source_name in kept:
         column = columns[source_name]
-        fn: Fn | None = None
         mask = transforms.mask.get(source_name)
         cast = transforms.casts.get(source_name)
         if mask is not None:
-            fn = _mask_fn(mask)
+            fns.append((source_name, _mask_fn(mask)))
             column = _masked_column(column, mask)
         elif cast is not None:
-            fn = _CASTS[cast]
+            fns.append((source_name, _CASTS[cast]))
             column = Column(name=column.name, type=_CAST_TYPES[cast], nullable=column.nullable)
         target = transforms.rename_columns.get(source_name, source_name)
-        plan.append((target, source_name, fn))
         out_columns.append(column.model_copy(update={"name": target}))
     table = schema.id if transforms.rename is None else schema.id.model_copy(update={"table": transforms.rename})
     constants = {k: _constant_value(v, schema.id) for k, v in transforms.constants.items()}
     out_columns.extend(_constant_column(k, v) for k, v in constants.items())
-    by_source = {source_name: (target, fn) for target, source_name, fn in plan}
-    key_plan = tuple((by_source[k][0], k, by_source[k][1]) for k in schema.primary_key)
+    renames = {k: v for k, v in transforms.rename_columns.items() if k != v}
     target_schema = TableSchema(id=table, columns=tuple(out_columns),
-                                primary_key=tuple(target for target, _, _ in key_plan))
+                                primary_key=tuple(renames.get(k, k) for k in schema.primary_key))
     predicates = tuple(_predicate(f, columns[f.column]) for f in transforms.filters)
-    return CompiledTransform(schema, target_schema, identity=False, plan=tuple(plan), key_plan=key_plan,
+    drop = tuple(c.name for c in schema.columns if c.name not in set(kept))
+    return CompiledTransform(schema, target_schema, drop=drop, fns=tuple(fns), renames=renames,
                              constants=constants, predicates=predicates)
 
 

@@ -27,6 +27,7 @@ from branchline.streams.decode import (
     Tombstone,
     TransactionMarker,
 )
+from pydantic import ValidationError
 
 F = env.field
 
@@ -239,7 +240,9 @@ def test_each_operation_and_its_key_and_images():
     read = decode(ERP, "r", after=after, snapshot="true").event
     assert [e.op for e in (create, update, delete, read)] == [Op.CREATE, Op.UPDATE, Op.DELETE, Op.READ]
     assert create.key == update.key == delete.key == read.key == {"id": 42}
-    assert update.before["code"] == "old" and update.after["code"] == "new"
+    assert update.before is None and update.after["code"] == "new"  # old image of updates: opt-in
+    full = decode(ERP, "u", before=before, after=after, decoder=EnvelopeDecoder("erp", "b01", keep_update_before=True))
+    assert full.event.before["code"] == "old" and full.event.before["amount"] == update.after["amount"]
     assert delete.after is None and delete.row["code"] == "old"
     assert read.snapshot is True and create.snapshot is False
 
@@ -331,3 +334,16 @@ def test_bad_record_names_table_key_and_position():
 def test_record_without_schema_is_a_bad_record():
     with pytest.raises(BadRecordError, match="schemas.enable=true"):
         EnvelopeDecoder("erp", "b01").decode(ERP.topic, None, b'{"before": null, "after": {"id": 1}}')
+
+
+def test_fast_event_construction_equals_model_construct():
+    from branchline.events import ChangeEvent
+    from branchline.streams._construct import new_event
+
+    event = decode(ERP, "c", after=erp_row()).event
+    values = {name: getattr(event, name) for name in ChangeEvent.model_fields}
+    assert event == ChangeEvent.model_construct(**values)
+    assert event.model_copy(update={"position": 1}).position == 1
+    assert new_event(dict(values)).model_dump() == ChangeEvent.model_construct(**values).model_dump()
+    with pytest.raises(ValidationError):
+        event.position = 5  # still frozen

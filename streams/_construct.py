@@ -1,0 +1,28 @@
+"""Build `ChangeEvent` objects without pydantic's per-field loop.
+
+Why: `ChangeEvent.model_construct` costs ~10 µs on this machine, a third of the per-event budget
+of the streams stages. Decoded values are already checked, so the hot path sets the same four
+attributes that ``model_construct`` sets, directly. A unit test checks that the result equals the
+``model_construct`` one, so a pydantic upgrade that changes this shows up as a failing test.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from branchline.events import ChangeEvent
+
+_FIELDS = frozenset(ChangeEvent.model_fields)
+_new = object.__new__
+_set = object.__setattr__
+
+
+def new_event(values: dict[str, Any]) -> ChangeEvent:
+    """A `ChangeEvent` from a dict holding every field (op, table, key, before, after, position,
+    source_ts, txid, snapshot). The dict becomes the event's own: do not reuse it."""
+    event = _new(ChangeEvent)
+    _set(event, "__dict__", values)
+    _set(event, "__pydantic_fields_set__", set(_FIELDS))
+    _set(event, "__pydantic_extra__", None)
+    _set(event, "__pydantic_private__", None)
+    return event
