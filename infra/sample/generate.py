@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any, TypeVar
 
 from branchline.events import Json
@@ -168,6 +169,12 @@ def account_id(seed: int, index: int) -> uuid.UUID:
     """The uuid of the ``index``-th sample account (1-based), computable without the other rows."""
     digest = hashlib.blake2b(f"{seed}:account:{index}".encode(), digest_size=16).digest()
     return uuid.UUID(bytes=digest, version=4)
+
+
+@lru_cache(maxsize=4)
+def _account_ids(seed: int, accounts: int) -> tuple[uuid.UUID, ...]:
+    """All account uuids, computed once for the three tables that refer to them."""
+    return tuple(account_id(seed, i) for i in range(1, accounts + 1))
 
 
 def big_body(rng: _Rand, i: int) -> str:
@@ -419,11 +426,12 @@ def _accounts(n: int, seed: int) -> Iterator[Row]:
 def _contacts(n: int, seed: int) -> Iterator[Row]:
     rng = _rng(seed, "contacts")
     accounts = _references(n, "accounts")
+    account_ids = _account_ids(seed, accounts)
     for i in range(1, count("contacts", n) + 1):
         first, last = _person(rng, i)
         yield {
             "id": i,
-            "account_id": account_id(seed, rng.between(1, accounts)),
+            "account_id": account_ids[rng.below(accounts)],
             "first_name": first,
             "last_name": last,
             "email": f"contact{i}@example.org" if rng.random() < 0.85 else None,
@@ -442,13 +450,14 @@ def _opportunities(n: int, seed: int) -> Iterator[Row]:
     rng = _rng(seed, "opportunities")
     stages = ENUM_VALUES[("opportunities", "stage")]
     accounts, contacts = _references(n, "accounts"), _references(n, "contacts")
+    account_ids = _account_ids(seed, accounts)
     for i in range(1, count("opportunities", n) + 1):
         created = _utc(rng)
         stage = rng.pick(stages)
         closed = stage in ("won", "lost")
         row: Row = {
             "id": i,
-            "account_id": account_id(seed, rng.between(1, accounts)),
+            "account_id": account_ids[rng.below(accounts)],
             "contact_id": rng.between(1, contacts) if rng.random() < 0.8 else None,
             "title": f"{rng.pick(CN_CORE)} deal {i} {rng.pick(EMOJI)}",
             "stage": stage,
@@ -474,6 +483,7 @@ def _opportunities(n: int, seed: int) -> Iterator[Row]:
 def _activities(n: int, seed: int) -> Iterator[Row]:
     rng = _rng(seed, "activities")
     accounts, contacts, opportunities = (_references(n, t) for t in ("accounts", "contacts", "opportunities"))
+    account_ids = _account_ids(seed, accounts)
     for i in range(1, count("activities", n) + 1):
         occurred = _utc(rng)
         kind = rng.pick(ACTIVITY_KINDS)
@@ -483,7 +493,7 @@ def _activities(n: int, seed: int) -> Iterator[Row]:
             body = rng.pick([None, "Left a voicemail.", "客户要求报价 📄", "Follow-up next week; see thread."])
         yield {
             "id": i,
-            "account_id": account_id(seed, rng.between(1, accounts)),
+            "account_id": account_ids[rng.below(accounts)],
             "contact_id": rng.between(1, contacts) if rng.random() < 0.7 else None,
             "opportunity_id": rng.between(1, opportunities) if rng.random() < 0.4 else None,
             "kind": kind,

@@ -8,6 +8,8 @@ MariaDB gets multi-row INSERTs of about 1 MB each, PostgreSQL gets COPY. Both co
 from __future__ import annotations
 
 import json
+import multiprocessing
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +21,7 @@ from typing import Any
 import orjson
 import psycopg
 import pymysql
+from branchline.errors import InfraError
 from branchline.events import ColumnType, Json
 from psycopg import sql
 from psycopg.copy import QueuedLibpqWriter
@@ -295,9 +298,38 @@ def load(target: str = "all", n: int = 1000, seed: int = DEFAULT_SEED, *, erp: E
     if n < 0:
         raise ValueError(f"`rows` must be >= 0; got {n!r}")
     report = report or (lambda _: None)
-    results: list[TableLoad] = []
-    if target in ("erp", "all"):
-        results += load_erp(erp or endpoint("erp"), n, seed, report)
-    if target in ("crm", "all"):
-        results += load_crm(crm or endpoint("crm"), n, seed, report)
-    return results
+    erp, crm = erp or endpoint("erp"), crm or endpoint("crm")
+    if target == "erp":
+        return load_erp(erp, n, seed, report)
+    if target == "crm":
+        return load_crm(crm, n, seed, report)
+    # Both: generating and formatting rows is Python-bound, so the CRM loads in a forked process
+    # (no threads or connections exist yet to be copied) while this one loads the ERP.
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+
+    def load_crm_in_child() -> None:
+        try:
+            sender.send((True, load_crm(crm, n, seed, report)))
+        except BaseException as exc:  # noqa: BLE001  (handed to the parent, which raises it)
+            try:
+                sender.send((False, exc))
+            except Exception:  # noqa: BLE001  (not picklable: keep the message)
+                sender.send((False, InfraError(f"loading `crm` failed: {type(exc).__name__}: {exc}")))
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = context.Process(target=load_crm_in_child, name="sample-load-crm")
+    child.start()
+    sender.close()
+    try:
+        erp_results = load_erp(erp, n, seed, report)
+        try:
+            ok, value = receiver.recv()
+        except EOFError as exc:
+            raise InfraError(f"loading `crm` must finish; got its process exit code {child.exitcode!r}") from exc
+    finally:
+        child.join()
+    if not ok:
+        raise value
+    return erp_results + list(value)
