@@ -45,6 +45,7 @@ from typing import Any
 import orjson
 
 from branchline.events import Column, ColumnType, Json
+from branchline.sinks._values import bits_text
 
 _FIXED: dict[ColumnType, str] = {
     ColumnType.BOOLEAN: "boolean",
@@ -150,17 +151,7 @@ def _json(value: Any) -> Any:
 
 
 def _bits(length: int | None) -> Converter:
-    def convert(value: Any) -> Any:
-        if isinstance(value, bool):
-            return "1" if value else "0"
-        if isinstance(value, int):
-            return format(value, f"0{length or 1}b")
-        if isinstance(value, bytes | bytearray):
-            text = "".join(format(b, "08b") for b in value)
-            return text[-length:] if length and len(text) > length else text
-        return value
-
-    return convert
+    return lambda value: bits_text(value, length)
 
 
 def _uuid(value: Any) -> Any:

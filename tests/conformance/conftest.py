@@ -150,9 +150,10 @@ class PostgresHarness(Harness):
 class DeltaHarness(Harness):
     buffering = True
 
-    def __init__(self, uri: str, s3: S3Storage | None, kind: str) -> None:
+    def __init__(self, uri: str, s3: S3Storage | None, kind: str, soft_delete: bool = False) -> None:
         self.kind = kind
-        self.config = DeltaSinkConfig(uri=uri, s3=s3 or S3Storage(), commit_interval_s=3600)
+        self.soft_delete = soft_delete
+        self.config = DeltaSinkConfig(uri=uri, s3=s3 or S3Storage(), commit_interval_s=3600, soft_delete=soft_delete)
 
     def sink(self) -> Sink:
         return build_sink(self.config, name=self.kind)
@@ -181,7 +182,7 @@ class DeltaHarness(Harness):
         return out
 
 
-HARNESS_KINDS = ["postgres", "postgres-soft", "delta-local", "delta-s3"]
+HARNESS_KINDS = ["postgres", "postgres-soft", "delta-local", "delta-local-soft", "delta-s3"]
 
 
 @pytest.fixture(params=HARNESS_KINDS)
@@ -190,9 +191,9 @@ def harness(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Harness]:
     if kind.startswith("postgres"):
         cloud = request.getfixturevalue("cloud")
         h: Harness = PostgresHarness(cloud.host, cloud.port, soft_delete=kind == "postgres-soft")
-    elif kind == "delta-local":
+    elif kind.startswith("delta-local"):
         pytest.importorskip("deltalake")
-        h = DeltaHarness(str(tmp_path / "lake"), None, kind)
+        h = DeltaHarness(str(tmp_path / "lake"), None, kind, soft_delete=kind.endswith("-soft"))
     else:
         s3 = request.getfixturevalue("s3_server")
         h = DeltaHarness(f"s3://{s3['bucket']}/{uuid.uuid4().hex[:10]}", s3["storage"], kind)
