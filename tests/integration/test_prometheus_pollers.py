@@ -1,0 +1,124 @@
+"""Source-side metrics move under real conditions: a slot retains WAL as the source writes, binlog files
+behind grows when the server rotates its log, Kafka consumer lag is what the group has left, and
+Connect's states come from its REST API."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import psycopg
+import pymysql
+import pytest
+from branchline import metrics
+from branchline.monitoring import poll_binlog, poll_connect, poll_kafka_consumer_lag, poll_postgres_slot
+from pydantic import SecretStr
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def fresh_metrics() -> Iterator[None]:
+    metrics.reset()
+    yield
+    metrics.reset()
+
+
+def test_slot_wal_retained_grows_while_nobody_consumes(crm: Any) -> None:
+    slot = f"bl_metrics_{secrets.token_hex(3)}"
+    dsn = f"host={crm.host} port={crm.port} user=postgres dbname=crm"
+    source = SimpleNamespace(kind="postgres", name="crm", branch="t1", host=crm.host, port=crm.port, user="postgres",
+                             password=SecretStr(""), database="crm", slot=slot)
+    labels = {"branch": "t1", "source": "crm", "slot": slot}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+        try:
+            before = poll_postgres_slot(source)
+            assert before is not None and before["slot"] == slot and before["active"] is False
+            conn.execute(f"CREATE TABLE public.{slot} AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 20000) g")
+            conn.execute(f"DROP TABLE public.{slot}")
+            after = poll_postgres_slot(source)
+            assert after is not None
+            assert after["retained_bytes"] > before["retained_bytes"] + 1_000_000
+            assert metrics.sample("branchline_slot_wal_retained_bytes", labels) == after["retained_bytes"]
+            assert metrics.sample("branchline_slot_active", labels) == 0
+            assert metrics.sample("branchline_source_up", {"branch": "t1", "source": "crm"}) == 1
+        finally:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    assert poll_postgres_slot(source) is None  # a dropped slot is reported as missing, not as zero
+
+
+def test_binlog_files_behind_grows_when_the_server_rotates(erp: Any) -> None:
+    source = SimpleNamespace(kind="mariadb", name="erp", branch="t1", host=erp.host, port=erp.port, user="root",
+                             password=SecretStr(""))
+    first = poll_binlog(source)
+    reader_file = first["head_file"]
+    assert reader_file and first["files"] >= 1
+    conn = pymysql.connect(host=erp.host, port=erp.port, user="root", password="", autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("FLUSH BINARY LOGS")
+    finally:
+        conn.close()
+    second = poll_binlog(source, reader_file=reader_file)
+    assert second["files_behind"] == 1
+    assert metrics.sample("branchline_binlog_files_behind", {"branch": "t1", "source": "erp"}) == 1
+    if second["retention_s"]:
+        assert metrics.sample("branchline_binlog_retention_seconds",
+                              {"branch": "t1", "source": "erp"}) == second["retention_s"]
+
+
+def test_kafka_consumer_lag_is_what_the_group_has_left(kafka: Any) -> None:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka.structs import OffsetAndMetadata
+
+    topic, group = f"bl-metrics-{secrets.token_hex(3)}", f"bl-metrics-{secrets.token_hex(3)}"
+
+    async def scenario() -> dict[tuple[str, int], int]:
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.address)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+            producer = AIOKafkaProducer(bootstrap_servers=kafka.address)
+            await producer.start()
+            try:
+                for i in range(10):
+                    await producer.send_and_wait(topic, f"m{i}".encode())
+            finally:
+                await producer.stop()
+            consumer = AIOKafkaConsumer(bootstrap_servers=kafka.address, group_id=group, enable_auto_commit=False)
+            await consumer.start()
+            try:
+                consumer.assign([TopicPartition(topic, 0)])
+                await consumer.commit({TopicPartition(topic, 0): OffsetAndMetadata(3, "")})
+            finally:
+                await consumer.stop()
+            return await poll_kafka_consumer_lag(kafka.address, group)
+        finally:
+            await admin.delete_topics([topic])
+            await admin.close()
+
+    lags = asyncio.run(scenario())
+    assert lags == {(topic, 0): 7}
+    assert metrics.sample("branchline_kafka_consumer_lag", {"group": group, "topic": topic, "partition": "0"}) == 7
+
+
+def test_connector_states_come_from_connect(connect: Any) -> None:
+    url = f"http://{connect.address}"
+    everything = httpx.get(f"{url}/connectors", params={"expand": "status"}, timeout=10).json()
+    missing = f"branchline.absent.{secrets.token_hex(3)}"
+    statuses = poll_connect(url, [*everything, missing])
+    for name, entry in everything.items():
+        state = entry["status"]["connector"]["state"]
+        assert metrics.sample("branchline_connector_state", {"connector": name, "state": state}) == 1
+        for task in entry["status"]["tasks"]:
+            assert metrics.sample("branchline_connector_task_state",
+                                  {"connector": name, "task": str(task["id"]), "state": task["state"]}) == 1
+    assert statuses[missing]["status"]["connector"]["state"] == "UNASSIGNED"
+    assert metrics.sample("branchline_connector_state", {"connector": missing, "state": "RUNNING"}) == 0
