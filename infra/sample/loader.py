@@ -231,6 +231,7 @@ def load_erp(ep: Endpoint, n: int, seed: int, report: Callable[[TableLoad], None
     results = []
     with erp_connect(ep) as conn:
         with conn.cursor() as cur:
+            cur.execute("SET SESSION lock_wait_timeout = 20")  # a session holding a table must not hang the load
             for statement in schema_sql("erp"):
                 cur.execute(statement)
         conn.commit()

@@ -522,7 +522,7 @@ def run_workload(workload: _Workload, rate: float, duration: float | None, stop:
         if due > now:
             stop.wait(due - now if deadline is None else min(due - now, deadline - now))
             continue
-        changed += workload.step()
+        changed += max(workload.step(), 1)  # a transaction that changed nothing still takes its turn
     workload.report.seconds = time.monotonic() - started
     return workload.report
 

@@ -6,6 +6,8 @@ PostgreSQL, so the demo's `erp` / `crm` data and anyone replicating them are lef
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -257,3 +259,17 @@ def test_cli_load_and_churn_print_figures(erp_ep: Endpoint, crm_ep: Endpoint, lo
     result = runner.invoke(sample_cli, ["churn", "--rate", "100", "--duration", "1", "--target", "erp", *address])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("erp: ") and "insert=" in result.output and "crm:" not in result.output
+
+
+def test_churn_without_duration_runs_until_stopped(erp_ep: Endpoint, loaded: Any) -> None:
+    stop = threading.Event()
+    result: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: result.update(churn("erp", rate=200, duration=None, erp=erp_ep, stop=stop)))
+    worker.start()
+    time.sleep(1.0)
+    assert worker.is_alive()
+    stop.set()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert result["erp"].counts["transactions"] > 0
+

@@ -6,7 +6,7 @@ import random
 from datetime import timedelta
 
 import pytest
-from branchline.infra.sample import count, rows
+from branchline.infra.sample import churn, count, rows
 from branchline.infra.sample.generate import _Rand
 from branchline.infra.sample.loader import _quote, insert_statements, mysql_time, schema_sql, to_mariadb
 from branchline.infra.sample.workload import ChurnReport, _Pool
@@ -89,3 +89,11 @@ def test_churn_report_summary_counts_by_op() -> None:
     report.seconds = 2.0
     assert report.changes == 14
     assert report.summary() == "crm: 4 transactions, insert=5 update=7 delete=2 toast_unchanged=3 in 2.0s (7 changes/s)"
+
+def test_churn_refuses_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="`rate` must be > 0"):
+        churn("erp", rate=0, duration=1)
+    with pytest.raises(ValueError, match="`target` must be erp, crm or all"):
+        churn("hr", rate=1, duration=1)
+    with pytest.raises(ValueError, match="`duration` must be set"):
+        churn("erp", rate=1, duration=None)
