@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -128,7 +129,22 @@ def _write_binlog(source: Any, namespace: str, table: str, create: bool, writer_
     return stamp.replace(tzinfo=UTC), before, after
 
 
-async def run_heartbeats(sources: Sequence[Any], config: HeartbeatConfig, stop: asyncio.Event) -> None:
+Stop = asyncio.Event | threading.Event
+"""What ends a loop: an asyncio event, or the threading event a runtime's capture threads share."""
+
+
+async def wait_or_stop(stop: Stop, seconds: float) -> bool:
+    """Sleep ``seconds`` unless ``stop`` is set first; True when it is set."""
+    if isinstance(stop, threading.Event):
+        return await asyncio.to_thread(stop.wait, seconds)
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def run_heartbeats(sources: Sequence[Any], config: HeartbeatConfig, stop: Stop) -> None:
     """Write a heartbeat into every source each ``config.interval_s`` until ``stop`` is set.
 
     A failed beat is logged, counted in ``branchline_errors_total{component="source"}``, marks the
@@ -146,7 +162,4 @@ async def run_heartbeats(sources: Sequence[Any], config: HeartbeatConfig, stop: 
                 log.warning("heartbeat into %s failed: %s", source.name, exc)
                 observe_error("source", source.name, exc)
                 set_source_up(source.branch, source.name, False, detail=str(exc)[:200])
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=config.interval_s)
-        except TimeoutError:
-            pass
+        await wait_or_stop(stop, config.interval_s)

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 from branchline import metrics
-from branchline.heartbeat import run_heartbeats
+from branchline.heartbeat import Stop, run_heartbeats, wait_or_stop
 from branchline.metrics_config import MetricsConfig
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def poll_source(source: Any) -> dict[str, Any] | None:
         return None
 
 
-async def run_pollers(pipeline: Any, stop: asyncio.Event, *, interval_s: float, connect: bool = False,
+async def run_pollers(pipeline: Any, stop: Stop, *, interval_s: float, connect: bool = False,
                       consumer_group: str | None = None) -> None:
     """Poll sources (and Connect, and Kafka consumer lag when asked) every ``interval_s`` until ``stop``."""
     sources: Sequence[Any] = pipeline.sources
@@ -177,18 +177,26 @@ async def run_pollers(pipeline: Any, stop: asyncio.Event, *, interval_s: float, 
             except Exception as exc:  # noqa: BLE001
                 log.warning("polling Kafka consumer lag failed: %s", exc)
                 metrics.observe_error("kafka", consumer_group, exc)
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=interval_s)
-        except TimeoutError:
-            pass
+        await wait_or_stop(stop, interval_s)
 
 
-async def run_monitoring(pipeline: Any, stop: asyncio.Event, *, runtime: str,
+async def run_monitoring(pipeline: Any, stop: Stop, *, runtime: str,
                          consumer_group: str | None = None) -> None:
     """Everything a runtime runs beside its pipeline: heartbeats and pollers, until ``stop`` is set.
 
     ``runtime`` is ``run`` (embedded) or ``worker`` (distributed: also polls Connect and, given
-    ``consumer_group``, Kafka consumer lag). Start it with `asyncio.create_task` after `serve_metrics`.
+    ``consumer_group``, Kafka consumer lag). Start it with `asyncio.create_task` after `serve_metrics`;
+    ``stop`` may be the runner's `threading.Event`. For `branchline run`::
+
+        monitor = asyncio.create_task(run_monitoring(pipeline, runner.stop, runtime="run"))
+        try:
+            await runner.run()
+        finally:
+            runner.stop.set()
+            await monitor
+
+    Heartbeat rows reach the sink only if the heartbeat table is captured: in the PostgreSQL
+    publication, and accepted by the reader's table filter (`branchline.heartbeat.heartbeat_table`).
     """
     config: MetricsConfig = getattr(pipeline, "metrics", None) or MetricsConfig()
     for source in pipeline.sources:

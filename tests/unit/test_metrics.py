@@ -263,3 +263,28 @@ def _exposition() -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(metrics.REGISTRY).decode()
+
+
+def test_run_monitoring_stops_on_the_runners_threading_event(clock: Clock) -> None:
+    import threading
+    from types import SimpleNamespace
+
+    from pydantic import SecretStr
+
+    from branchline.monitoring import run_monitoring
+
+    dead = SimpleNamespace(kind="mariadb", name="erp", branch="b1", host="127.0.0.1", port=1, user="u",
+                           password=SecretStr(""), connector_name="branchline.b1.erp")
+    pipeline = SimpleNamespace(sources=[dead], metrics=MetricsConfig(), connect=None, kafka=None)
+    stop = threading.Event()
+
+    async def scenario() -> None:
+        task = asyncio.create_task(run_monitoring(pipeline, stop, runtime="run"))
+        while metrics.sample("branchline_errors_total",
+                             {"component": "source", "name": "erp", "kind": "unexpected"}) != 2:
+            await asyncio.sleep(0.01)  # one failed heartbeat and one failed poll
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(scenario())
+    assert metrics.sample("branchline_source_up", {"branch": "b1", "source": "erp"}) == 0
