@@ -60,8 +60,8 @@ def schema_sql(database: str) -> list[str]:
 # ---- canonical value <-> driver value -----------------------------------------------------------
 
 def mysql_time(value: timedelta) -> str:
-    """A TIME literal for MariaDB. pymysql's own escaping gets negative timedeltas wrong
-    (timedelta(hours=-12, seconds=-1) becomes '-13:59:59'), so format the sign and magnitude apart."""
+    """A TIME literal for MariaDB, sign and magnitude formatted apart: a negative timedelta keeps its
+    sign in ``days`` only, and splitting it naively gives '-13:59:59' for -12:00:01 (pymysql < 2.2.8 did)."""
     sign = "-" if value < timedelta(0) else ""
     magnitude = -value if sign else value
     seconds = magnitude.days * 86_400 + magnitude.seconds

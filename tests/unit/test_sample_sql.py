@@ -18,7 +18,7 @@ from branchline.infra.sample.workload import ChurnReport, _Pool
         (timedelta(0), "00:00:00.000000"),
         (timedelta(hours=838, minutes=59, seconds=59), "838:59:59.000000"),
         (-timedelta(hours=838, minutes=59, seconds=59), "-838:59:59.000000"),
-        (-timedelta(hours=12, seconds=1), "-12:00:01.000000"),  # pymysql's own escaping says -13:59:59
+        (-timedelta(hours=12, seconds=1), "-12:00:01.000000"),  # a naive split says -13:59:59
         (-timedelta(microseconds=1), "-00:00:00.000001"),
         (timedelta(days=2, hours=1, microseconds=5), "49:00:00.000005"),
     ],
