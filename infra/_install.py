@@ -5,6 +5,7 @@ InfraError sentence naming the cause and the fix."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -27,8 +28,6 @@ class Cancelled(Exception):
     """Raised inside `up` when another service failed and this step should give up."""
 
 POM = Path(__file__).resolve().parent / "pom.xml"
-#: spelled out (not the `dependency:` prefix) so that an offline Maven names the download it failed
-DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
 GIB = 1024**3
 #: free space needed before downloading (the cache holds ~300 MB) and before creating server data
 MIN_FREE_CACHE = 1 * GIB
@@ -206,8 +205,8 @@ def plugins_dir() -> Path:
 
 
 def _wanted(pins: Pins) -> dict[str, str]:
-    keys = ("kafka", "scala", "debezium", "debezium_mariadb")
-    return {k: pins.versions[k] for k in keys} | {"pom": str(POM.stat().st_mtime_ns)}
+    keys = ("kafka", "scala", "debezium", "debezium_mariadb", "log4j", "maven_dependency_plugin")
+    return {k: pins.versions[k] for k in keys} | {"pom": hashlib.sha256(POM.read_bytes()).hexdigest()}
 
 
 def resolve_jars(pins: Pins, tools: Tools, cancel: threading.Event | None = None) -> bool:
@@ -228,6 +227,8 @@ def resolve_jars(pins: Pins, tools: Tools, cancel: threading.Event | None = None
         shutil.rmtree(folder, ignore_errors=True)
     stamp.unlink(missing_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
+    # the plugin spelled out (not the `dependency:` prefix) so that an offline Maven names what it failed
+    plugin = f"org.apache.maven.plugins:maven-dependency-plugin:{pins.versions['maven_dependency_plugin']}"
     command = [
         str(tools.mvn), "-B", "-q", "-f", str(POM),
         f"-Dmaven.repo.local={cache / 'm2'}",
@@ -235,8 +236,10 @@ def resolve_jars(pins: Pins, tools: Tools, cancel: threading.Event | None = None
         f"-Dscala.version={pins.versions['scala']}",
         f"-Ddebezium.version={pins.versions['debezium']}",
         f"-Ddebezium.mariadb.version={pins.versions['debezium_mariadb']}",
+        f"-Dlog4j.version={pins.versions['log4j']}",
+        f"-Ddependency.plugin.version={pins.versions['maven_dependency_plugin']}",
         f"-Dlibs.dir={libs}", f"-Dplugins.dir={plugins}", f"-Dbuild.dir={cache / 'maven-build'}",
-        f"{DEPENDENCY_PLUGIN}:copy-dependencies@kafka-libs", f"{DEPENDENCY_PLUGIN}:unpack@debezium-plugins",
+        f"{plugin}:copy-dependencies@kafka-libs", f"{plugin}:unpack@debezium-plugins",
     ]
     env = {**os.environ, "JAVA_HOME": str(tools.java.resolve().parent.parent)}
     log.info("maven: fetching Kafka %s and Debezium %s / MariaDB %s into %s", pins.versions["kafka"],

@@ -49,7 +49,7 @@ def load_pins(path: Path = STACK_TOML) -> Pins:
             raise InfraError(f"`ports.{name}` must be between 1024 and 65535; got {port!r}")
         ports[name] = port
     versions = {k: str(v) for k, v in raw.get("versions", {}).items()}
-    for key in ("kafka", "scala", "debezium", "debezium_mariadb", "postgres"):
+    for key in ("kafka", "scala", "debezium", "debezium_mariadb", "log4j", "maven_dependency_plugin", "postgres"):
         if key not in versions:
             raise InfraError(f"`versions.{key}` must be pinned in {path}; got nothing")
     heap = {k: str(v).split() for k, v in raw.get("heap", {}).items()}

@@ -8,13 +8,16 @@ Databases start while Maven fetches Kafka and Kafka starts; Connect follows Kafk
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+from branchline import paths
 from branchline.errors import InfraError
 from branchline.infra import _install, _proc
 from branchline.infra._pins import Pins, load_pins
@@ -121,6 +124,25 @@ def up(pins: Pins | None = None, *, only: Iterable[str] | None = None,
     Safe to call again at any time: running healthy services are left untouched. Raises InfraError
     (one sentence: cause and fix) after stopping whatever this call had started. ``only`` limits
     the call to some services (Connect brings Kafka)."""
+    with _exclusive(on_progress):
+        return _up(pins, only, on_progress)
+
+
+@contextlib.contextmanager
+def _exclusive(on_progress: Callable[[str], None] | None) -> Iterator[None]:
+    """One `up`/`down` at a time per state folder: helpers and CI jobs share one stack."""
+    folder = paths.state_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".infra.lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            (on_progress or log.info)("another `branchline infra up/down` is running; waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _up(pins: Pins | None, only: Iterable[str] | None, on_progress: Callable[[str], None] | None) -> UpResult:
     began = time.monotonic()
     say = on_progress or log.info
     pins = pins or load_pins()
@@ -173,6 +195,7 @@ def up(pins: Pins | None = None, *, only: Iterable[str] | None = None,
     def start(svc: Service, tools: _install.Tools) -> None:
         if cancel.is_set():
             raise Cancelled(svc.name)
+        t0 = time.monotonic()
         svc.prepare(tools)
         say(f"{svc.name}: starting {svc.kind} on {svc.address}")
         with lock:
@@ -180,7 +203,7 @@ def up(pins: Pins | None = None, *, only: Iterable[str] | None = None,
             started.append(svc)
         health = svc.wait_healthy(cancel=cancel)
         svc.bootstrap()
-        say(f"{svc.name}: up ({health.detail})")
+        say(f"{svc.name}: up in {time.monotonic() - t0:.1f} s ({health.detail})")
 
     def db_lane() -> None:
         if not db_todo:
@@ -197,7 +220,10 @@ def up(pins: Pins | None = None, *, only: Iterable[str] | None = None,
         if not jvm_todo:
             return
         tools = _install.ensure_tools(pins, install_databases=False)
+        t0 = time.monotonic()
         downloaded = _install.resolve_jars(pins, tools, cancel=cancel)
+        if downloaded:
+            say(f"maven: Kafka and Debezium jars fetched in {time.monotonic() - t0:.1f} s")
         for svc in jvm_todo:
             start(svc, tools)
 
@@ -241,6 +267,11 @@ def _stop_started(started: list[Service], say: Callable[[str], None]) -> None:
 def down(pins: Pins | None = None, *, only: Iterable[str] | None = None,
          on_progress: Callable[[str], None] | None = None) -> list[str]:
     """Stop every service of ours by pid, Connect first, databases last. Returns the names stopped."""
+    with _exclusive(on_progress):
+        return _down(pins, only, on_progress)
+
+
+def _down(pins: Pins | None, only: Iterable[str] | None, on_progress: Callable[[str], None] | None) -> list[str]:
     say = on_progress or log.info
     stopped = []
     failed = []
