@@ -155,6 +155,8 @@ def column_from_catalog(row: dict[str, Any], json_columns: set[str]) -> Column:
 def snapshot_converter(column: Column) -> Converter | None:
     """How to turn a pymysql value of this column into the canonical value (None: keep it)."""
     source_type = column.source_type or ""
+    if column.type is ColumnType.FLOAT32:
+        return float32  # read as CAST(.. AS DOUBLE): the text protocol rounds FLOAT to 6 digits
     if column.type is ColumnType.TIMESTAMPTZ:
         return _utc
     if column.type is ColumnType.SET:
@@ -168,10 +170,15 @@ def snapshot_converter(column: Column) -> Converter | None:
     return None
 
 
+def _bytes(value: Any) -> bytes:
+    # python-mysql-replication hands an empty binary string over as ''
+    return value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogateescape")
+
+
 def stream_converter(column: Column) -> Converter | None:
     """How to turn a python-mysql-replication value into the canonical value (None: keep it)."""
-    if column.type is ColumnType.FLOAT32:
-        return float32
+    if column.type is ColumnType.BYTES:
+        return _bytes
     return snapshot_converter(column)
 
 
@@ -181,6 +188,14 @@ def _convert(row: dict[str, Any], converters: list[tuple[str, Converter]]) -> di
         if value is not None:
             row[name] = convert(value)
     return row
+
+
+def _empty_sets(row: dict[str, Any], none_sources: dict[str, str] | None, set_columns: list[str]) -> None:
+    """python-mysql-replication reads an empty SET as None; Debezium sends '' (-> [])."""
+    if none_sources:
+        for name in set_columns:
+            if row.get(name) is None and none_sources.get(name) == "empty set":
+                row[name] = []
 
 
 def map_pymysql_error(exc: BaseException, what: str) -> SourceError:
@@ -214,6 +229,7 @@ class MariaDbReader:
         self._mariadb = mariadb
         self._schemas: dict[tuple[str, str], TableSchema] = {}
         self._converters: dict[tuple[str, str], list[tuple[str, Converter]]] = {}
+        self._set_columns: dict[tuple[str, str], list[str]] = {}
         self._ctl: pymysql.connections.Connection | None = None
 
     # -- catalog ---------------------------------------------------------------------------------
@@ -288,6 +304,7 @@ class MariaDbReader:
         self._schemas[(table.database, table.table)] = schema
         self._converters[(table.database, table.table)] = [
             (c.name, conv) for c in columns if (conv := stream_converter(c)) is not None]
+        self._set_columns[(table.database, table.table)] = [c.name for c in columns if c.type is ColumnType.SET]
         return schema
 
     def estimate_rows(self, table: TableId) -> int:
@@ -326,7 +343,9 @@ class MariaDbReader:
         """Keyset pagination over the primary key (a table without one is read in one pass)."""
         table = schema.id
         names = [c.name for c in schema.columns]
-        select = ", ".join(_quote(n) for n in names)
+        select = ", ".join(
+            f"CAST({_quote(c.name)} AS DOUBLE) AS {_quote(c.name)}" if c.type is ColumnType.FLOAT32 else _quote(c.name)
+            for c in schema.columns)
         source = f"{_quote(table.database)}.{_quote(table.table)}"
         pk = list(schema.primary_key)
         converters = [(c.name, conv) for c in schema.columns if (conv := snapshot_converter(c)) is not None]
@@ -428,6 +447,7 @@ class MariaDbReader:
                         schema = self.schema(self._table_id(database, name))
                         schemas.append(schema)
                     converters = self._converters[key_]
+                    set_columns = self._set_columns[key_]
                     pk = schema.primary_key or tuple(c.name for c in schema.columns)
                     start_pos = end - event.packet.event_size
                     ts = datetime.fromtimestamp(event.timestamp, UTC)
@@ -435,6 +455,11 @@ class MariaDbReader:
                     out = []
                     for index, row in enumerate(event.rows):
                         position = binlog_position(file, start_pos, index)
+                        if set_columns:
+                            for image, sources in (("values", "none_sources"), ("before_values", "before_none_sources"),
+                                                   ("after_values", "after_none_sources")):
+                                if image in row:
+                                    _empty_sets(row[image], row.get(sources), set_columns)
                         if isinstance(event, WriteRowsEvent):
                             after = _convert(row["values"], converters)
                             out.append(construct(op=Op.CREATE, table=table, key={k: after[k] for k in pk},

@@ -417,6 +417,11 @@ class Runner:
                     self.stop.set()
                     log.error("sink failed: %s", exc)
                     return
+            except Exception as exc:  # a sink bug must stop the run, never spin
+                self.stats.error = exc
+                self.stop.set()
+                log.exception("writing into the sink failed")
+                return
                 now = time.monotonic()
                 if self.stats.sink_down_since is None:
                     self.stats.sink_down_since = now
