@@ -406,6 +406,7 @@ class _RowPlan:
     """What one value schema means: the table's columns and how to convert a row image."""
 
     kind: str  # "row", "heartbeat", "transaction", "schema_change", "other"
+    postgres: bool
     fields: tuple[Column, ...]
     converters: tuple[tuple[str, Converter], ...]
     schema_name: str | None
@@ -435,7 +436,7 @@ def build_plan(schema: dict[str, Any], topic: str, *, postgres: bool, placeholde
     """Turn a value schema into a plan: columns from the ``after`` (or ``before``) struct."""
     kind = _classify(schema, topic)
     if kind != "row":
-        return _RowPlan(kind, (), (), schema.get("name"), {})
+        return _RowPlan(kind, postgres, (), (), schema.get("name"), {})
     row_struct = None
     for field in schema["fields"]:
         if field.get("field") in ("after", "before") and field.get("type") == "struct":
@@ -453,7 +454,7 @@ def build_plan(schema: dict[str, Any], topic: str, *, postgres: bool, placeholde
         columns.append(column)
         if converter is not None:
             converters.append((column.name, converter))
-    return _RowPlan("row", tuple(columns), tuple(converters), row_struct.get("name"), {})
+    return _RowPlan("row", postgres, tuple(columns), tuple(converters), row_struct.get("name"), {})
 
 
 def _ts(source_or_payload: dict[str, Any]) -> datetime | None:
@@ -485,12 +486,23 @@ def position_of(source: dict[str, Any], snapshot_kind: str | None) -> int:
             return 0
         lsn = source.get("lsn")
         if lsn is None:
-            raise ValueError(f"`source.lsn` must be set for a PostgreSQL change; got {source!r}")
+            # incremental-snapshot rows carry no lsn, only sequence = [last committed, current]
+            lsn = _sequence_lsn(source.get("sequence"))
+        if lsn is None:
+            raise ValueError(f"`source.lsn` or `source.sequence` must be set for a PostgreSQL change; got {source!r}")
         return lsn_position(int(lsn), 0 if snapshot_kind == "incremental" else 1)
     file = source.get("file")
     if file is None:
         raise ValueError(f"`source.file` must be set for a {connector} change; got {source!r}")
     return binlog_position(file, int(source.get("pos") or 0), int(source.get("row") or 0))
+
+
+def _sequence_lsn(sequence: Any) -> int | None:
+    """The newest LSN of Debezium's PostgreSQL ``source.sequence`` (a JSON text ``["lsn", "lsn"]``)."""
+    if not sequence:
+        return None
+    values = [int(v) for v in orjson.loads(sequence) if v is not None]
+    return max(values) if values else None
 
 
 def _txid(source: dict[str, Any], payload: dict[str, Any]) -> str | None:
@@ -647,7 +659,12 @@ class EnvelopeDecoder:
             if op is Op.UPDATE and not self.keep_update_before:
                 before = None
             if before is not None:
-                _convert(before, converters)
+                if op is Op.DELETE and plan.postgres:
+                    # REPLICA IDENTITY DEFAULT: only the key is real, the other columns hold
+                    # Debezium's fillers ("" for a NOT NULL uuid...): convert what converts
+                    _convert_lenient(before, converters, pk)
+                else:
+                    _convert(before, converters)
             if after is not None:
                 _convert(after, converters)
             image = before if op is Op.DELETE else after
@@ -692,6 +709,19 @@ def _convert(row: dict[str, Any], converters: tuple[tuple[str, Converter], ...])
         value = row.get(name)
         if value is not None:
             row[name] = convert(value)
+
+
+def _convert_lenient(row: dict[str, Any], converters: tuple[tuple[str, Converter], ...],
+                     key: tuple[str, ...]) -> None:
+    for name, convert in converters:
+        value = row.get(name)
+        if value is not None:
+            try:
+                row[name] = convert(value)
+            except (ValueError, TypeError, ArithmeticError, binascii.Error):
+                if name in key:
+                    raise
+                row[name] = None
 
 
 def _looks_postgres(schema: dict[str, Any]) -> bool:
