@@ -299,8 +299,10 @@ class BinlogPreflight:
         marks = ", ".join(["%s"] * len(s.databases))
         cursor.execute(
             f"SELECT t.table_schema, t.table_name, t.engine, "
-            f"  (SELECT COUNT(*) FROM information_schema.table_constraints c WHERE c.table_schema = t.table_schema "
-            f"     AND c.table_name = t.table_name AND c.constraint_type = 'PRIMARY KEY') "
+            # information_schema.table_constraints hides rows from users with only SELECT on MariaDB;
+            # statistics does not
+            f"  (SELECT COUNT(*) FROM information_schema.statistics c WHERE c.table_schema = t.table_schema "
+            f"     AND c.table_name = t.table_name AND c.index_name = 'PRIMARY') "
             f"FROM information_schema.tables t WHERE t.table_type = 'BASE TABLE' AND t.table_schema IN ({marks}) "
             f"ORDER BY 1, 2", tuple(s.databases))
         rows = cursor.fetchall()
@@ -325,7 +327,8 @@ class BinlogPreflight:
             for db, t in keyless:
                 cursor.execute(
                     "SELECT index_name, GROUP_CONCAT(column_name ORDER BY seq_in_index) FROM information_schema.statistics "
-                    "WHERE table_schema=%s AND table_name=%s AND non_unique=0 GROUP BY index_name", (db, t))
+                    "WHERE table_schema=%s AND table_name=%s AND non_unique=0 GROUP BY index_name "
+                    "ORDER BY index_name", (db, t))
                 unique = cursor.fetchone()
                 columns = unique[1] if unique else "<key columns>"
                 fixes.append(f"ALTER TABLE `{db}`.`{t}` ADD PRIMARY KEY ({columns});")
