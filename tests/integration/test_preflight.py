@@ -124,7 +124,7 @@ class PrivatePostgres:
 
     def stop(self) -> None:
         subprocess.run([*self.as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
-                        "-w", "stop"], capture_output=True)
+                        "-w", "stop"], capture_output=True, check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
