@@ -390,3 +390,86 @@ def test_heartbeats_keep_idle_table_lag_true_and_show_a_stall(crm: Any, cloud: A
         _drop_source_objects(crm_dsn, f"branchline_t1_{source}", table)
         with psycopg.connect(cloud_dsn, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{source}" CASCADE')
+
+
+def test_prometheus_scrapes_the_branchline_run_command(crm: Any, cloud: Any, tmp_path: Path) -> None:
+    """The real command in its own process: `branchline run` serves /metrics on the port of its pipeline
+    file, Prometheus scrapes it, and `branchline status` reads lag per table from it."""
+    import json
+    import os
+    import signal
+    import sys
+
+    suffix = secrets.token_hex(3)
+    source, table = f"cm{suffix}", f"cmd_{suffix}"
+    crm_dsn = f"host={crm.host} port={crm.port} user=postgres dbname=crm"
+    cloud_dsn = f"host={cloud.host} port={cloud.port} user=postgres dbname=cloud"
+    metrics_port = free_port()
+    with psycopg.connect(crm_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE public.{table} (id int PRIMARY KEY, note text)")
+        conn.execute(f'CREATE PUBLICATION "branchline_t1_{source}" FOR TABLE public.{table}')
+    pipeline_file = tmp_path / "pipeline.yaml"
+    pipeline_file.write_text(yaml.safe_dump({
+        "name": source, "branch": "t1",
+        "sources": [{"name": source, "kind": "postgres", "host": crm.host, "port": crm.port, "user": "postgres",
+                     "database": "crm", "include": [f"public.{table}"]}],
+        "sinks": {"cloud": {"kind": "postgres", "host": cloud.host, "port": cloud.port, "user": "postgres",
+                            "database": "cloud"}},
+        "runtime": {"spool": {"path": str(tmp_path / "spool.sqlite")}},
+        "metrics": {"port": metrics_port},
+    }))
+    branchline = str(Path(sys.executable).with_name("branchline"))
+    env = {**os.environ, "BRANCHLINE_STATE": str(tmp_path / "state")}
+    labels = f'source="{source}",table="public.{table}",sink="cloud"'
+    try:
+        with (tmp_path / "run.log").open("w") as log:
+            process = subprocess.Popen([branchline, "run", str(pipeline_file), "--no-progress"], env=env,
+                                       stdout=log, stderr=subprocess.STDOUT)
+        try:
+            def alive() -> BaseException | None:
+                code = process.poll()
+                return None if code is None else RuntimeError(
+                    f"branchline run exited {code}: {(tmp_path / 'run.log').read_text()[-2000:]}")
+
+            with prometheus(tmp_path, f"127.0.0.1:{metrics_port}") as url:
+                wait_for("the slot to exist", lambda: _slot_exists(crm_dsn, f"branchline_t1_{source}"),
+                         failed=alive)
+                with psycopg.connect(crm_dsn, autocommit=True) as conn:
+                    conn.execute(f"INSERT INTO public.{table} SELECT g, 'row ' || g FROM generate_series(1, 50) g")
+                wait_for("50 rows written, as Prometheus sees them",
+                         lambda: (scalar(url, f"sum(branchline_rows_written_total{{{labels}}})") or 0) >= 50,
+                         failed=alive)
+                lag = wait_for("the lag series", lambda: scalar(url, f"branchline_replication_lag_seconds{{{labels}}}"),
+                               failed=alive)
+                assert 0 <= lag < 30
+                info = httpx.get(f"{url}/api/v1/query", params={"query": "branchline_build_info"}, timeout=5).json()
+                assert info["data"]["result"][0]["metric"]["runtime"] == "run"
+
+                status = subprocess.run([branchline, "status", str(pipeline_file), "--json"], env=env,
+                                        capture_output=True, text=True, timeout=60, check=False)
+                report = json.loads(status.stdout)
+                assert report["runtime"]["reachable"], report
+                (row,) = [t for t in report["tables"] if t["table"] == f"public.{table}"]
+                assert row["rows_written"] == 50 and row["replication_lag_s"] < 30
+                assert status.returncode == 0, report["problems"]
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        with psycopg.connect(crm_dsn) as conn:
+            expected = conn.execute(f"SELECT id, note FROM public.{table} ORDER BY id").fetchall()
+        with psycopg.connect(cloud_dsn) as conn:
+            got = conn.execute(f'SELECT id, note FROM "{source}"."{table}" ORDER BY id').fetchall()
+        assert got == expected and len(got) == 50
+    finally:
+        _drop_source_objects(crm_dsn, f"branchline_t1_{source}", table)
+        with psycopg.connect(cloud_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{source}" CASCADE')
+
+
+def _slot_exists(dsn: str, slot: str) -> bool:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone() is not None
