@@ -188,7 +188,8 @@ def test_taken_port_is_one_sentence_naming_port_owner_and_fix(private_stack):
     message = str(caught.value)
     assert f"Port {port} for `erp`" in message
     assert f"pid {os.getpid()}" in message and "BRANCHLINE_ERP_PORT" in message and "infra/stack.toml" in message
-    assert list(private_stack.iterdir()) == []  # nothing was created, let alone started
+    # nothing was created, let alone started: only the lock that serialises `up`s is there
+    assert [p.name for p in private_stack.iterdir()] == [".infra.lock"]
 
 
 def test_server_that_will_not_start_shows_its_log_and_nothing_stays_up(private_stack):
