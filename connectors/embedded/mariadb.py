@@ -231,6 +231,7 @@ class MariaDbReader:
         self._converters: dict[tuple[str, str], list[tuple[str, Converter]]] = {}
         self._set_columns: dict[tuple[str, str], list[str]] = {}
         self._ctl: pymysql.connections.Connection | None = None
+        self._lock = threading.RLock()
 
     # -- catalog ---------------------------------------------------------------------------------
 
@@ -244,6 +245,11 @@ class MariaDbReader:
         return conn
 
     def _query(self, sql: str, args: Any = None) -> list[dict[str, Any]]:
+        """One catalog query on the shared control connection (capture and runner threads use it)."""
+        with self._lock:
+            return self._query_unlocked(sql, args)
+
+    def _query_unlocked(self, sql: str, args: Any = None) -> list[dict[str, Any]]:
         for attempt in (1, 2):
             if self._ctl is None:
                 self._ctl = self._connect()

@@ -88,6 +88,7 @@ class PostgresReader:
         self._by_relid: dict[int, TableSchema] = {}
         self._ack_lsn = 0
         self._ack_lock = threading.Lock()
+        self._lock = threading.RLock()
 
     # -- catalog ---------------------------------------------------------------------------------
 
@@ -100,6 +101,11 @@ class PostgresReader:
         return conn
 
     def _query(self, query: Any, args: Any = None) -> list[tuple[Any, ...]]:
+        """One catalog query on the shared control connection (capture and runner threads use it)."""
+        with self._lock:
+            return self._query_unlocked(query, args)
+
+    def _query_unlocked(self, query: Any, args: Any = None) -> list[tuple[Any, ...]]:
         for attempt in (1, 2):
             if self._conn is None or self._conn.closed:
                 self._conn = self._connect()

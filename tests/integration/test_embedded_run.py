@@ -61,7 +61,8 @@ def mariadb_churn(conn: pymysql.connections.Connection, db: str, ops: int, rng: 
                 i = next_id[0]
                 next_id[0] += 1
                 cur.execute(
-                    f"INSERT INTO {db}.items VALUES (%s, %s, %s, %s, %s, NOW(6), NOW(3), %s, %s, %s)",
+                    f"INSERT INTO {db}.items (id, qty, price, label, ratio, made, seen, tags, doc, raw)"
+                    " VALUES (%s, %s, %s, %s, %s, NOW(6), NOW(3), %s, %s, %s)",
                     (i, rng.randint(0, 100), Decimal(rng.randint(0, 10**6)) / 100, f"item {i}",
                      rng.random() * 100, rng.choice(["a", "a,c", "", "b,c"]),
                      f'{{"n": {i}, "x": [1, {rng.randint(0, 9)}]}}', os.urandom(rng.randint(0, 16))))
@@ -84,7 +85,8 @@ def pg_churn(conn: psycopg.Connection, schema: str, ops: int, rng: random.Random
                     i = next_id[0]
                     next_id[0] += 1
                     conn.execute(
-                        f"INSERT INTO {schema}.items VALUES (%s, %s, %s, %s, %s, now(), now(), %s, %s, %s)",
+                        f"INSERT INTO {schema}.items (id, qty, price, label, ratio, made, seen, tags, doc, raw)"
+                        " VALUES (%s, %s, %s, %s, %s, now(), now(), %s, %s, %s)",
                         (i, rng.randint(0, 100), Decimal(rng.randint(0, 10**6)) / 100, f"item {i}",
                          rng.random() * 100, rng.choice([["a"], ["a", "c"], [], None]),
                          Jsonb({"n": i, "x": [1, rng.randint(0, 9)]}),
