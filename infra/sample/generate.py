@@ -300,6 +300,8 @@ def _sales_orders(n: int, seed: int) -> Iterator[Row]:
         elif i == 2:
             row.update(ordered_at=datetime(9999, 12, 31, 23, 59, 59, 999_999), promised_date=date(9999, 12, 31),
                        note="x" * 500)
+        elif i == 3:
+            row.update(note="line one\nline two\r\n\\ \"double\" 'single' \x1a \t end; -- not a comment")
         yield row
 
 

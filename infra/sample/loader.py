@@ -86,12 +86,12 @@ def _to_mariadb(kind: ColumnType) -> Callable[[Any], Any] | None:
     return None
 
 
-_ESCAPES = str.maketrans({"\0": "\\0", "\\": "\\\\", "'": "\\'", '"': '\\"', "\n": "\\n", "\r": "\\r",
-                          "\x1a": "\\Z"})
-
-
 def _quote(text: str) -> str:
-    return "'" + text.translate(_ESCAPES) + "'"
+    """A single-quoted MariaDB literal. Inside single quotes only the backslash, the quote and NUL
+    need escaping (newlines, double quotes and emoji pass as they are); most texts need none."""
+    if "\\" in text or "'" in text or "\0" in text:
+        text = text.replace("\\", "\\\\").replace("'", "\\'").replace("\0", "\\0")
+    return "'" + text + "'"
 
 
 def _mariadb_literal(kind: ColumnType) -> Callable[[Any], str]:
@@ -232,6 +232,10 @@ def load_erp(ep: Endpoint, n: int, seed: int, report: Callable[[TableLoad], None
     with erp_connect(ep) as conn:
         with conn.cursor() as cur:
             cur.execute("SET SESSION lock_wait_timeout = 20")  # a session holding a table must not hang the load
+            # Literals use backslash escapes, and a value that does not fit must fail, not be clipped.
+            cur.execute("SELECT @@SESSION.sql_mode")
+            modes = {m for m in cur.fetchone()[0].split(",") if m and m != "NO_BACKSLASH_ESCAPES"} | {"STRICT_ALL_TABLES"}
+            cur.execute("SET SESSION sql_mode = %s", (",".join(sorted(modes)),))
             for statement in schema_sql("erp"):
                 cur.execute(statement)
         conn.commit()

@@ -27,8 +27,9 @@ def test_mysql_time_keeps_the_sign_apart_from_the_magnitude(value: timedelta, li
     assert mysql_time(value) == literal
 
 
-def test_quote_escapes_everything_mariadb_treats_specially() -> None:
-    assert _quote("a'b\"c\\d\ne\rf\x00g\x1ah 😀") == "'a\\'b\\\"c\\\\d\\ne\\rf\\0g\\Zh 😀'"
+def test_quote_escapes_what_ends_or_bends_a_single_quoted_literal() -> None:
+    assert _quote("a'b\"c\\d\ne\rf\x00g\x1ah 😀") == "'a\\'b\"c\\\\d\ne\rf\\0g\x1ah 😀'"
+    assert _quote("plain 中文") == "'plain 中文'"
 
 
 def test_insert_statements_cover_every_row_once_and_respect_the_size() -> None:
