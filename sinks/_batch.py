@@ -38,7 +38,9 @@ class NetChange:
         return [name for name, value in self.row.items() if value is UNCHANGED]
 
 
-def split_at_truncates(events: Sequence[ChangeEvent]) -> Iterator[tuple[Sequence[ChangeEvent], ChangeEvent | None]]:
+def split_at_truncates(
+    events: Sequence[ChangeEvent],
+) -> Iterator[tuple[Sequence[ChangeEvent], ChangeEvent | None]]:
     """Yield (changes, truncate-or-None) segments in batch order: apply the changes, then the truncate."""
     start = 0
     for index, event in enumerate(events):
@@ -62,7 +64,14 @@ def collapse(table: TableSchema, events: Sequence[ChangeEvent]) -> list[NetChang
     """
     if not table.primary_key:
         return [
-            NetChange(e.op, e.table.branch, (), e.position, e.source_ts, (e.before if e.op is _DELETE else e.after) or {})
+            NetChange(
+                e.op,
+                e.table.branch,
+                (),
+                e.position,
+                e.source_ts,
+                (e.before if e.op is _DELETE else e.after) or {},
+            )
             for e in events
             if e.op is not Op.TRUNCATE
         ]

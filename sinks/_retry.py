@@ -35,6 +35,8 @@ async def retrying(
             if not is_retryable(exc) or attempt >= max_attempts:
                 raise
             delay = min(max_backoff_s, backoff_s * 2 ** (attempt - 1))
-            log.warning("%s failed (attempt %d of %d), retrying in %.2fs: %s", what, attempt, max_attempts, delay, exc)
+            log.warning(
+                "%s failed (attempt %d of %d), retrying in %.2fs: %s", what, attempt, max_attempts, delay, exc
+            )
             await asyncio.sleep(delay)
             attempt += 1

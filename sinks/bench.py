@@ -21,7 +21,6 @@ from decimal import Decimal
 
 import click
 import psycopg
-
 from branchline.events import ChangeEvent, Column, ColumnType, Op, TableId, TableSchema
 from branchline.sinks.build import build_sink
 from branchline.sinks.config import DeltaSinkConfig, PostgresSinkConfig
@@ -48,7 +47,9 @@ PLAIN_DDL = (
 T0 = datetime(2026, 1, 1, 8, 0, 0)
 
 
-def _events(table: TableId, first_id: int, count: int, position: int, op: Op, version: int) -> list[ChangeEvent]:
+def _events(
+    table: TableId, first_id: int, count: int, position: int, op: Op, version: int
+) -> list[ChangeEvent]:
     """``count`` changes of ids first_id.. at positions position.. (built outside the timed part)."""
     out = []
     for i in range(count):
@@ -69,8 +70,15 @@ def _events(table: TableId, first_id: int, count: int, position: int, op: Op, ve
         }
         out.append(
             ChangeEvent.model_construct(
-                op=op, table=table, key={"id": id_}, before=None, after=row, position=position + i,
-                source_ts=row["updated"], txid=None, snapshot=False,
+                op=op,
+                table=table,
+                key={"id": id_},
+                before=None,
+                after=row,
+                position=position + i,
+                source_ts=row["updated"],
+                txid=None,
+                snapshot=False,
             )
         )
     return out
@@ -104,13 +112,24 @@ class _PlainCopy:
     async def write(self, batch: list[ChangeEvent]) -> None:
         assert self.conn is not None
         names = [c.name for c in COLUMNS]
-        types = ["int8", "int8", "text", "int4", "numeric", "numeric", "text", "timestamp", "timestamptz", "text"]
-        async with self.conn.transaction(), self.conn.cursor() as cursor:
-            async with cursor.copy(f"COPY {self.table} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)") as copy:
-                copy.set_types(types)
-                for event in batch:
-                    after = event.after or {}
-                    await copy.write_row([after[n] for n in names])
+        types = [
+            "int8",
+            "int8",
+            "text",
+            "int4",
+            "numeric",
+            "numeric",
+            "text",
+            "timestamp",
+            "timestamptz",
+            "text",
+        ]
+        statement = f"COPY {self.table} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)"
+        async with self.conn.transaction(), self.conn.cursor() as cursor, cursor.copy(statement) as copy:
+            copy.set_types(types)
+            for event in batch:
+                after = event.after or {}
+                await copy.write_row([after[n] for n in names])
 
     async def close(self) -> None:
         if self.conn is not None:
@@ -154,7 +173,9 @@ async def run_sink_benchmark(
         await conn.execute(f'CREATE SCHEMA "{schema}"')
     try:
         for size in sizes:
-            table = TABLE.model_copy(update={"id": TABLE_ID.model_copy(update={"table": f"order_lines_{size}"})})
+            table = TABLE.model_copy(
+                update={"id": TABLE_ID.model_copy(update={"table": f"order_lines_{size}"})}
+            )
             inserts = _batches(table.id, size, rows_per_size, 1, 1_000_000, Op.CREATE, 0)
             updates = _batches(table.id, size, rows_per_size, 1, 10_000_000, Op.UPDATE, 1)
             warm_up = _events(table.id, 10**9, 1, 1, Op.CREATE, 0)
@@ -163,7 +184,9 @@ async def run_sink_benchmark(
             gc.collect()
             gc.freeze()
             plain = _PlainCopy(dsn, f'"{schema}".plain_{size}')
-            pg = build_sink(PostgresSinkConfig(host=host, port=port, user=user, database=database, schema=schema))
+            pg = build_sink(
+                PostgresSinkConfig(host=host, port=port, user=user, database=database, schema=schema)
+            )
             try:
                 await plain.open()
                 await pg.write_batch(table, warm_up)  # pool and table exist before the clock starts
@@ -191,9 +214,13 @@ async def run_sink_benchmark(
                 try:
                     n = sum(len(b) for b in inserts[:2])
                     seconds = sum([await _timed(_durable(dl, table, b)) for b in inserts[:2]])
-                    figures.append(Figure("delta (local, commit per batch)", size, "sink: new rows", n, seconds))
+                    figures.append(
+                        Figure("delta (local, commit per batch)", size, "sink: new rows", n, seconds)
+                    )
                     seconds = sum([await _timed(_durable(dl, table, b)) for b in updates[:2]])
-                    figures.append(Figure("delta (local, commit per batch)", size, "sink: updates", n, seconds))
+                    figures.append(
+                        Figure("delta (local, commit per batch)", size, "sink: updates", n, seconds)
+                    )
                 finally:
                     await dl.close()
             gc.unfreeze()
@@ -221,15 +248,24 @@ def format_figures(figures: Sequence[Figure]) -> str:
 @click.option("--port", default=15433, show_default=True, help="The cloud PostgreSQL of the local stack.")
 @click.option("--database", default="cloud", show_default=True)
 @click.option("--user", default="postgres", show_default=True)
-@click.option("--rows", "rows_per_size", default=40_000, show_default=True, help="Rows per batch size and measure.")
+@click.option(
+    "--rows", "rows_per_size", default=40_000, show_default=True, help="Rows per batch size and measure."
+)
 @click.option("--sizes", default="1000,5000,20000", show_default=True)
 @click.option("--no-delta", is_flag=True, help="Skip the Delta sink.")
-def bench_sinks(host: str, port: int, database: str, user: str, rows_per_size: int, sizes: str, no_delta: bool) -> None:
+def bench_sinks(
+    host: str, port: int, database: str, user: str, rows_per_size: int, sizes: str, no_delta: bool
+) -> None:
     """Rows/s of each sink for 1k/5k/20k-row batches, next to a plain COPY measured in the same run."""
     figures = asyncio.run(
         run_sink_benchmark(
-            host=host, port=port, database=database, user=user,
-            sizes=[int(s) for s in sizes.split(",")], rows_per_size=rows_per_size, delta=not no_delta,
+            host=host,
+            port=port,
+            database=database,
+            user=user,
+            sizes=[int(s) for s in sizes.split(",")],
+            rows_per_size=rows_per_size,
+            delta=not no_delta,
         )
     )
     click.echo(format_figures(figures))

@@ -26,4 +26,6 @@ def build_sink(config: SinkConfig, name: str = "default") -> Sink:
                 f"(pip install 'branchline[lake]'); got ImportError {exc.name!r}"
             ) from exc
         return DeltaSink(config, name=name)
-    raise ConfigError(f"`sinks.{name}.kind` must be one of 'postgres', 'delta'; got {type(config).__name__!r}")
+    raise ConfigError(
+        f"`sinks.{name}.kind` must be one of 'postgres', 'delta'; got {type(config).__name__!r}"
+    )

@@ -6,9 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict
-
 from branchline.events import ChangeEvent, TableSchema
+from pydantic import BaseModel, ConfigDict
 
 
 class SinkCapabilities(BaseModel):

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import click
-
 from branchline.errors import ConfigError
 from branchline.sinks.config import DeltaSinkConfig
 
@@ -28,7 +27,9 @@ def _sink_config(pipeline: str | None, sink: str | None, uri: str | None) -> Del
     deltas = {name: s for name, s in config.sinks.items() if isinstance(s, DeltaSinkConfig)}
     if sink is not None:
         if sink not in deltas:
-            raise ConfigError(f"`--sink` must name a Delta sink of {pipeline}; got {sink!r} (have {sorted(deltas)})")
+            raise ConfigError(
+                f"`--sink` must name a Delta sink of {pipeline}; got {sink!r} (have {sorted(deltas)})"
+            )
         return deltas[sink]
     if len(deltas) != 1:
         raise ConfigError(f"`--sink` must be given when {pipeline} has {len(deltas)} Delta sinks; got none")
@@ -51,10 +52,14 @@ def _tables(config: DeltaSinkConfig, tables: tuple[str, ...]) -> list[str]:
 
 
 _common = [
-    click.option("--pipeline", type=click.Path(exists=True, dir_okay=False), help="Pipeline file with the Delta sink."),
+    click.option(
+        "--pipeline", type=click.Path(exists=True, dir_okay=False), help="Pipeline file with the Delta sink."
+    ),
     click.option("--sink", help="Name of the Delta sink in the pipeline file."),
     click.option("--uri", help="Lake root instead of a pipeline file (local path or s3://bucket/prefix)."),
-    click.option("--table", "tables", multiple=True, help="Table path under the lake root; default: every local table."),
+    click.option(
+        "--table", "tables", multiple=True, help="Table path under the lake root; default: every local table."
+    ),
 ]
 
 
@@ -72,8 +77,13 @@ def lake() -> None:
 @lake.command("compact")
 @_with_common
 @click.option("--target-size-mb", type=int, default=None, help="Target file size (delta-rs default: 100 MB).")
-def compact(pipeline: str | None, sink: str | None, uri: str | None, tables: tuple[str, ...],
-            target_size_mb: int | None) -> None:
+def compact(
+    pipeline: str | None,
+    sink: str | None,
+    uri: str | None,
+    tables: tuple[str, ...],
+    target_size_mb: int | None,
+) -> None:
     """Rewrite small files into large ones (one new version per table)."""
     from deltalake import DeltaTable
 
@@ -91,11 +101,22 @@ def compact(pipeline: str | None, sink: str | None, uri: str | None, tables: tup
 
 @lake.command("vacuum")
 @_with_common
-@click.option("--retention-hours", type=int, default=168, show_default=True,
-              help="Keep files that versions younger than this still need.")
+@click.option(
+    "--retention-hours",
+    type=int,
+    default=168,
+    show_default=True,
+    help="Keep files that versions younger than this still need.",
+)
 @click.option("--dry-run", is_flag=True, help="List what would be deleted.")
-def vacuum(pipeline: str | None, sink: str | None, uri: str | None, tables: tuple[str, ...],
-           retention_hours: int, dry_run: bool) -> None:
+def vacuum(
+    pipeline: str | None,
+    sink: str | None,
+    uri: str | None,
+    tables: tuple[str, ...],
+    retention_hours: int,
+    dry_run: bool,
+) -> None:
     """Delete files no version within the retention needs."""
     from deltalake import DeltaTable
 
@@ -104,7 +125,9 @@ def vacuum(pipeline: str | None, sink: str | None, uri: str | None, tables: tupl
         storage = config.s3.storage_options() if table_uri.startswith("s3") else None
         table = DeltaTable(table_uri, storage_options=storage)
         removed = table.vacuum(
-            retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=retention_hours >= 168
+            retention_hours=retention_hours,
+            dry_run=dry_run,
+            enforce_retention_duration=retention_hours >= 168,
         )
         verb = "would delete" if dry_run else "deleted"
         click.echo(f"{_short(table_uri, config)}: {verb} {len(removed)} files")

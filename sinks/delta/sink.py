@@ -23,25 +23,34 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import pyarrow as pa
-from deltalake import DeltaTable
-from deltalake.exceptions import CommitFailedError, DeltaError, SchemaMismatchError, TableNotFoundError
-
 from branchline.errors import FatalSinkError, RetryableSinkError, SinkError
-from branchline.events import UNCHANGED, ChangeEvent, Op, TableSchema
+from branchline.events import UNCHANGED, ChangeEvent, Json, TableSchema
 from branchline.sinks._batch import NetChange, collapse, render, split_at_truncates
 from branchline.sinks._retry import retrying
 from branchline.sinks.config import DeltaSinkConfig
 from branchline.sinks.contract import SinkCapabilities
 from branchline.sinks.delta.types import POSITION, UTC_TS, arrow_type, converter
+from deltalake import DeltaTable
+from deltalake.exceptions import CommitFailedError, DeltaError, SchemaMismatchError, TableNotFoundError
 
 log = logging.getLogger("branchline.sinks.delta")
 
-_RETRYABLE_HINTS = ("timed out", "timeout", "connection", "error sending request", "503", "500", "slow down", "throttl")
+_RETRYABLE_HINTS = (
+    "timed out",
+    "timeout",
+    "connection",
+    "error sending request",
+    "503",
+    "500",
+    "slow down",
+    "throttl",
+)
 
 
 def map_error(exc: BaseException, table: str) -> SinkError:
@@ -199,7 +208,9 @@ class DeltaSink:
                 raise FatalSinkError(
                     f"`partition_by` must name columns of {target.schema.id.qualified}; got {missing!r}"
                 ) from None
-            return DeltaTable.create(target.uri, schema=schema, partition_by=partition_by, storage_options=storage)
+            return DeltaTable.create(
+                target.uri, schema=schema, partition_by=partition_by, storage_options=storage
+            )
 
     def _load_meta(self, target: _Target) -> None:
         target.tombstones.clear()
@@ -312,7 +323,8 @@ class DeltaSink:
         wanting = [
             c
             for c in net
-            if any(v is UNCHANGED for v in c.row.values()) or (soft and c.is_delete and any(n not in c.row for n in names))
+            if any(v is UNCHANGED for v in c.row.values())
+            or (soft and c.is_delete and any(n not in c.row for n in names))
         ]
         if not wanting:
             return
@@ -321,7 +333,7 @@ class DeltaSink:
         stored: dict[tuple[Any, ...], dict[str, Any]] = {}
         try:
             rows = delta.to_pyarrow_table(filters=[(first, "in", list(wanted_keys))]).to_pylist()
-        except Exception:  # a filter the reader cannot push down: read all (rare path)
+        except Exception:  # noqa: BLE001  (a filter the reader cannot push down: read all; rare path)
             rows = delta.to_pyarrow_table().to_pylist()
         for row in rows:
             branch = row.get("_bl_branch") or "" if self.config.branch_key else ""
@@ -332,7 +344,9 @@ class DeltaSink:
             old = stored.get((branch, change.key), {})
             filled = dict(change.row)
             for name in names:
-                if filled.get(name, UNCHANGED) is UNCHANGED and (name in filled or (soft and change.is_delete)):
+                if filled.get(name, UNCHANGED) is UNCHANGED and (
+                    name in filled or (soft and change.is_delete)
+                ):
                     filled[name] = _from_stored(by_name[name].type.value, old.get(name))
             change.row = filled
 
@@ -421,10 +435,13 @@ class DeltaSink:
         row["_bl_truncate"] = [True]
         side.merge(
             pa.Table.from_pydict(row, schema=schema),
-            predicate="t._bl_truncate = true" + (" AND t._bl_branch = s._bl_branch" if self.config.branch_key else ""),
+            predicate="t._bl_truncate = true"
+            + (" AND t._bl_branch = s._bl_branch" if self.config.branch_key else ""),
             source_alias="s",
             target_alias="t",
-        ).when_matched_update_all(predicate="t._bl_position < s._bl_position").when_not_matched_insert_all().execute()
+        ).when_matched_update_all(
+            predicate="t._bl_position < s._bl_position"
+        ).when_not_matched_insert_all().execute()
         target.marks[branch] = max(event.position, target.marks.get(branch, -1))
         condition = f"_bl_position < {event.position}"
         if self.config.branch_key:
@@ -453,12 +470,7 @@ def _from_stored(kind: str, value: Any) -> Any:
     if value is None:
         return None
     if kind == "json":
-        from branchline.events import Json
-        import orjson
-
         return Json(orjson.loads(value))
     if kind in ("time", "interval"):
-        from datetime import timedelta
-
         return timedelta(microseconds=value)
     return value

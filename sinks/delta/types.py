@@ -31,7 +31,6 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
-
 from branchline.events import Column, ColumnType, Json
 from branchline.sinks._values import bits_text
 

@@ -23,11 +23,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from psycopg import AsyncConnection, sql
-
 from branchline.errors import FatalSinkError
 from branchline.events import TableSchema
 from branchline.sinks.postgres.types import merge_types, target_type
+from psycopg import AsyncConnection, sql
 
 PREFIX = "_bl_"
 TRUNCATIONS = "_bl_truncations"
@@ -107,13 +106,15 @@ async def ensure_table(
         existing = await _columns(conn, schema, name)
         wanted = {c.name: target_type(c) for c in table.columns}
         if not existing:
-            definitions = []
+            definitions: list[sql.Composable] = []
             if branch_key:
                 definitions.append(sql.SQL("_bl_branch text NOT NULL"))
             for column in table.columns:
                 not_null = sql.SQL(" NOT NULL") if column.name in table.primary_key else sql.SQL("")
                 definitions.append(
-                    sql.SQL("{} {}{}").format(sql.Identifier(column.name), sql.SQL(wanted[column.name]), not_null)
+                    sql.SQL("{} {}{}").format(
+                        sql.Identifier(column.name), sql.SQL(wanted[column.name]), not_null
+                    )
                 )
             definitions += [
                 sql.SQL("_bl_position numeric(38,0) NOT NULL"),
@@ -123,7 +124,9 @@ async def ensure_table(
             ]
             if soft_delete:
                 definitions.append(sql.SQL("_bl_deleted boolean NOT NULL DEFAULT false"))
-            definitions.append(sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, key))))
+            definitions.append(
+                sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, key)))
+            )
             await conn.execute(sql.SQL("CREATE TABLE {} ({})").format(ident, sql.SQL(", ").join(definitions)))
         else:
             current_key = await _primary_key(conn, schema, name)
@@ -160,18 +163,20 @@ async def ensure_table(
                     )
             if soft_delete and "_bl_deleted" not in existing:
                 await conn.execute(
-                    sql.SQL("ALTER TABLE {} ADD COLUMN _bl_deleted boolean NOT NULL DEFAULT false").format(ident)
+                    sql.SQL("ALTER TABLE {} ADD COLUMN _bl_deleted boolean NOT NULL DEFAULT false").format(
+                        ident
+                    )
                 )
         if tombstones:
             key_columns = await _columns(conn, schema, name)
-            definitions = [
+            side: list[sql.Composable] = [
                 sql.SQL("{} {} NOT NULL").format(sql.Identifier(k), sql.SQL(key_columns[k].type)) for k in key
             ]
-            definitions.append(sql.SQL("_bl_position numeric(38,0) NOT NULL"))
-            definitions.append(sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, key))))
+            side.append(sql.SQL("_bl_position numeric(38,0) NOT NULL"))
+            side.append(sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, key))))
             await conn.execute(
                 sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
-                    sql.Identifier(schema, tombstones), sql.SQL(", ").join(definitions)
+                    sql.Identifier(schema, tombstones), sql.SQL(", ").join(side)
                 )
             )
         columns = await _columns(conn, schema, name)

@@ -13,9 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
-from psycopg_pool import PoolTimeout
-
 from branchline.errors import FatalSinkError, RetryableSinkError, SinkError
+from psycopg_pool import PoolTimeout
 
 _RETRYABLE_CLASSES = ("08", "40", "53", "57P")
 _COPY_LINE = re.compile(r"COPY \S+, line (\d+)")

@@ -14,13 +14,13 @@ The fast path — no unchanged values, no deletes — is COPY + one INSERT .. SE
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-
-from psycopg import sql
 
 from branchline.events import TableSchema
 from branchline.sinks.postgres.ddl import TRUNCATIONS, TargetTable
 from branchline.sinks.postgres.types import Converter, converter, staged_as_text
+from psycopg import sql
 
 STAGE = sql.Identifier("_bl_stage")
 TEXT_OID = 25
@@ -63,7 +63,7 @@ class TablePlan:
         return f"{self.target.schema}.{self.target.name}"
 
 
-def _join(parts: list[sql.Composable], sep: str = ", ") -> sql.Composed:
+def _join(parts: Sequence[sql.Composable], sep: str = ", ") -> sql.Composed:
     return sql.SQL(sep).join(parts)
 
 
@@ -110,7 +110,10 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
 
     branch_value: sql.Composable = sql.SQL("s._bl_branch") if branch_key else sql.Literal("")
     key_match = _join(
-        [sql.SQL("t.{} = {}").format(sql.Identifier(k), s(k) if k != "_bl_branch" else branch_value) for k in target.key]
+        [
+            sql.SQL("t.{} = {}").format(sql.Identifier(k), s(k) if k != "_bl_branch" else branch_value)
+            for k in target.key
+        ]
         if keyed
         else [sql.SQL("false")],
         " AND ",
@@ -138,7 +141,12 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
     insert_names = (["_bl_branch"] if branch_key else []) + names
     insert_names += ["_bl_position", "_bl_op", "_bl_source_ts", "_bl_synced_at"]
     select_values: list[sql.Composable] = ([branch_value] if branch_key else []) + [s(n) for n in names]
-    select_values += [sql.SQL("s._bl_position"), sql.SQL("s._bl_op"), sql.SQL("s._bl_source_ts"), sql.SQL("now()")]
+    select_values += [
+        sql.SQL("s._bl_position"),
+        sql.SQL("s._bl_op"),
+        sql.SQL("s._bl_source_ts"),
+        sql.SQL("now()"),
+    ]
     if soft_delete:
         insert_names.append("_bl_deleted")
         select_values.append(sql.SQL("s._bl_op = 'd'"))
@@ -159,7 +167,9 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
                 sql.Identifier(target.schema, target.tombstones), tomb_match
             )
         )
-    select = sql.SQL("SELECT {} FROM {} s LEFT JOIN {} w ON w.table_name = {} AND w.branch = {} WHERE {}").format(
+    select = sql.SQL(
+        "SELECT {} FROM {} s LEFT JOIN {} w ON w.table_name = {} AND w.branch = {} WHERE {}"
+    ).format(
         _join(select_values),
         STAGE,
         truncations,

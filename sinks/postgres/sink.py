@@ -17,11 +17,6 @@ from typing import Any
 
 import orjson
 import psycopg
-from psycopg import AsyncConnection
-from psycopg.conninfo import make_conninfo
-from psycopg.types.json import set_json_dumps
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
-
 from branchline.errors import FatalSinkError, SinkError
 from branchline.events import UNCHANGED, ChangeEvent, Op, TableSchema
 from branchline.sinks._batch import NetChange, collapse, render, split_at_truncates
@@ -31,6 +26,10 @@ from branchline.sinks.contract import SinkCapabilities
 from branchline.sinks.postgres.ddl import MAX_IDENTIFIER, ensure_table
 from branchline.sinks.postgres.errors import map_error
 from branchline.sinks.postgres.plan import TablePlan, build_plan
+from psycopg import AsyncConnection
+from psycopg.conninfo import make_conninfo
+from psycopg.types.json import set_json_dumps
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 log = logging.getLogger("branchline.sinks.postgres")
 _DELETE = Op.DELETE
@@ -157,8 +156,12 @@ class PostgresSink:
             except SinkError:
                 raise
             except Exception as exc:
-                raise map_error(exc, table=f"{schema}.{table.id.table}", where="(creating or altering the table)") from exc
-            return build_plan(table, target, soft_delete=self.config.soft_delete, branch_key=self.config.branch_key)
+                raise map_error(
+                    exc, table=f"{schema}.{table.id.table}", where="(creating or altering the table)"
+                ) from exc
+            return build_plan(
+                table, target, soft_delete=self.config.soft_delete, branch_key=self.config.branch_key
+            )
 
         plan = await retrying(
             create,

@@ -43,7 +43,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-
 from branchline.events import Column, ColumnType, Json
 from branchline.sinks._values import bits_text
 
@@ -106,9 +105,9 @@ def merge_types(existing: str, wanted: str) -> str | None:
         return wanted
     if existing in _INT_DIGITS and wanted in _INT_DIGITS:
         return max(existing, wanted, key=_INT_DIGITS.__getitem__)
-    digits = _numeric_shape(existing), _numeric_shape(wanted)
-    if digits[0] and digits[1]:
-        (p1, s1), (p2, s2) = digits
+    shape1, shape2 = _numeric_shape(existing), _numeric_shape(wanted)
+    if shape1 is not None and shape2 is not None:
+        (p1, s1), (p2, s2) = shape1, shape2
         scale = max(s1, s2)
         whole = max(p1 - s1, p2 - s2)
         if whole + scale > 1000:
@@ -146,7 +145,9 @@ def _json(value: Any) -> Any:
         # JSON null must stay a document, not become SQL NULL
         return orjson.Fragment(b"null") if value.value is None else value.value
     if isinstance(value, str | bytes):
-        return orjson.Fragment(value)  # already JSON text (e.g. MariaDB's LONGTEXT JSON); the server checks it
+        return orjson.Fragment(
+            value
+        )  # already JSON text (e.g. MariaDB's LONGTEXT JSON); the server checks it
     return value
 
 

@@ -27,7 +27,6 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
-
 from branchline.events import UNCHANGED, ChangeEvent, Json, Op, TableSchema
 from branchline.sinks.build import build_sink
 from branchline.sinks.config import DeltaSinkConfig, PostgresSinkConfig, S3Storage
@@ -112,7 +111,9 @@ class Harness:
     async def cleanup(self) -> None:
         return None
 
-    def expected(self, table: TableSchema, events: Iterable[ChangeEvent]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    def expected(
+        self, table: TableSchema, events: Iterable[ChangeEvent]
+    ) -> dict[tuple[Any, ...], dict[str, Any]]:
         return expected_table(table, events, soft_delete=self.soft_delete)
 
 
@@ -128,7 +129,12 @@ class PostgresHarness(Harness):
         self.schema = f"conf_{uuid.uuid4().hex[:10]}"
         self.dsn = f"host={host} port={port} user=postgres dbname=cloud"
         self.config = PostgresSinkConfig(
-            host=host, port=port, database="cloud", schema=self.schema, soft_delete=soft_delete, pool_max_size=2
+            host=host,
+            port=port,
+            database="cloud",
+            schema=self.schema,
+            soft_delete=soft_delete,
+            pool_max_size=2,
         )
 
     def sink(self) -> Sink:
@@ -137,7 +143,9 @@ class PostgresHarness(Harness):
     async def read(self, table: TableSchema) -> dict[tuple[Any, ...], dict[str, Any]]:
         columns = _compare_columns(table, self.soft_delete)
         async with await psycopg.AsyncConnection.connect(self.dsn) as conn:
-            exists = await (await conn.execute("SELECT to_regclass(%s)", [f'"{self.schema}"."{table.id.table}"'])).fetchone()
+            exists = await (
+                await conn.execute("SELECT to_regclass(%s)", [f'"{self.schema}"."{table.id.table}"'])
+            ).fetchone()
             if exists is None or exists[0] is None:
                 return {}
             select = ", ".join(f'"{c}"' for c in columns)
@@ -160,20 +168,23 @@ class DeltaHarness(Harness):
     def __init__(self, uri: str, s3: S3Storage | None, kind: str, soft_delete: bool = False) -> None:
         self.kind = kind
         self.soft_delete = soft_delete
-        self.config = DeltaSinkConfig(uri=uri, s3=s3 or S3Storage(), commit_interval_s=3600, soft_delete=soft_delete)
+        self.config = DeltaSinkConfig(
+            uri=uri, s3=s3 or S3Storage(), commit_interval_s=3600, soft_delete=soft_delete
+        )
 
     def sink(self) -> Sink:
         return build_sink(self.config, name=self.kind)
 
     async def read(self, table: TableSchema) -> dict[tuple[Any, ...], dict[str, Any]]:
+        from branchline.sinks._batch import render
         from deltalake import DeltaTable
         from deltalake.exceptions import TableNotFoundError
 
-        from branchline.sinks._batch import render
-
         uri = self.config.uri.rstrip("/") + "/" + render(self.config.table_path, table.id)
         try:
-            delta = DeltaTable(uri, storage_options=self.config.s3.storage_options() if uri.startswith("s3") else None)
+            delta = DeltaTable(
+                uri, storage_options=self.config.s3.storage_options() if uri.startswith("s3") else None
+            )
         except TableNotFoundError:
             return {}
         columns = _compare_columns(table, self.soft_delete)
@@ -201,7 +212,9 @@ def start_s3_server(log_dir: Path) -> tuple[subprocess.Popen[bytes], str, Any]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log = open(log_dir / "moto.log", "wb")  # noqa: SIM115 (kept open for the server's lifetime)
-    process = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -224,13 +237,19 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
 
     process, endpoint, log = start_s3_server(tmp_path_factory.mktemp("s3"))
     storage = S3Storage(
-        endpoint_url=endpoint, region="us-east-1", access_key_id="testing", secret_access_key="testing",
+        endpoint_url=endpoint,
+        region="us-east-1",
+        access_key_id="testing",
+        secret_access_key="testing",
         allow_http=True,
     )
     try:
         client = boto3.client(
-            "s3", endpoint_url=endpoint, region_name="us-east-1",
-            aws_access_key_id="testing", aws_secret_access_key="testing",
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
         )
         client.create_bucket(Bucket="lake")
         yield {"endpoint": endpoint, "bucket": "lake", "storage": storage, "client": client}

@@ -10,7 +10,6 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-
 from branchline.events import UNCHANGED, ChangeEvent, Column, ColumnType, Json, Op, TableId, TableSchema
 
 pytestmark = pytest.mark.integration
@@ -56,7 +55,9 @@ def event(op: Op, position: int, id_: int, table: TableSchema = TABLE, **changes
     ts = (T0 + timedelta(seconds=position)).replace(tzinfo=UTC)
     if op is Op.DELETE:
         before = row if full_image else {"id": id_}
-        return ChangeEvent(op=op, table=table.id, key={"id": id_}, before=before, position=position, source_ts=ts)
+        return ChangeEvent(
+            op=op, table=table.id, key={"id": id_}, before=before, position=position, source_ts=ts
+        )
     return ChangeEvent(op=op, table=table.id, key={"id": id_}, after=row, position=position, source_ts=ts)
 
 
@@ -80,6 +81,7 @@ def truncate(position: int) -> ChangeEvent:
 
 def check(harness: Any, batches: Sequence[Sequence[ChangeEvent]], table: TableSchema = TABLE) -> dict:
     """Write every batch through one sink, then compare the target with the expected table."""
+
     async def scenario() -> dict:
         sink = harness.sink()
         try:
@@ -110,7 +112,13 @@ def test_update_then_delete_in_one_batch(harness: Any) -> None:
         harness,
         [
             [insert(1, 1), insert(2, 2)],
-            [update(3, 1, qty=9), delete(4, 1, False), update(5, 2, qty=1), delete(6, 2, False), insert(7, 2, qty=2)],
+            [
+                update(3, 1, qty=9),
+                delete(4, 1, False),
+                update(5, 2, qty=1),
+                delete(6, 2, False),
+                insert(7, 2, qty=2),
+            ],
         ],
     )
     assert actual[(2,)]["qty"] == 2
@@ -121,7 +129,9 @@ def test_delete_of_a_missing_row_is_harmless(harness: Any) -> None:
 
 
 def test_late_insert_after_delete_does_not_resurrect_the_row(harness: Any) -> None:
-    actual = check(harness, [[insert(1, 1), insert(2, 2)], [delete(10, 1)], [insert(1, 1), update(5, 1, qty=5)]])
+    actual = check(
+        harness, [[insert(1, 1), insert(2, 2)], [delete(10, 1)], [insert(1, 1), update(5, 1, qty=5)]]
+    )
     assert (1,) not in actual or actual[(1,)].get("_bl_deleted") is True
 
 
@@ -131,7 +141,10 @@ def test_delete_then_reinsert_with_a_newer_position_brings_the_row_back(harness:
 
 
 def test_truncate_removes_older_rows_and_keeps_newer_ones(harness: Any) -> None:
-    check(harness, [[insert(1, 1), insert(2, 2)], [insert(3, 3), truncate(10), insert(11, 4), update(12, 4, qty=1)]])
+    check(
+        harness,
+        [[insert(1, 1), insert(2, 2)], [insert(3, 3), truncate(10), insert(11, 4), update(12, 4, qty=1)]],
+    )
 
 
 def test_replay_of_batches_older_than_a_truncate_restores_nothing(harness: Any) -> None:
@@ -176,7 +189,9 @@ def test_replayed_batch_leaves_target_unchanged(harness: Any) -> None:
 
 
 def test_older_event_after_newer_one_is_ignored(harness: Any) -> None:
-    actual = check(harness, [[insert(1, 1), update(20, 1, qty=20)], [update(10, 1, qty=10)], [update(5, 1, qty=5)]])
+    actual = check(
+        harness, [[insert(1, 1), update(20, 1, qty=20)], [update(10, 1, qty=10)], [update(5, 1, qty=5)]]
+    )
     assert actual[(1,)]["qty"] == 20
 
 

@@ -22,12 +22,11 @@ from click.testing import CliRunner
 
 pytest.importorskip("deltalake")
 
-from deltalake import DeltaTable  # noqa: E402
-
-from branchline.events import ChangeEvent, Column, ColumnType, Json, Op, TableId, TableSchema  # noqa: E402
-from branchline.sinks.build import build_sink  # noqa: E402
-from branchline.sinks.config import DeltaSinkConfig, S3Storage  # noqa: E402
-from branchline.sinks.delta.cli import lake  # noqa: E402
+from branchline.events import ChangeEvent, Column, ColumnType, Json, Op, TableId, TableSchema
+from branchline.sinks.build import build_sink
+from branchline.sinks.config import DeltaSinkConfig, S3Storage
+from branchline.sinks.delta.cli import lake
+from deltalake import DeltaTable
 
 pytestmark = pytest.mark.integration
 
@@ -42,14 +41,19 @@ ITEMS = TableSchema(
 )
 
 
-def item(position: int, id_: int, region: str = "eu", price: str = "1.00", op: Op = Op.CREATE,
-         branch: str = "b1") -> ChangeEvent:
+def item(
+    position: int, id_: int, region: str = "eu", price: str = "1.00", op: Op = Op.CREATE, branch: str = "b1"
+) -> ChangeEvent:
     row = {"id": id_, "region": region, "price": Decimal(price)}
     table = ITEMS.id.model_copy(update={"branch": branch})
-    return ChangeEvent(op=op, table=table, key={"id": id_}, after=row, position=position, source_ts=datetime.now(UTC))
+    return ChangeEvent(
+        op=op, table=table, key={"id": id_}, after=row, position=position, source_ts=datetime.now(UTC)
+    )
 
 
-def rows(uri: str, storage: dict[str, str] | None = None, columns: list[str] | None = None) -> list[dict[str, Any]]:
+def rows(
+    uri: str, storage: dict[str, str] | None = None, columns: list[str] | None = None
+) -> list[dict[str, Any]]:
     table = DeltaTable(uri, storage_options=storage).to_pyarrow_table(columns=columns)
     return sorted(table.to_pylist(), key=lambda r: (r.get("_bl_branch") or "", r["id"]))
 
@@ -91,7 +95,9 @@ def test_partitioned_table(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         sink = build_sink(DeltaSinkConfig(uri=uri, partition_by=("region",)))
-        await sink.write_batch(ITEMS, [item(1, 1, "eu"), item(2, 2, "us"), item(3, 1, "us", "2.00", Op.UPDATE)])
+        await sink.write_batch(
+            ITEMS, [item(1, 1, "eu"), item(2, 2, "us"), item(3, 1, "us", "2.00", Op.UPDATE)]
+        )
         await sink.flush()
 
     asyncio.run(scenario())
@@ -206,10 +212,13 @@ def test_lake_compact_and_vacuum(tmp_path: Path) -> None:
     result = runner.invoke(lake, ["compact", "--uri", uri], catch_exceptions=False)
     assert result.exit_code == 0 and "erp/items: " in result.output
     assert len(DeltaTable(table_uri).file_uris()) == 1 < before
-    parquet = lambda: {p.name for p in Path(table_uri).glob("*.parquet")}  # noqa: E731
+    parquet = lambda: {p.name for p in Path(table_uri).glob("*.parquet")}
     on_disk = len(parquet())
-    result = runner.invoke(lake, ["vacuum", "--uri", uri, "--table", "erp/items", "--retention-hours", "0"],
-                           catch_exceptions=False)
+    result = runner.invoke(
+        lake,
+        ["vacuum", "--uri", uri, "--table", "erp/items", "--retention-hours", "0"],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0 and f"deleted {on_disk - 1} files" in result.output
     assert len(parquet()) == 1
     assert [r["id"] for r in rows(table_uri)] == [1, 2, 3, 4, 5]  # compaction and vacuum change no row
@@ -234,7 +243,9 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         port = probe.getsockname()[1]
     log_path = tmp_path_factory.mktemp("moto") / "moto.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             deadline = time.monotonic() + 30
             while True:
@@ -246,8 +257,13 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                         pytest.fail(f"`moto_server` must listen on 127.0.0.1:{port}; see {log_path}")
                     time.sleep(0.1)
             endpoint = f"http://127.0.0.1:{port}"
-            client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                                  aws_access_key_id="testing", aws_secret_access_key="testing")
+            client = boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name="us-east-1",
+                aws_access_key_id="testing",
+                aws_secret_access_key="testing",
+            )
             client.create_bucket(Bucket="lake")
             yield {"endpoint": endpoint, "client": client}
         finally:
@@ -263,27 +279,36 @@ def test_s3_objects_land_in_the_bucket_and_credentials_may_come_from_env(
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
-    config = DeltaSinkConfig(uri=f"s3://lake/{prefix}", s3=S3Storage(endpoint_url=s3["endpoint"], allow_http=True))
+    config = DeltaSinkConfig(
+        uri=f"s3://lake/{prefix}", s3=S3Storage(endpoint_url=s3["endpoint"], allow_http=True)
+    )
 
     async def scenario() -> None:
         sink = build_sink(config)
         await sink.write_batch(ITEMS, [item(1, 1), item(2, 2), item(3, 1, price="3.00", op=Op.UPDATE)])
-        await sink.write_batch(ITEMS, [ChangeEvent(op=Op.DELETE, table=ITEMS.id, key={"id": 2}, before={"id": 2},
-                                                   position=4)])
+        await sink.write_batch(
+            ITEMS, [ChangeEvent(op=Op.DELETE, table=ITEMS.id, key={"id": 2}, before={"id": 2}, position=4)]
+        )
         await sink.flush()
 
     asyncio.run(scenario())
     keys = {o["Key"] for o in s3["client"].list_objects_v2(Bucket="lake", Prefix=prefix)["Contents"]}
     assert f"{prefix}/erp/items/_delta_log/00000000000000000000.json" in keys
     assert any(k.startswith(f"{prefix}/erp/items/") and k.endswith(".parquet") for k in keys)
-    assert any(k.startswith(f"{prefix}/erp/_bl_meta/items/_delta_log/") for k in keys)  # the tombstone of id 2
-    got = rows(f"s3://lake/{prefix}/erp/items", config.s3.storage_options() | {
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"})
+    assert any(
+        k.startswith(f"{prefix}/erp/_bl_meta/items/_delta_log/") for k in keys
+    )  # the tombstone of id 2
+    got = rows(
+        f"s3://lake/{prefix}/erp/items",
+        config.s3.storage_options()
+        | {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"},
+    )
     assert [(r["id"], r["price"], int(r["_bl_position"])) for r in got] == [(1, Decimal("3.00"), 3)]
 
     # the CLI with a bare --uri takes the endpoint from the environment too
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3["endpoint"])
     monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
-    result = CliRunner().invoke(lake, ["compact", "--uri", f"s3://lake/{prefix}", "--table", "erp/items"],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(
+        lake, ["compact", "--uri", f"s3://lake/{prefix}", "--table", "erp/items"], catch_exceptions=False
+    )
     assert result.exit_code == 0 and "erp/items" in result.output

@@ -13,7 +13,6 @@ from typing import Any
 
 import psycopg
 import pytest
-
 from branchline.errors import FatalSinkError
 from branchline.events import ChangeEvent, Column, ColumnType, Json, Op, TableId, TableSchema
 from branchline.sinks.build import build_sink
@@ -48,11 +47,15 @@ def tid(table: str, branch: str = "b1") -> TableId:
     return TableId(source="erp", branch=branch, database="erp", table=table)
 
 
-def change(table: TableSchema, op: Op, position: int, row: dict[str, Any], branch: str | None = None) -> ChangeEvent:
+def change(
+    table: TableSchema, op: Op, position: int, row: dict[str, Any], branch: str | None = None
+) -> ChangeEvent:
     table_id = table.id if branch is None else table.id.model_copy(update={"branch": branch})
     key = {k: row[k] for k in table.primary_key} if table.primary_key else dict(row)
     image = {"before": row} if op is Op.DELETE else {"after": row}
-    return ChangeEvent(op=op, table=table_id, key=key, position=position, source_ts=datetime.now(UTC), **image)
+    return ChangeEvent(
+        op=op, table=table_id, key=key, position=position, source_ts=datetime.now(UTC), **image
+    )
 
 
 async def write(cfg: PostgresSinkConfig, table: TableSchema, *batches: list[ChangeEvent]) -> None:
@@ -124,9 +127,12 @@ def test_every_column_type_round_trips_exactly(target: dict[str, Any]) -> None:
             "names": ["x", "y,z"],
         },
         {c.name: None for c in ALL_TYPES.columns} | {"id": 2, "doc": Json(None), "bits": b"\x02\x01"},
-        {c.name: None for c in ALL_TYPES.columns} | {"id": 3, "bits": "0000000011", "tags": "a,b", "uid": u.bytes},
+        {c.name: None for c in ALL_TYPES.columns}
+        | {"id": 3, "bits": "0000000011", "tags": "a,b", "uid": u.bytes},
     ]
-    asyncio.run(write(config(target), ALL_TYPES, [change(ALL_TYPES, Op.CREATE, i + 1, r) for i, r in enumerate(rows)]))
+    asyncio.run(
+        write(config(target), ALL_TYPES, [change(ALL_TYPES, Op.CREATE, i + 1, r) for i, r in enumerate(rows)])
+    )
     names = [c.name for c in ALL_TYPES.columns]
     got = fetch(target, f"SELECT {', '.join(names)}, doc IS NULL FROM all_types ORDER BY id")
     first = dict(zip(names, got[0][:-1], strict=True))
@@ -144,10 +150,15 @@ def test_every_column_type_round_trips_exactly(target: dict[str, Any]) -> None:
         )
     )
     assert types["ubig"] == "numeric(20,0)" and types["amount"] == "numeric(38,10)"
-    assert types["local"] == "timestamp(6) without time zone" and types["instant"] == "timestamp(3) with time zone"
+    assert (
+        types["local"] == "timestamp(6) without time zone"
+        and types["instant"] == "timestamp(3) with time zone"
+    )
     assert types["doc"] == "jsonb" and types["tags"] == "text[]" and types["bits"] == "bit varying(10)"
     assert types["dur"] == "interval" and types["state"] == "text"
-    assert types["_bl_position"] == "numeric(38,0)" and types["_bl_source_ts"] == "timestamp(6) with time zone"
+    assert (
+        types["_bl_position"] == "numeric(38,0)" and types["_bl_source_ts"] == "timestamp(6) with time zone"
+    )
 
 
 ITEMS = TableSchema(
@@ -225,7 +236,11 @@ def test_new_columns_are_added_and_compatible_types_widened(target: dict[str, An
         )
     )
     asyncio.run(
-        write(config(target), wider, [change(wider, Op.CREATE, 2, item(2**40, "b", "99999999.9999") | {"stock": 2**64 - 1})])
+        write(
+            config(target),
+            wider,
+            [change(wider, Op.CREATE, 2, item(2**40, "b", "99999999.9999") | {"stock": 2**64 - 1})],
+        )
     )
     types = dict(
         fetch(
@@ -252,7 +267,9 @@ def test_incompatible_type_change_stops_with_the_column_named(target: dict[str, 
         primary_key=("id",),
     )
     with pytest.raises(FatalSinkError, match=r"items\.name.*'integer'.*'text'"):
-        asyncio.run(write(config(target), changed, [change(changed, Op.UPDATE, 2, item(1, "a") | {"name": 5})]))
+        asyncio.run(
+            write(config(target), changed, [change(changed, Op.UPDATE, 2, item(1, "a") | {"name": 5})])
+        )
 
 
 def test_bad_value_stops_the_batch_naming_table_key_and_position(target: dict[str, Any]) -> None:
@@ -270,10 +287,14 @@ def test_bad_value_stops_the_batch_naming_table_key_and_position(target: dict[st
 
 def test_numeric_overflow_is_fatal_and_names_the_batch(target: dict[str, Any]) -> None:
     with pytest.raises(FatalSinkError, match=r"items.*22003"):
-        asyncio.run(write(config(target), ITEMS, [change(ITEMS, Op.CREATE, 1, item(1, "x", "123456789012.5"))]))
+        asyncio.run(
+            write(config(target), ITEMS, [change(ITEMS, Op.CREATE, 1, item(1, "x", "123456789012.5"))])
+        )
 
 
-def test_connection_killed_mid_batch_is_retried(target: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+def test_connection_killed_mid_batch_is_retried(
+    target: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
     """The server terminates the sink's backend while its upsert waits on a lock; attempt 2 commits."""
     app = f"bl-kill-{uuid.uuid4().hex[:6]}"
     cfg = config(target, application_name=app, retry_backoff_s=0.2)
@@ -284,7 +305,9 @@ def test_connection_killed_mid_batch_is_retried(target: dict[str, Any], caplog: 
         await locker.execute(f'LOCK TABLE "{target["schema"]}".items IN ACCESS EXCLUSIVE MODE')
         sink = build_sink(cfg)
         try:
-            writing = asyncio.create_task(sink.write_batch(ITEMS, [change(ITEMS, Op.UPDATE, 2, item(1, "b"))]))
+            writing = asyncio.create_task(
+                sink.write_batch(ITEMS, [change(ITEMS, Op.UPDATE, 2, item(1, "b"))])
+            )
             async with await psycopg.AsyncConnection.connect(target["dsn"], autocommit=True) as admin:
                 for _ in range(100):
                     cursor = await admin.execute(
@@ -327,4 +350,6 @@ def test_soft_delete_keeps_the_row_flagged(target: dict[str, Any]) -> None:
 def test_switching_branch_key_on_an_existing_table_is_refused(target: dict[str, Any]) -> None:
     asyncio.run(write(config(target), ITEMS, [change(ITEMS, Op.CREATE, 1, item(1, "a"))]))
     with pytest.raises(FatalSinkError, match="primary key"):
-        asyncio.run(write(config(target, branch_key=True), ITEMS, [change(ITEMS, Op.CREATE, 2, item(2, "b"))]))
+        asyncio.run(
+            write(config(target, branch_key=True), ITEMS, [change(ITEMS, Op.CREATE, 2, item(2, "b"))])
+        )

@@ -8,8 +8,11 @@ from branchline.sinks._batch import collapse, render, split_at_truncates
 TID = TableId(source="erp", branch="b1", database="erp", table="t")
 TABLE = TableSchema(
     id=TID,
-    columns=(Column(name="id", type=ColumnType.INT32), Column(name="a", type=ColumnType.STRING),
-             Column(name="b", type=ColumnType.STRING)),
+    columns=(
+        Column(name="id", type=ColumnType.INT32),
+        Column(name="a", type=ColumnType.STRING),
+        Column(name="b", type=ColumnType.STRING),
+    ),
     primary_key=("id",),
 )
 
@@ -23,7 +26,9 @@ def ev(op: Op, pos: int, id_: int, branch: str = "b1", **row: object) -> ChangeE
 
 
 def test_highest_position_wins_whatever_the_order() -> None:
-    net = collapse(TABLE, [ev(Op.UPDATE, 5, 1, a="5"), ev(Op.CREATE, 1, 1, a="1"), ev(Op.UPDATE, 3, 1, a="3")])
+    net = collapse(
+        TABLE, [ev(Op.UPDATE, 5, 1, a="5"), ev(Op.CREATE, 1, 1, a="1"), ev(Op.UPDATE, 3, 1, a="3")]
+    )
     assert [(c.position, c.row["a"]) for c in net] == [(5, "5")]
 
 
@@ -51,8 +56,10 @@ def test_table_without_key_keeps_every_change() -> None:
 def test_split_at_truncates_keeps_batch_order() -> None:
     t = ChangeEvent(op=Op.TRUNCATE, table=TID, key={}, position=3)
     events = [ev(Op.CREATE, 1, 1), ev(Op.CREATE, 2, 2), t, ev(Op.CREATE, 4, 3)]
-    parts = [([e.position for e in changes], trunc.position if trunc else None) for changes, trunc in
-             split_at_truncates(events)]
+    parts = [
+        ([e.position for e in changes], trunc.position if trunc else None)
+        for changes, trunc in split_at_truncates(events)
+    ]
     assert parts == [([1, 2], 3), ([4], None)]
     assert list(split_at_truncates([])) == [([], None)]
 

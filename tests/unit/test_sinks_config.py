@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import TypeAdapter, ValidationError
-
 from branchline.sinks.config import DeltaSinkConfig, PostgresSinkConfig, S3Storage, SinkConfig
 from branchline.sinks.postgres.sink import conninfo
+from pydantic import TypeAdapter, ValidationError
 
 ADAPTER: TypeAdapter = TypeAdapter(SinkConfig)
 
@@ -35,7 +34,9 @@ def test_verify_full_needs_a_ca_file() -> None:
         PostgresSinkConfig(sslmode="verify-full")
     config = PostgresSinkConfig(sslmode="verify-full", sslrootcert="/etc/ssl/rds-ca.pem", password="pw")
     info = conninfo(config)
-    assert "sslmode=verify-full" in info and "sslrootcert=/etc/ssl/rds-ca.pem" in info and "password=pw" in info
+    assert (
+        "sslmode=verify-full" in info and "sslrootcert=/etc/ssl/rds-ca.pem" in info and "password=pw" in info
+    )
 
 
 def test_dsn_keeps_its_own_sslmode_unless_the_file_sets_one() -> None:
@@ -53,8 +54,13 @@ def test_s3_storage_options_fall_back_to_the_environment_when_unset() -> None:
         "AWS_VIRTUAL_HOSTED_STYLE_REQUEST": "false",
         "AWS_S3_ALLOW_UNSAFE_RENAME": "true",
     }
-    options = S3Storage(endpoint_url="http://127.0.0.1:9", region="eu-west-1", access_key_id="a",
-                        secret_access_key="b", allow_http=True).storage_options()
+    options = S3Storage(
+        endpoint_url="http://127.0.0.1:9",
+        region="eu-west-1",
+        access_key_id="a",
+        secret_access_key="b",
+        allow_http=True,
+    ).storage_options()
     assert options["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and options["AWS_SECRET_ACCESS_KEY"] == "b"
     assert options["AWS_ALLOW_HTTP"] == "true"
 

@@ -7,11 +7,10 @@ import logging
 
 import psycopg
 import pytest
-from psycopg import errors
-
 from branchline.errors import FatalSinkError, RetryableSinkError
 from branchline.sinks._retry import retrying
 from branchline.sinks.postgres.errors import map_error
+from psycopg import errors
 
 
 @pytest.mark.parametrize("sqlstate", ["08006", "40001", "40P01", "53300", "57P01", "57P03"])
@@ -28,8 +27,9 @@ def test_fatal_sqlstate_classes(sqlstate: str) -> None:
 
 
 def test_lost_connection_without_sqlstate_is_retryable() -> None:
-    assert isinstance(map_error(psycopg.OperationalError("server closed the connection"), table="t"),
-                      RetryableSinkError)
+    assert isinstance(
+        map_error(psycopg.OperationalError("server closed the connection"), table="t"), RetryableSinkError
+    )
 
 
 def test_retries_are_bounded_and_logged(caplog: pytest.LogCaptureFixture) -> None:
@@ -43,7 +43,10 @@ def test_retries_are_bounded_and_logged(caplog: pytest.LogCaptureFixture) -> Non
     with caplog.at_level(logging.WARNING), pytest.raises(RetryableSinkError):
         asyncio.run(retrying(flaky, what="w", max_attempts=3, backoff_s=0, max_backoff_s=0))
     assert calls == 3
-    assert [r.getMessage().split(" (")[1][:17] for r in caplog.records] == ["attempt 1 of 3), ", "attempt 2 of 3), "]
+    assert [r.getMessage().split(" (")[1][:17] for r in caplog.records] == [
+        "attempt 1 of 3), ",
+        "attempt 2 of 3), ",
+    ]
 
 
 def test_fatal_errors_are_not_retried() -> None:

@@ -6,7 +6,6 @@ import uuid
 
 import orjson
 import pytest
-
 from branchline.events import Column, ColumnType, Json
 from branchline.sinks.postgres.types import converter, merge_types, target_type
 
@@ -48,7 +47,11 @@ def test_every_column_type_has_a_target() -> None:
         ("numeric(12,4)", "numeric(10,2)", "numeric(12,4)"),
         ("numeric(10,2)", "numeric", "numeric"),
         ("real", "double precision", "double precision"),
-        ("timestamp(3) without time zone", "timestamp(6) without time zone", "timestamp(6) without time zone"),
+        (
+            "timestamp(3) without time zone",
+            "timestamp(6) without time zone",
+            "timestamp(6) without time zone",
+        ),
         ("bit varying(4)", "bit varying(8)", "bit varying(8)"),
         ("text", "text", "text"),
         ("integer", "text", None),
