@@ -199,6 +199,8 @@ def _up(pins: Pins | None, only: Iterable[str] | None, on_progress: Callable[[st
         svc.prepare(tools)
         say(f"{svc.name}: starting {svc.kind} on {svc.address}")
         with lock:
+            if cancel.is_set():  # another service failed while this one was being prepared
+                raise Cancelled(svc.name)
             svc.launch(tools)
             started.append(svc)
         health = svc.wait_healthy(cancel=cancel)
@@ -247,7 +249,8 @@ def _up(pins: Pins | None, only: Iterable[str] | None, on_progress: Callable[[st
         if errors:
             raise errors[0]
     except BaseException:
-        cancel.set()
+        with lock:
+            cancel.set()  # after this, no step launches anything more
         _stop_started(started, say)
         raise
     seconds = time.monotonic() - began

@@ -6,6 +6,7 @@ error paths: a taken port, a server that will not start, a crash, an unreachable
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ import psycopg
 import pymysql
 import pytest
 from branchline.errors import InfraError
-from branchline.infra import _install, stack
+from branchline.infra import _install, _proc, stack
 from branchline.infra._pins import STACK_TOML, load_pins
 from branchline.infra._services import kafka_metadata
 
@@ -145,6 +146,19 @@ def test_status_sees_every_service_healthy_with_its_pid(erp, crm, cloud, kafka, 
     assert "io.debezium.connector.mariadb.MariaDbConnector" in classes
 
 
+def test_status_command_prints_json_with_connect_plugins_and_exits_zero(erp, crm, cloud, kafka, connect):
+    from branchline.infra.cli import infra
+    from click.testing import CliRunner
+
+    outcome = CliRunner().invoke(infra, ["status", "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    report = json.loads(outcome.output)
+    assert report["healthy"] is True
+    assert [s["name"] for s in report["services"]] == list(stack.SERVICE_NAMES)
+    assert {"io.debezium.connector.mariadb.MariaDbConnector", "io.debezium.connector.postgresql.PostgresConnector"} <= {
+        p["class"] for p in report["connector_plugins"]}
+
+
 def test_second_up_changes_nothing(erp, crm, cloud, kafka, connect):
     before = {s.name: s.pid for s in stack.status()}
     result = stack.up()
@@ -222,6 +236,9 @@ def test_up_after_a_crash_recovers(private_stack):
     result = stack.up(only=["erp"])
     erp = next(s for s in stack.status() if s.name == "erp")
     assert result.started == ["erp"] and erp.healthy and erp.pid not in (None, pid)
+    assert stack.down() == ["erp"]
+    assert not _proc.alive(erp.pid)  # gone (at most a zombie until init reaps it)
+    assert [s.name for s in stack.status() if s.pid or s.healthy] == []
 
 
 def test_unreachable_maven_central_is_one_sentence_and_leaves_no_partial_jars(tmp_path, monkeypatch):
