@@ -4,15 +4,18 @@
 -- incompressible texts above 8 kB so that PostgreSQL stores them out of line (TOAST).
 -- Default REPLICA IDENTITY on purpose: updates that leave `body` alone do not carry it in the WAL.
 -- No foreign-key constraints: the generator and the workload keep references valid.
--- Re-running this file recreates every table.
+-- Re-running this file recreates every table (the loader keeps their publication memberships).
 
 DROP TABLE IF EXISTS activities;
 DROP TABLE IF EXISTS opportunities;
 DROP TABLE IF EXISTS contacts;
 DROP TABLE IF EXISTS accounts;
-DROP TYPE IF EXISTS deal_stage;
 
-CREATE TYPE deal_stage AS ENUM ('prospect', 'qualified', 'proposal', 'negotiation', 'won', 'lost');
+-- Kept when it exists: copies of these tables elsewhere (a replication target, a test schema) may use it.
+DO $$ BEGIN
+  CREATE TYPE deal_stage AS ENUM ('prospect', 'qualified', 'proposal', 'negotiation', 'won', 'lost');
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
 
 CREATE TABLE accounts (
   id             uuid PRIMARY KEY,

@@ -53,8 +53,20 @@ class TableLoad:
 def schema_sql(database: str) -> list[str]:
     """The statements of erp.sql or crm.sql (DROP ... IF EXISTS, then CREATE), comments removed."""
     text = resources.files(__package__).joinpath(f"{database}.sql").read_text(encoding="utf-8")
-    lines = [line for line in text.splitlines() if not line.lstrip().startswith("--")]
-    return [stmt.strip() for stmt in "\n".join(lines).split(";") if stmt.strip()]
+    statements: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for line in text.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("--")):
+            continue
+        current.append(line)
+        quoted ^= line.count("$$") % 2 == 1  # a ; inside a $$ body does not end the statement
+        if not quoted and line.rstrip().endswith(";"):
+            statements.append("\n".join(current).strip().rstrip(";"))
+            current = []
+    if current:
+        statements.append("\n".join(current).strip().rstrip(";"))
+    return statements
 
 
 # ---- canonical value <-> driver value -----------------------------------------------------------
@@ -266,8 +278,16 @@ def load_crm(ep: Endpoint, n: int, seed: int, report: Callable[[TableLoad], None
     results = []
     with crm_connect(ep) as conn:
         conn.execute("SET lock_timeout = '20s'")  # a session holding a table must not hang the load
+        # DROP TABLE takes a table out of its publications; a pipeline replicating these tables
+        # would silently stop seeing them. Put each recreated table back where it was.
+        memberships = conn.execute(
+            "SELECT p.pubname, c.relname FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid "
+            "JOIN pg_class c ON c.oid = r.prrelid WHERE c.relnamespace = current_schema()::regnamespace "
+            "AND c.relname = ANY(%s)", (list(CRM_TABLES),)).fetchall()
         for statement in schema_sql("crm"):
             conn.execute(statement)
+        for publication, table in memberships:
+            conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), sql.Identifier(table)))
         conn.commit()
         for table in CRM_TABLES:
             started = time.perf_counter()

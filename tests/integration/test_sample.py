@@ -273,3 +273,24 @@ def test_churn_without_duration_runs_until_stopped(erp_ep: Endpoint, loaded: Any
     assert not worker.is_alive()
     assert result["erp"].counts["transactions"] > 0
 
+
+
+def test_reload_keeps_publication_memberships_and_a_type_used_elsewhere(crm: Any) -> None:
+    """A pipeline replicating the CRM must not lose its tables when the sample is reloaded."""
+    ep = Endpoint(name="crm", host=crm.host, port=crm.port, user="postgres", database="sample_test_pub_crm")
+    load("crm", 5, crm=ep)
+    with crm_connect(ep, autocommit=True) as conn:
+        conn.execute("DROP PUBLICATION IF EXISTS sample_test_pub")
+        conn.execute("CREATE PUBLICATION sample_test_pub FOR TABLE accounts, activities")
+        conn.execute("DROP SCHEMA IF EXISTS sample_test_copy CASCADE")
+        conn.execute("CREATE SCHEMA sample_test_copy")
+        conn.execute("CREATE TABLE sample_test_copy.opportunities (id bigint PRIMARY KEY, stage deal_stage)")
+    load("crm", 7, crm=ep)
+    with crm_connect(ep, autocommit=True) as conn:
+        members = conn.execute("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = 'sample_test_pub' "
+                               "ORDER BY tablename").fetchall()
+        accounts = conn.execute("SELECT count(*) FROM accounts").fetchone()
+        conn.execute("DROP SCHEMA sample_test_copy CASCADE")
+        conn.execute("DROP PUBLICATION sample_test_pub")
+    assert members == [("public", "accounts"), ("public", "activities")]
+    assert accounts == (7,)
