@@ -29,6 +29,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter as Tally
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -255,12 +256,13 @@ class _BatchHistogram:
         self._lock = threading.Lock()
         self._series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
 
-    def observe_many(self, labelvalues: tuple[str, ...], values: Iterable[float]) -> None:
+    def observe_many(self, labelvalues: tuple[str, ...], values: Iterable[tuple[float, int]]) -> None:
+        """Observe each ``value`` ``count`` times (changes of one transaction share a commit time)."""
         counts = [0] * (len(self.buckets) + 1)
         total = 0.0
-        for value in values:
-            counts[bisect.bisect_left(self.buckets, value)] += 1
-            total += value
+        for value, count in values:
+            counts[bisect.bisect_left(self.buckets, value)] += count
+            total += value * count
         if not any(counts):
             return
         with self._lock:
@@ -369,14 +371,8 @@ def observe_batch_written(
     """
     now = _clock() if now is None else now
     branch, source, name = table.branch, table.source, table.qualified
-    by_op: dict[str, int] = {}
-    stamps: list[float] = []
-    for event in events:
-        op = event.op.value if isinstance(event.op, Op) else str(event.op)
-        by_op[op] = by_op.get(op, 0) + 1
-        if event.source_ts is not None and not event.snapshot:
-            stamps.append(event.source_ts.timestamp())
-    newest = max(stamps) if stamps else None
+    commits = _commit_runs(events)
+    newest = max([c[0] for c in commits], default=None)
     if is_heartbeat(table):
         # The row's own `ts` has microseconds; MariaDB binlog commit times have whole seconds only.
         beats = [_epoch(e.after["ts"]) for e in events if e.after and isinstance(e.after.get("ts"), datetime)]
@@ -385,12 +381,12 @@ def observe_batch_written(
         if newest is not None:
             observe_heartbeat_durable(branch, source, sink, newest)
         return
-    for op, n in by_op.items():
-        EVENTS.labels(branch, source, name, op).inc(n)
+    for op, n in Tally([e.op for e in events]).items():
+        EVENTS.labels(branch, source, name, op.value if isinstance(op, Op) else str(op)).inc(n)
     ROWS_WRITTEN.labels(branch, source, name, sink).inc(len(events) if rows_written is None else rows_written)
     SINK_BATCH_DURATION.labels(branch, source, sink).observe(duration_s)
-    if stamps:
-        END_TO_END_LATENCY.observe_many((branch, source, sink), (max(0.0, now - s) for s in stamps))
+    if commits:
+        END_TO_END_LATENCY.observe_many((branch, source, sink), [(max(0.0, now - ts), n) for ts, n in commits])
     key = (branch, source, name, sink)
     with _STATE.lock:
         previous = _STATE.durable.get(key)
@@ -398,6 +394,33 @@ def observe_batch_written(
             _STATE.durable[key] = newest
         elif key not in _STATE.durable:
             _STATE.durable[key] = None
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NAIVE_EPOCH = datetime(1970, 1, 1)
+
+
+def _commit_runs(events: Sequence[ChangeEvent]) -> list[tuple[float, int]]:
+    """(commit time in epoch seconds, changes) per run of changes sharing one commit time object.
+
+    Readers hand every change of a transaction the same datetime, so this converts once per transaction
+    (an aware datetime's ``timestamp()`` costs more than the rest of this function per change).
+    Snapshot reads are left out: their times are read times, not commits.
+    """
+    runs: list[tuple[float, int]] = []
+    previous: datetime | None = None
+    count = 0
+    for event in events:
+        stamp = None if event.snapshot else event.source_ts
+        if stamp is previous:
+            count += 1
+            continue
+        if previous is not None:
+            runs.append(((previous - (_EPOCH if previous.tzinfo else _NAIVE_EPOCH)).total_seconds(), count))
+        previous, count = stamp, 1
+    if previous is not None:
+        runs.append(((previous - (_EPOCH if previous.tzinfo else _NAIVE_EPOCH)).total_seconds(), count))
+    return runs
 
 
 def observe_heartbeat_durable(branch: str, source: str, sink: str, source_ts: datetime | float) -> None:
