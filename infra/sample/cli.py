@@ -15,6 +15,12 @@ def _endpoints(erp_host: str | None, erp_port: int | None, crm_host: str | None,
     return endpoint("erp", erp_host, erp_port), endpoint("crm", crm_host, crm_port)
 
 
+def _where(target: str, erp: Endpoint, crm: Endpoint) -> str:
+    """Which servers a command is about to change, said before it changes them."""
+    chosen = [ep for ep in (erp, crm) if target in (ep.name, "all")]
+    return " and ".join(f"{ep.name} ({ep.address}/{ep.database})" for ep in chosen)
+
+
 def _address_options(func: click.decorators.FC) -> click.decorators.FC:
     for option in reversed([
         click.option("--erp-host", envvar="BRANCHLINE_ERP_HOST", help="ERP MariaDB host [127.0.0.1]."),
@@ -44,6 +50,7 @@ def load(n: int, seed: int, target: str, erp_host: str | None, erp_port: int | N
     from .loader import load as run_load
 
     erp, crm = _endpoints(erp_host, erp_port, crm_host, crm_port)
+    click.echo(f"recreating {_where(target, erp, crm)} with --rows {n} --seed {seed}")
 
     def report(result: TableLoad) -> None:
         click.echo(f"{result.database}.{result.table:<18} {result.rows:>9,} rows {result.seconds:7.2f} s "
@@ -70,6 +77,7 @@ def churn(rate: float, duration: float, seed: int, target: str, erp_host: str | 
     from .workload import churn as run_churn
 
     erp, crm = _endpoints(erp_host, erp_port, crm_host, crm_port)
+    click.echo(f"churning {_where(target, erp, crm)} at ~{rate:g} rows/s each for {duration:g} s")
     reports = run_churn(target, rate, duration, seed, erp=erp, crm=crm)
     for name in ("erp", "crm"):
         if name in reports:

@@ -255,10 +255,13 @@ def test_cli_load_and_churn_print_figures(erp_ep: Endpoint, crm_ep: Endpoint, lo
     runner = CliRunner()
     result = runner.invoke(sample_cli, ["load", "--rows", "30", "--target", "crm", *address])
     assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"recreating crm ({crm_ep.address}/sample_test_cli_crm) with --rows 30")
     assert "crm.activities" in result.output and "rows/s" in result.output and "erp." not in result.output
     result = runner.invoke(sample_cli, ["churn", "--rate", "100", "--duration", "1", "--target", "erp", *address])
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("erp: ") and "insert=" in result.output and "crm:" not in result.output
+    first, summary = result.output.splitlines()
+    assert first == f"churning erp ({erp_ep.address}/{ERP_DB}) at ~100 rows/s each for 1 s"
+    assert summary.startswith("erp: ") and "insert=" in summary
 
 
 def test_churn_without_duration_runs_until_stopped(erp_ep: Endpoint, loaded: Any) -> None:
