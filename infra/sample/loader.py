@@ -227,7 +227,7 @@ def insert_statements(table: str, items: Iterable[Row], max_bytes: int = STATEME
     values: list[str] = []
     size = 0
     for row in items:
-        text = "(" + ",".join("NULL" if (v := row[name]) is None else func(v) for name, func in pairs) + ")"
+        text = "(" + ",".join(["NULL" if (v := row[name]) is None else func(v) for name, func in pairs]) + ")"
         values.append(text)
         size += len(text) + 1
         if size >= max_bytes:
