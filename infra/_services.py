@@ -102,7 +102,7 @@ class Service(ABC):
     def bootstrap(self) -> None:
         """Create databases and users; idempotent, runs after each start."""
 
-    def stop(self, tools_hint: Tools | None = None) -> bool:
+    def stop(self) -> bool:
         """Stop our server by pid (SIGTERM, then SIGKILL). True when it is gone."""
         pid = self.pid()
         if pid is None:
@@ -424,7 +424,7 @@ class Postgres(Service):
             if not exists:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.database)))
 
-    def stop(self, tools_hint: Tools | None = None) -> bool:
+    def stop(self) -> bool:
         pid = self.pid()
         if pid is None:
             return True
