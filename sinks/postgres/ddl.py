@@ -52,6 +52,8 @@ class TargetTable:
     key: tuple[str, ...]
     """Target primary key, bookkeeping columns included."""
     columns: dict[str, TargetColumn]
+    tombstones_exist: bool = False
+    """Whether the tombstone table held rows when the sink looked."""
 
 
 def tombstone_name(table: str) -> str:
@@ -179,8 +181,15 @@ async def ensure_table(
                     sql.Identifier(schema, tombstones), sql.SQL(", ").join(side)
                 )
             )
+            cursor = await conn.execute(
+                sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(schema, tombstones))
+            )
+            row = await cursor.fetchone()
+            tombstones_exist = bool(row and row[0])
+        else:
+            tombstones_exist = False
         columns = await _columns(conn, schema, name)
-    return TargetTable(schema, name, tombstones, key, columns)
+    return TargetTable(schema, name, tombstones, key, columns, tombstones_exist)
 
 
 async def _columns(conn: AsyncConnection, schema: str, name: str) -> dict[str, TargetColumn]:

@@ -14,6 +14,7 @@ The fast path — no unchanged values, no deletes — is COPY + one INSERT .. SE
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,7 +23,6 @@ from branchline.sinks.postgres.ddl import TRUNCATIONS, TargetTable
 from branchline.sinks.postgres.types import Converter, converter, staged_as_text
 from psycopg import sql
 
-STAGE = sql.Identifier("_bl_stage")
 TEXT_OID = 25
 TEXT_ARRAY_OID = 1009
 NUMERIC_OID = 1700
@@ -104,9 +104,15 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
         stage_defs.append(sql.SQL(definition))
         copy_columns.append(sql.Identifier(column))
         copy_types.append(oid)
-    create_stage = sql.SQL("CREATE TEMP TABLE {} ({}) ON COMMIT DROP").format(STAGE, _join(stage_defs))
-    clear_stage = sql.SQL("TRUNCATE {}").format(STAGE)
-    copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(STAGE, _join(copy_columns))
+    # one staging table per connection and table layout, kept for the session and emptied at each commit:
+    # no catalog churn per batch
+    layout = f"{target.schema}.{target.name}|{stage_defs!r}"  # names and exact types, e.g. numeric(12,4)
+    stage = sql.Identifier("_bl_stage_" + hashlib.sha1(layout.encode()).hexdigest()[:16])
+    create_stage = sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
+        stage, _join(stage_defs)
+    )
+    clear_stage = sql.SQL("TRUNCATE {}").format(stage)
+    copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, _join(copy_columns))
 
     branch_value: sql.Composable = sql.SQL("s._bl_branch") if branch_key else sql.Literal("")
     key_match = _join(
@@ -134,7 +140,7 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
             for n in non_key
         ]
         prefill = sql.SQL("UPDATE {} s SET {} FROM {} t WHERE {} AND s._bl_unchanged IS NOT NULL").format(
-            STAGE, _join(sets), table, key_match
+            stage, _join(sets), table, key_match
         )
 
     # 2. upsert
@@ -171,7 +177,7 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
         "SELECT {} FROM {} s LEFT JOIN {} w ON w.table_name = {} AND w.branch = {} WHERE {}"
     ).format(
         _join(select_values),
-        STAGE,
+        stage,
         truncations,
         sql.Literal(target.name),
         branch_value,
@@ -199,13 +205,13 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
         tombs = sql.Identifier(target.schema, target.tombstones)
         delete = sql.SQL(
             "DELETE FROM {} t USING {} s WHERE s._bl_op = 'd' AND {} AND t._bl_position < s._bl_position"
-        ).format(table, STAGE, key_match)
+        ).format(table, stage, key_match)
         tomb_values = [s(k) if k != "_bl_branch" else branch_value for k in target.key]
         tombstone = sql.SQL(
             "INSERT INTO {} AS d ({}, _bl_position) SELECT {}, s._bl_position FROM {} s WHERE s._bl_op = 'd'"
             " ON CONFLICT ({}) DO UPDATE SET _bl_position = EXCLUDED._bl_position"
             " WHERE d._bl_position < EXCLUDED._bl_position"
-        ).format(tombs, key_list, _join(tomb_values), STAGE, key_list)
+        ).format(tombs, key_list, _join(tomb_values), stage, key_list)
         tomb_match_cleanup = _join(
             [
                 sql.SQL("d.{} = {}").format(sql.Identifier(k), s(k) if k != "_bl_branch" else branch_value)
@@ -215,7 +221,7 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
         )
         tombstone_cleanup = sql.SQL(
             "DELETE FROM {} d USING {} s WHERE s._bl_op <> 'd' AND {} AND d._bl_position < s._bl_position"
-        ).format(tombs, STAGE, tomb_match_cleanup)
+        ).format(tombs, stage, tomb_match_cleanup)
         truncate_tombstones = sql.SQL("DELETE FROM {} WHERE _bl_position < %(position)s{}").format(
             tombs, sql.SQL(" AND _bl_branch = %(branch)s") if branch_key else sql.SQL("")
         )

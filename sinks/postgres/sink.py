@@ -82,6 +82,8 @@ class PostgresSink:
         self._pool: AsyncConnectionPool | None = None
         self._pool_lock = asyncio.Lock()
         self._plans: dict[tuple[str, str], TablePlan] = {}
+        self._with_tombstones: set[str] = set()
+        """Tables whose tombstone table may hold rows (seen at start-up, or deletes written since)."""
 
     # --- Sink protocol ---------------------------------------------------------------------------
 
@@ -120,7 +122,6 @@ class PostgresSink:
                     max_size=self.config.pool_max_size,
                     open=False,
                     configure=self._configure,
-                    check=AsyncConnectionPool.check_connection,
                     timeout=self.config.connect_timeout_s,
                     name=f"branchline-{self.name}",
                 )
@@ -170,6 +171,8 @@ class PostgresSink:
             backoff_s=self.config.retry_backoff_s,
             max_backoff_s=self.config.retry_max_backoff_s,
         )
+        if plan.target.tombstones_exist:
+            self._with_tombstones.add(plan.qualified)
         self._plans[slot] = plan
         return plan
 
@@ -253,8 +256,10 @@ class PostgresSink:
             if has_delete and plan.delete is not None and plan.tombstone is not None:
                 await cursor.execute(plan.delete)
                 await cursor.execute(plan.tombstone)
-            if has_upsert and plan.tombstone_cleanup is not None:
-                await cursor.execute(plan.tombstone_cleanup)
+            if has_delete:
+                self._with_tombstones.add(plan.qualified)
+            if has_upsert and plan.tombstone_cleanup is not None and plan.qualified in self._with_tombstones:
+                await cursor.execute(plan.tombstone_cleanup)  # space only: stale tombstones never change a result
 
     async def _truncate(self, conn: AsyncConnection, plan: TablePlan, event: ChangeEvent) -> None:
         params = {
