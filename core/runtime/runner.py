@@ -417,11 +417,6 @@ class Runner:
                     self.stop.set()
                     log.error("sink failed: %s", exc)
                     return
-            except Exception as exc:  # a sink bug must stop the run, never spin
-                self.stats.error = exc
-                self.stop.set()
-                log.exception("writing into the sink failed")
-                return
                 now = time.monotonic()
                 if self.stats.sink_down_since is None:
                     self.stats.sink_down_since = now
@@ -434,6 +429,11 @@ class Runner:
                 attempt += 1
                 await asyncio.sleep(min(10.0, 0.5 * 2 ** min(attempt, 5)))
                 continue
+            except Exception as exc:  # a sink bug must stop the run, never spin
+                self.stats.error = exc
+                self.stop.set()
+                log.exception("writing into the sink failed")
+                return
             if self.stats.sink_down_since is not None:
                 log.info("target reachable again after %.1f s; draining %d spooled batches",
                          time.monotonic() - self.stats.sink_down_since, self.spool.batches)

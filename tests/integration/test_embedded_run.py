@@ -175,8 +175,8 @@ metrics:
         return subprocess.run([*BRANCHLINE, "verify", str(pipeline or self.pipeline), "--no-progress", "--chunk",
                                "300", *args], check=False, capture_output=True, text=True, timeout=300)
 
-    def logs(self) -> str:
-        return "\n".join(p.read_text()[-3000:] for p in sorted(self.tmp.glob("run-*.log")))
+    def logs(self, tail: int = 3000) -> str:
+        return "\n".join(p.read_text()[-tail:] for p in sorted(self.tmp.glob("run-*.log")))
 
 
 @pytest.fixture
@@ -363,7 +363,8 @@ def test_cloud_postgres_unreachable_for_30s_during_churn_spools_then_drains(env)
     finally:
         proxy.close()
     assert spooled > 0, "capture must continue into the spool while the target is down"
-    assert "target unreachable; capture continues into the spool" in env.logs()
+    assert "target unreachable; capture continues into the spool" in env.logs(tail=10**7)
+    assert "target reachable again" in env.logs(tail=10**7)
     env.cloud_port = None
     env.write()
     assert_identical(env)
@@ -481,7 +482,7 @@ def test_source_database_restart_during_churn(env, private_mariadb):
     conn = pymysql.connect(host=source.host, port=source.port, user="root", password="", autocommit=True)
     mariadb_churn(conn, env.db, 400, rng, ids)
     wait_exit(process, env)
-    assert "source unreachable" in env.logs()
+    assert "source unreachable" in env.logs(tail=10**7)
     assert_identical(env)
     conn.close()
 
