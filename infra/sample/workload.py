@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 import psycopg
 import pymysql
+from branchline.errors import InfraError
 from psycopg import errors as pg_errors
 
 from . import generate as g
@@ -37,6 +38,8 @@ from .loader import mysql_time
 from .tables import ENUM_VALUES
 
 _MARIADB_RETRYABLE = {1205, 1213}  # lock wait timeout, deadlock
+CHURN_APPLICATION = "branchline-sample-churn"
+"""PostgreSQL application_name of the workload's sessions (to find them in pg_stat_activity)."""
 
 
 @dataclass
@@ -550,8 +553,13 @@ def churn(target: str = "all", rate: float = 50.0, duration: float | None = 10.0
                 with erp_connect(erp or endpoint("erp")) as conn:
                     reports[name] = run_workload(ErpWorkload(conn, seed), rate, duration, stop)
             else:
-                with crm_connect(crm or endpoint("crm")) as conn:
+                with crm_connect(crm or endpoint("crm"), application_name=CHURN_APPLICATION) as conn:
                     reports[name] = run_workload(CrmWorkload(conn, seed), rate, duration, stop)
+        except (pymysql.err.Error, psycopg.Error) as exc:
+            failure = InfraError(f"`{name}` must stay reachable while the workload runs; got {type(exc).__name__}: {exc}")
+            failure.__cause__ = exc
+            failures.append(failure)
+            stop.set()
         except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread)
             failures.append(exc)
             stop.set()

@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 import pymysql
 import pytest
+from branchline.errors import InfraError
 from branchline.events import Json
 from branchline.infra.sample import (
     CRM_TABLES,
@@ -35,6 +36,7 @@ from branchline.infra.sample import (
 )
 from branchline.infra.sample.cli import sample as sample_cli
 from branchline.infra.sample.generate import BIG_BODY_EVERY
+from branchline.infra.sample.workload import CHURN_APPLICATION
 from click.testing import CliRunner
 
 pytestmark = pytest.mark.integration
@@ -297,3 +299,28 @@ def test_reload_keeps_publication_memberships_and_a_type_used_elsewhere(crm: Any
         conn.execute("DROP PUBLICATION sample_test_pub")
     assert members == [("public", "accounts"), ("public", "activities")]
     assert accounts == (7,)
+
+
+def test_churn_stops_with_an_infra_error_when_its_session_is_killed(crm_ep: Endpoint, loaded: Any) -> None:
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            churn("crm", rate=100, duration=20, crm=crm_ep)
+        except BaseException as exc:  # noqa: BLE001
+            failure.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    with crm_connect(crm_ep, autocommit=True) as admin:
+        for _ in range(100):
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s "
+                "AND datname = %s", (CHURN_APPLICATION, CRM_DB)).fetchone()
+            if killed and killed[0]:
+                break
+            time.sleep(0.05)
+    worker.join(20)
+    assert not worker.is_alive()
+    assert len(failure) == 1 and isinstance(failure[0], InfraError), failure
+    assert "`crm` must stay reachable while the workload runs" in str(failure[0])
