@@ -71,7 +71,7 @@ def count(table: str, n: int) -> int:
     if n < 0:
         raise ValueError(f"`rows` must be >= 0; got {n!r}")
     if table == "order_lines":
-        return sum(_lines_of(order_id) for order_id in range(1, n + 1))
+        return n + 3 * (n // 3) + (0, 1, 3)[n % 3]  # sum of _lines_of(1..n): 1 + i % 3 cycles 2, 3, 1
     scale = _SCALE[table]
     return max(min(n, scale[1]), n * scale[0] // 1000)
 
