@@ -112,6 +112,9 @@ class PostgresSink:
 
     async def _configure(self, conn: AsyncConnection) -> None:
         set_json_dumps(_dumps, context=conn)
+        # staging tables live in temp buffers (8 MB by default): keep a 20k-row batch off the disk
+        await conn.execute("SET temp_buffers = '64MB'")
+        await conn.commit()
 
     async def _get_pool(self) -> AsyncConnectionPool:
         async with self._pool_lock:
