@@ -25,6 +25,9 @@ from branchline.config import (
     PipelineConfig,
     PostgresSourceConfig,
 )
+from branchline.config import (
+    AnySource as Source,
+)
 from branchline.errors import ConfigError
 
 MASK = "********"
@@ -49,7 +52,6 @@ class Setting:
     why: str
 
 
-Source = BinlogSourceConfig | PostgresSourceConfig
 
 
 def _regex(name: str) -> str:

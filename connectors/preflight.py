@@ -12,11 +12,11 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from branchline.config import AnySource as Source
 from branchline.config import BinlogSourceConfig, PipelineConfig, PostgresSourceConfig
 from branchline.connectors.setup_sql import setup_statements
 
 Status = Literal["PASS", "WARN", "FAIL"]
-Source = BinlogSourceConfig | PostgresSourceConfig
 
 EXIT_CODES = {"PASS": 0, "WARN": 1, "FAIL": 2}
 

@@ -15,11 +15,11 @@ The password is never printed: the SQL carries a placeholder for the DBA to repl
 
 from __future__ import annotations
 
+from branchline.config import AnySource as Source
 from branchline.config import BinlogSourceConfig, PostgresSourceConfig
 
 PASSWORD_PLACEHOLDER = "<choose-a-password>"
 
-Source = BinlogSourceConfig | PostgresSourceConfig
 
 
 def _q(name: str) -> str:

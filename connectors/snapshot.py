@@ -15,12 +15,11 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from branchline.config import BinlogSourceConfig, PipelineConfig, PostgresSourceConfig
+from branchline.config import AnySource as Source
+from branchline.config import PipelineConfig, PostgresSourceConfig
 from branchline.connectors.debezium import notification_topic
 from branchline.connectors.topics import read_topics
 from branchline.errors import ConfigError, FatalSourceError, RetryableSourceError
-
-Source = BinlogSourceConfig | PostgresSourceConfig
 
 
 def signal_row(tables: Sequence[str]) -> tuple[str, str, str]:

@@ -8,24 +8,26 @@ tree with pydantic and raises one `ConfigError` that lists *every* problem as
 are never echoed back.
 
 Sections owned by other stages are composed here, not redefined: ``sinks:`` is
-`branchline.sinks.config.SinkConfig`; ``tables:`` (per-table transforms), ``runtime:`` and ``metrics:``
-use their stage's model when that module exists, and a small placeholder until then.
+`branchline.sinks.config.SinkConfig`, ``tables:`` `branchline.streams.config.TableTransforms`,
+``worker:`` `branchline.streams.config.WorkerSettings`, ``runtime:``
+`branchline.runtime.config.RuntimeConfig`, ``metrics:`` `branchline.metrics_config.MetricsConfig`.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import re
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeAlias
 
 import yaml
 from branchline.errors import ConfigError
+from branchline.metrics_config import MetricsConfig
+from branchline.runtime.config import RuntimeConfig
 from branchline.sinks.config import SinkConfig
+from branchline.streams.config import TableTransforms, WorkerSettings
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -48,16 +50,6 @@ CONTROL_NAMESPACE = "branchline"
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-def _optional_model(module: str, attribute: str) -> Any:
-    """Another stage's section model, or None while that stage has not written it yet."""
-    try:
-        if importlib.util.find_spec(module) is None:
-            return None
-    except ModuleNotFoundError:
-        return None
-    return getattr(importlib.import_module(module), attribute, None)
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -206,6 +198,9 @@ class PostgresSourceConfig(_SourceBase):
 SourceConfig = Annotated[BinlogSourceConfig | PostgresSourceConfig, Field(discriminator="kind")]
 """One entry of `sources:`; `kind` picks the model."""
 
+AnySource: TypeAlias = BinlogSourceConfig | PostgresSourceConfig
+"""A validated source, for type hints."""
+
 
 # ----------------------------------------------------------------------------------- kafka and connect
 
@@ -227,25 +222,6 @@ class ConnectConfig(_Model):
     timeout_s: float = Field(30.0, gt=0)
 
 
-# ------------------------------------------------------------------- sections owned by other stages
-
-
-class _MetricsPlaceholder(_Model):
-    """Placeholder while `branchline.metrics_config` is absent."""
-
-    port: int = Field(9464, ge=0, le=65535)
-
-
-_TableConfig = _optional_model("branchline.streams.config", "TableTransforms")
-_WorkerConfig = _optional_model("branchline.streams.config", "WorkerSettings")
-_RuntimeConfig = _optional_model("branchline.runtime.config", "RuntimeConfig")
-_MetricsConfig = _optional_model("branchline.metrics_config", "MetricsConfig") or _MetricsPlaceholder
-
-TablesSection = dict[str, _TableConfig] if _TableConfig is not None else dict[str, dict[str, Any]]
-WorkerSection = _WorkerConfig if _WorkerConfig is not None else dict[str, Any]
-RuntimeSection = _RuntimeConfig if _RuntimeConfig is not None else dict[str, Any]
-
-
 # ----------------------------------------------------------------------------------------- the file
 
 
@@ -263,13 +239,13 @@ class PipelineConfig(_Model):
     """Needed by `branchline connectors` and `snapshot` only."""
     sinks: dict[Annotated[str, Field(pattern=IDENTIFIER)], SinkConfig] = {}
     """Targets by name."""
-    tables: TablesSection = {}  # type: ignore[valid-type]
+    tables: dict[str, TableTransforms] = {}
     """Per-table transforms (`branchline.streams.config.TableTransforms`), keyed by `namespace.table`."""
-    worker: WorkerSection = WorkerSection()  # type: ignore[valid-type]
+    worker: WorkerSettings = WorkerSettings()
     """Faust workers of the distributed runtime (`branchline.streams.config.WorkerSettings`)."""
-    runtime: RuntimeSection = RuntimeSection()  # type: ignore[valid-type]
+    runtime: RuntimeConfig = RuntimeConfig()
     """The embedded runtime, `branchline run` (`branchline.runtime.config.RuntimeConfig`)."""
-    metrics: _MetricsConfig = _MetricsConfig()  # type: ignore[valid-type]
+    metrics: MetricsConfig = MetricsConfig()
     """The Prometheus endpoint and heartbeats (`branchline.metrics_config.MetricsConfig`)."""
 
     @model_validator(mode="before")
@@ -288,14 +264,14 @@ class PipelineConfig(_Model):
     @model_validator(mode="after")
     def _check_unique(self) -> PipelineConfig:
         problems: list[str] = []
-        seen: dict[Any, str] = {}
+        seen: dict[tuple[Any, ...], str] = {}
         for source in self.sources:
             for what, value in (("name", source.name), ("connector", source.connector_name)):
                 if (what, value) in seen:
                     problems.append(f"`sources.{source.name}.{what}` must be unique; got {value!r} twice")
                 seen[(what, value)] = source.name
             if isinstance(source, BinlogSourceConfig):
-                key = ("server_id", source.host, source.port, source.server_id)
+                key: tuple[Any, ...] = ("server_id", source.host, source.port, source.server_id)
                 if key in seen:
                     problems.append(
                         f"`sources.{source.name}.server_id` must differ from `{seen[key]}`'s; got {source.server_id!r}"
@@ -311,7 +287,7 @@ class PipelineConfig(_Model):
             raise ValueError("; ".join(problems))
         return self
 
-    def source(self, name: str) -> BinlogSourceConfig | PostgresSourceConfig:
+    def source(self, name: str) -> AnySource:
         """The source called `name`; a ConfigError naming the known ones otherwise."""
         for source in self.sources:
             if source.name == name:
@@ -322,7 +298,7 @@ class PipelineConfig(_Model):
 # ------------------------------------------------------------------------------------------ loading
 
 _TAGS = ("mariadb", "mysql", "postgres", "delta")
-_SECRET_WORDS = ("password", "secret", "token", "dsn", "key_id", "access_key")
+_SECRET_WORDS = ("password", "secret", "token", "dsn", "key_id", "access_key", "salt")
 _ENV = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 

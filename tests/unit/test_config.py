@@ -173,3 +173,32 @@ def test_config_check_command(tmp_path: Path) -> None:
     bad = write(tmp_path, "sources: []\n")
     result = runner.invoke(cli, ["config", "check", str(bad)])
     assert isinstance(result.exception, ConfigError)
+
+
+def test_other_stages_sections_are_validated_in_the_same_pass(tmp_path: Path) -> None:
+    text = MINIMAL + """
+tables:
+  erp.customers:
+    mask: {email: {method: sha256, salt: topsecret-salt}}
+    exclude: [notes]
+    include: [id]
+worker: {batch_size: 0}
+runtime: {spool: {max_bytes: -1}}
+metrics: {port: 70000, prot: 1}
+"""
+    found = problems(write(tmp_path, text), env={"ERP_PASSWORD": "x"})
+    joined = "\n".join(found)
+    assert "tables.erp.customers: `include` and `exclude` must not both be set" in joined
+    assert "worker.batch_size: must be greater than or equal to 1; got 0" in joined
+    assert "runtime.spool.max_bytes: must be greater than 0; got -1" in joined
+    assert "metrics.port: must be less than or equal to 65535; got 70000" in joined
+    assert "metrics.prot: is not a known key" in joined
+    assert "topsecret-salt" not in joined
+
+
+def test_example_sections_load_into_their_stage_models() -> None:
+    from branchline.streams.config import TableTransforms
+
+    config = load_pipeline(EXAMPLES / "erp.yaml", env={"MASK_SALT": "s"})
+    assert isinstance(config.tables["erp.customers"], TableTransforms)
+    assert config.runtime.batch_size == 5000 and config.metrics.port == 9464
