@@ -15,8 +15,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def test_grants_are_parsed_per_scope_without_column_lists_or_password_hashes() -> None:
     scopes = parse_grants([
-        "GRANT SELECT, RELOAD, SHOW DATABASES, REPLICATION SLAVE, BINLOG MONITOR ON *.* TO `bl`@`%` "
-        "IDENTIFIED BY PASSWORD '*5AF57E73BF94584DA4D25F6067E9F747708D0975'",
+        ("GRANT SELECT, RELOAD, SHOW DATABASES, REPLICATION SLAVE, BINLOG MONITOR ON *.* TO `bl`@`%` "
+         "IDENTIFIED BY PASSWORD '*5AF57E73BF94584DA4D25F6067E9F747708D0975'"),
         "GRANT INSERT (id, type), UPDATE ON `branchline`.`debezium_signal` TO `bl`@`%`",
         "GRANT ALL PRIVILEGES ON `erp`.* TO `bl`@`%`",
         "GRANT USAGE ON *.* TO `other`@`%`",
