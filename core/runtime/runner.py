@@ -310,6 +310,7 @@ class Runner:
         self._wake: asyncio.Event | None = None
         self.captures: list[SourceCapture] = []
         self._warned_retention = False
+        self._compiled: dict[TableSchema, Any] = {}
 
     def _wake_drain(self) -> None:
         loop, wake = self._loop, self._wake
@@ -397,9 +398,20 @@ class Runner:
                 continue
             pairs = []
             count = 0
-            for batch in batches:
-                count += len(batch.events)
-                pairs.extend((e, batch.schemas[e.table]) for e in batch.events)
+            try:
+                for batch in batches:
+                    count += len(batch.events)
+                    compiled_for = {table: self._transform_for(schema) for table, schema in batch.schemas.items()}
+                    for event in batch.events:
+                        compiled = compiled_for[event.table]
+                        transformed = compiled.apply(event)
+                        if transformed is not None:
+                            pairs.append((transformed, compiled.schema))
+            except BranchlineError as exc:  # a bad record or a `tables:` entry that does not fit
+                self.stats.error = exc
+                self.stop.set()
+                log.error("%s", exc)
+                return
             segments = collapse(pairs)
             started = time.monotonic()
             try:
@@ -444,6 +456,19 @@ class Runner:
             self.stats.written += count
             self.stats.last_write = time.monotonic()
             log.debug("wrote %d changes (%d segments) in %.3f s", count, len(segments), time.monotonic() - started)
+
+    def _transform_for(self, schema: TableSchema) -> Any:
+        """The `tables:` transforms of a table, compiled once per schema (the Faust workers' code)."""
+        from branchline.streams.transforms import compile_transforms
+
+        cached = self._compiled.get(schema)  # by value: each spooled batch unpickles its own copy
+        if cached is not None:
+            return cached
+        name = schema.id.qualified
+        tables = self.pipeline.tables if isinstance(self.pipeline.tables, dict) else {}
+        compiled = compile_transforms(schema, tables.get(name), name=name)
+        self._compiled[schema] = compiled
+        return compiled
 
     def _warn_outage(self, down_s: float, retention: dict[str, float | None]) -> None:
         if self._warned_retention:
