@@ -229,7 +229,7 @@ def test_lag_rises_while_the_sink_is_cut_and_falls_after_it_returns(crm: Any, cl
         later = until("lag to keep rising", lambda: (v := scalar(url, lag_query)) and v > stalled + 2 and v)
         assert later > stalled > healthy
         assert scalar(url, rows_query) == 20  # nothing more became durable while the sink was cut
-        assert (scalar(url, "max(branchline_spool_oldest_age_seconds)") or 0) > 0
+        until("the oldest spooled change to age", lambda: (scalar(url, "max(branchline_spool_oldest_age_seconds)") or 0) > 1)
 
         # restore: the spool drains, and a fresh change brings lag back down
         proxy.restore()
@@ -407,6 +407,7 @@ def test_prometheus_scrapes_the_branchline_run_command(crm: Any, cloud: Any, tmp
     metrics_port = free_port()
     with psycopg.connect(crm_dsn, autocommit=True) as conn:
         conn.execute(f"CREATE TABLE public.{table} (id int PRIMARY KEY, note text)")
+        conn.execute(f"INSERT INTO public.{table} VALUES (0, 'before the snapshot')")
         conn.execute(f'CREATE PUBLICATION "branchline_t1_{source}" FOR TABLE public.{table}')
     pipeline_file = tmp_path / "pipeline.yaml"
     pipeline_file.write_text(yaml.safe_dump({
@@ -432,12 +433,14 @@ def test_prometheus_scrapes_the_branchline_run_command(crm: Any, cloud: Any, tmp
                     f"branchline run exited {code}: {(tmp_path / 'run.log').read_text()[-2000:]}")
 
             with prometheus(tmp_path, f"127.0.0.1:{metrics_port}") as url:
-                wait_for("the slot to exist", lambda: _slot_exists(crm_dsn, f"branchline_t1_{source}"),
-                         failed=alive)
+                # rows inserted after the snapshot are streamed changes, which carry commit times
+                wait_for("the snapshot to be read", lambda: scalar(
+                    url, f'branchline_snapshot_rows_total{{source="{source}",table="public.{table}"}}') == 1,
+                    failed=alive)
                 with psycopg.connect(crm_dsn, autocommit=True) as conn:
                     conn.execute(f"INSERT INTO public.{table} SELECT g, 'row ' || g FROM generate_series(1, 50) g")
-                wait_for("50 rows written, as Prometheus sees them",
-                         lambda: (scalar(url, f"sum(branchline_rows_written_total{{{labels}}})") or 0) >= 50,
+                wait_for("51 rows written, as Prometheus sees them",
+                         lambda: (scalar(url, f"sum(branchline_rows_written_total{{{labels}}})") or 0) >= 51,
                          failed=alive)
                 lag = wait_for("the lag series", lambda: scalar(url, f"branchline_replication_lag_seconds{{{labels}}}"),
                                failed=alive)
@@ -450,7 +453,7 @@ def test_prometheus_scrapes_the_branchline_run_command(crm: Any, cloud: Any, tmp
                 report = json.loads(status.stdout)
                 assert report["runtime"]["reachable"], report
                 (row,) = [t for t in report["tables"] if t["table"] == f"public.{table}"]
-                assert row["rows_written"] == 50 and row["replication_lag_s"] < 30
+                assert row["rows_written"] == 51 and row["replication_lag_s"] < 30
                 assert status.returncode == 0, report["problems"]
         finally:
             process.send_signal(signal.SIGTERM)
@@ -463,13 +466,8 @@ def test_prometheus_scrapes_the_branchline_run_command(crm: Any, cloud: Any, tmp
             expected = conn.execute(f"SELECT id, note FROM public.{table} ORDER BY id").fetchall()
         with psycopg.connect(cloud_dsn) as conn:
             got = conn.execute(f'SELECT id, note FROM "{source}"."{table}" ORDER BY id').fetchall()
-        assert got == expected and len(got) == 50
+        assert got == expected and len(got) == 51
     finally:
         _drop_source_objects(crm_dsn, f"branchline_t1_{source}", table)
         with psycopg.connect(cloud_dsn, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{source}" CASCADE')
-
-
-def _slot_exists(dsn: str, slot: str) -> bool:
-    with psycopg.connect(dsn) as conn:
-        return conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone() is not None
