@@ -18,6 +18,15 @@ from psycopg_pool import PoolTimeout
 
 _RETRYABLE_CLASSES = ("08", "40", "53", "57P")
 _COPY_LINE = re.compile(r"COPY \S+, line (\d+)")
+_CONFIG_HINTS = (
+    "certificate verify failed",
+    "password authentication failed",
+    "no pg_hba.conf entry",
+    "pg_hba.conf rejects",
+    "server does not support SSL",
+    "does not exist",
+    "root certificate file",
+)
 
 
 def is_retryable_sqlstate(sqlstate: str | None) -> bool:
@@ -55,6 +64,8 @@ def map_error(
     if is_retryable_sqlstate(sqlstate):
         return RetryableSinkError(message)
     if sqlstate is None and isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError):
+        if any(hint in detail for hint in _CONFIG_HINTS):
+            return FatalSinkError(message)  # the server answered and refused us: retrying cannot help
         return RetryableSinkError(message)  # connection refused or lost: libpq gives no SQLSTATE
     return FatalSinkError(message)
 

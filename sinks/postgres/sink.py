@@ -132,6 +132,12 @@ class PostgresSink:
                     await pool.open(wait=True, timeout=self.config.connect_timeout_s)
                 except Exception as exc:
                     await pool.close()
+                    # the pool only says "incomplete"; one direct attempt names the real cause
+                    try:
+                        conn = await psycopg.AsyncConnection.connect(conninfo(self.config))
+                    except Exception as cause:
+                        raise map_error(cause, table="(connecting)") from cause
+                    await conn.close()
                     raise map_error(exc, table="(connecting)") from exc
                 self._pool = pool
             return self._pool
@@ -262,7 +268,9 @@ class PostgresSink:
             if has_delete:
                 self._with_tombstones.add(plan.qualified)
             if has_upsert and plan.tombstone_cleanup is not None and plan.qualified in self._with_tombstones:
-                await cursor.execute(plan.tombstone_cleanup)  # space only: stale tombstones never change a result
+                await cursor.execute(
+                    plan.tombstone_cleanup
+                )  # space only: stale tombstones never change a result
 
     async def _truncate(self, conn: AsyncConnection, plan: TablePlan, event: ChangeEvent) -> None:
         params = {

@@ -60,3 +60,12 @@ def test_fatal_errors_are_not_retried() -> None:
     with pytest.raises(FatalSinkError):
         asyncio.run(retrying(broken, what="w", max_attempts=5, backoff_s=0, max_backoff_s=0))
     assert calls == 1
+
+
+def test_refused_by_the_server_is_fatal_not_retried() -> None:
+    for text in (
+        'connection failed: connection to server at "h" failed: SSL error: certificate verify failed',
+        'connection failed: FATAL:  password authentication failed for user "x"',
+        'connection failed: FATAL:  database "nope" does not exist',
+    ):
+        assert isinstance(map_error(psycopg.OperationalError(text), table="t"), FatalSinkError)
