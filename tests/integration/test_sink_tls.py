@@ -144,6 +144,7 @@ def tls_server() -> Iterator[dict[str, Any]]:
     finally:
         subprocess.run(
             _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+            check=False,
             capture_output=True,
         )
         shutil.rmtree(base, ignore_errors=True)
