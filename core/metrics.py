@@ -613,6 +613,16 @@ def sample(name: str, labels: Mapping[str, str] | None = None) -> float | None:
     return REGISTRY.get_sample_value(name, dict(labels or {}))
 
 
+def _values(metric: Any, suffix: str = "") -> dict[tuple[str, ...], float]:
+    """label values -> value of every sample of one metric (``suffix``: ``_total`` for counters)."""
+    found = {}
+    for family in metric.collect():
+        for item in family.samples:
+            if item.name == family.name + suffix:
+                found[tuple(item.labels.values())] = item.value
+    return found
+
+
 def snapshot() -> dict[str, Any]:
     """The in-process state as JSON-ready data: what `/status.json` serves to `branchline status`."""
     now = _clock()
@@ -624,20 +634,26 @@ def snapshot() -> dict[str, Any]:
         errors = [dict(e) for e in _STATE.last_errors.values()]
         connectors = json.loads(json.dumps(_STATE.connectors))
         sources = {f"{b}/{s}": dict(v, branch=b, source=s) for (b, s), v in _STATE.sources.items()}
+    rows = _values(ROWS_WRITTEN, "_total")
     tables = []
     for (branch, source, table, sink), mark in sorted(durable.items()):
         newest = max((m for m in (mark, beats.get((branch, source, sink))) if m is not None), default=None)
         tables.append({"branch": branch, "source": source, "table": table, "sink": sink,
                        "replication_lag_s": None if newest is None else now - newest,
-                       "rows_written": sample("branchline_rows_written_total",
-                                              {"branch": branch, "source": source, "table": table, "sink": sink})})
+                       "rows_written": rows.get((branch, source, table, sink))})
     for (branch, source), mark in read.items():
         sources.setdefault(f"{branch}/{source}", {"branch": branch, "source": source})["capture_lag_s"] = now - mark
-    spools = [{"spool": name, "bytes": sample("branchline_spool_bytes", {"spool": name}),
-               "limit_bytes": sample("branchline_spool_limit_bytes", {"spool": name}),
+    for (branch, source), skew in _values(CLOCK_SKEW).items():
+        sources.setdefault(f"{branch}/{source}", {"branch": branch, "source": source})["clock_skew_s"] = skew
+    sizes, limits = _values(SPOOL_BYTES), _values(SPOOL_LIMIT_BYTES)
+    spools = [{"spool": name, "bytes": sizes.get((name,)), "limit_bytes": limits.get((name,)),
                "oldest_age_s": 0.0 if oldest is None else now - oldest} for name, oldest in spool_oldest.items()]
+    kafka: dict[tuple[str, str], float] = {}
+    for (group, topic, _partition), lag in _values(KAFKA_CONSUMER_LAG).items():
+        kafka[(group, topic)] = kafka.get((group, topic), 0) + lag
     return {"at": now, "tables": tables, "sources": list(sources.values()), "connectors": connectors,
-            "spools": spools, "errors": sorted(errors, key=lambda e: e["at"], reverse=True)}
+            "spools": spools, "kafka_consumer_lag": [{"group": g, "topic": t, "lag": n} for (g, t), n in kafka.items()],
+            "errors": sorted(errors, key=lambda e: e["at"], reverse=True)}
 
 
 def reset() -> None:

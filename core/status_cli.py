@@ -29,6 +29,7 @@ def _source_status(source: Any, runtime_sources: dict[str, Any]) -> dict[str, An
                              "address": f"{source.host}:{source.port}", "up": False, "error": None}
     seen = runtime_sources.get(f"{source.branch}/{source.name}", {})
     entry["capture_lag_s"] = seen.get("capture_lag_s")
+    entry["clock_skew_s"] = seen.get("clock_skew_s")
     try:
         if source.kind == "postgres":
             slot = poll_postgres_slot(source)
@@ -97,6 +98,7 @@ def collect_status(pipeline: Any, runtime_url: str | None = None) -> dict[str, A
         "runtime": {"url": runtime["url"], "reachable": runtime["reachable"], "error": runtime["error"]},
         "tables": runtime.get("tables", []),
         "spools": runtime.get("spools", []),
+        "kafka_consumer_lag": runtime.get("kafka_consumer_lag", []),
         "last_error": errors[0] if errors else None,
     }
 
@@ -133,7 +135,7 @@ def render(report: dict[str, Any]) -> None:
         console.print(f"  [red]-[/] {problem}")
 
     sources = Table(title="Sources", title_justify="left", expand=True)
-    for column in ("source", "kind", "address", "health", "log", "capture lag"):
+    for column in ("source", "kind", "address", "health", "log", "capture lag", "clock skew"):
         sources.add_column(column)
     for s in report["sources"]:
         health = "[green]up[/]" if s["up"] else f"[red]down[/] {s['error']}"
@@ -151,8 +153,9 @@ def render(report: dict[str, Any]) -> None:
                    + (f", kept {_duration(binlog['retention_s'])}" if binlog["retention_s"] else ", kept forever"))
         else:
             log = "-"
+        skew = s.get("clock_skew_s")
         sources.add_row(f"{s['branch']}/{s['name']}", s["kind"], s["address"], health, log,
-                        _duration(s.get("capture_lag_s")))
+                        _duration(s.get("capture_lag_s")), "-" if skew is None else f"{skew:+.3f} s")
     console.print(sources)
 
     connect = report["connect"]
@@ -182,6 +185,8 @@ def render(report: dict[str, Any]) -> None:
         tables.add_row(f"{t['branch']}/{t['source']} {t['table']}", t["sink"], f"[{color}]{_duration(lag)}[/]",
                        "-" if t["rows_written"] is None else f"{t['rows_written']:.0f}")
     console.print(tables)
+    for entry in report["kafka_consumer_lag"]:
+        console.print(f"Kafka consumer lag {entry['group']} {entry['topic']}: {entry['lag']:.0f} messages")
     for spool in report["spools"]:
         used, limit = spool["bytes"] or 0, spool["limit_bytes"] or 0
         share = f" ({used / limit:.0%})" if limit else ""

@@ -269,9 +269,8 @@ def test_run_monitoring_stops_on_the_runners_threading_event(clock: Clock) -> No
     import threading
     from types import SimpleNamespace
 
-    from pydantic import SecretStr
-
     from branchline.monitoring import run_monitoring
+    from pydantic import SecretStr
 
     dead = SimpleNamespace(kind="mariadb", name="erp", branch="b1", host="127.0.0.1", port=1, user="u",
                            password=SecretStr(""), connector_name="branchline.b1.erp")

@@ -120,3 +120,20 @@ def test_dashboard_uses_only_declared_metrics() -> None:
                      "branchline_errors_total", "branchline_spool_bytes", "branchline_slot_wal_retained_bytes",
                      "branchline_connector_task_state"):
         assert required in used
+
+
+def test_dashboard_panels_have_unique_ids_and_do_not_overlap() -> None:
+    dashboard = json.loads((INFRA / "grafana" / "branchline.json").read_text())
+    panels = dashboard["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    cells: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        box = panel["gridPos"]
+        assert box["x"] + box["w"] <= 24, panel["title"]
+        for x in range(box["x"], box["x"] + box["w"]):
+            for y in range(box["y"], box["y"] + box["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps {cells.get((x, y))}"
+                cells[(x, y)] = panel["title"]
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]

@@ -42,6 +42,9 @@ def runtime() -> Iterator[metrics.MetricsServer]:
                                          position=1, source_ts=committed, txid=None, snapshot=False)]
     metrics.observe_batch_written(table, "cloud", batch, 0.01)
     metrics.set_spool("shop", 800, 1000, None)
+    metrics.set_kafka_consumer_lag("branchline-shop", "b1.erp.erp.orders", 0, 5)
+    metrics.set_kafka_consumer_lag("branchline-shop", "b1.erp.erp.orders", 1, 7)
+    metrics.observe_heartbeat_written("b1", "erp", 100.25, 99.0, 101.0)
     metrics.observe_error("sink", "cloud", RetryableSinkError("`cloud` must answer; got connection refused"))
     server = metrics.serve_metrics(MetricsConfig(port=0))
     assert server is not None
@@ -71,11 +74,14 @@ def test_status_shows_lag_spool_and_last_error_from_the_running_runtime(
     assert 90 <= table["replication_lag_s"] < 150
     assert report["spools"][0]["bytes"] == 800
     assert report["last_error"]["kind"] == "RetryableSinkError"
+    assert report["kafka_consumer_lag"] == [{"group": "branchline-shop", "topic": "b1.erp.erp.orders", "lag": 12}]
+    assert [s["clock_skew_s"] for s in report["sources"]] == [0.25, None]
     assert report["runtime"]["reachable"] is True
 
 
 def test_status_screen_renders_the_same_report(pipeline_file: Path, runtime: metrics.MetricsServer) -> None:
     result = CliRunner().invoke(cli, ["status", str(pipeline_file), "--url", runtime.url])
     assert result.exit_code == 1  # the sources are down
-    for text in ("needs attention", "b1/erp", "down", "erp.orders", "Spool shop", "RetryableSinkError"):
+    for text in ("needs attention", "b1/erp", "down", "erp.orders", "Spool shop", "RetryableSinkError",
+                 "+0.250 s", "12 messages"):
         assert text in result.output
