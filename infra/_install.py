@@ -67,6 +67,7 @@ class Tools:
     pg_bin: Path
     java: Path
     mvn: Path
+    promtool: Path
 
 
 def _which(name: str, *extra_dirs: str) -> Path | None:
@@ -105,6 +106,9 @@ def find_tools(pins: Pins) -> tuple[dict[str, Path | None], list[str]]:
         "pg_bin": pg_bin if (pg_bin / "initdb").exists() and (pg_bin / "pg_ctl").exists() else None,
         "java": _java_17_or_newer(),
         "mvn": _which("mvn"),
+        # Prometheus and promtool: the alert rules are checked with promtool, and the monitoring
+        # tests start a real Prometheus (never as the Debian service).
+        "promtool": _which("promtool"),
     }
     packages: list[str] = []
     if not found["mariadbd"] or not found["mariadb_install_db"]:
@@ -115,6 +119,8 @@ def find_tools(pins: Pins) -> tuple[dict[str, Path | None], list[str]]:
         packages.append("openjdk-17-jre-headless")
     if not found["mvn"]:
         packages.append("maven")
+    if not found["promtool"]:
+        packages.append("prometheus")
     return found, packages
 
 
