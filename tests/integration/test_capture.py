@@ -9,7 +9,10 @@ the databases hold, through the streams stage's decoder.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -538,3 +541,141 @@ def test_status_shows_the_trace_of_a_failed_task(capture: Capture) -> None:
     assert result.exit_code == 2, result.output
     assert "task 0: FAILED" in result.output and "Publication autocreation is disabled" in result.output, result.output
     assert "not-shown-anywhere" not in result.output
+
+
+# ------------------------------------------------------------- restarting a Kafka Connect worker process
+
+
+class PrivateConnect:
+    """A second Kafka Connect worker of its own group (own config/offset/status topics, own port), started
+    with the stack worker's command line and plugins, so this test can kill and restart a real worker
+    process without disturbing the shared one."""
+
+    def __init__(self, tag: str) -> None:
+        from branchline.paths import state_dir
+
+        base = state_dir() / "connect"
+        pid_file = base / "connect.pid"
+        if not pid_file.exists() or not Path(f"/proc/{pid_file.read_text().strip()}/cmdline").exists():
+            message = f"`Kafka Connect` of the stack must run with its pid in {pid_file}; got none"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+        command = Path(f"/proc/{pid_file.read_text().strip()}/cmdline").read_bytes().split(b"\0")
+        command = [c.decode() for c in command if c]
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bl-connect-{tag}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        props = {}
+        for line in (base / "connect.properties").read_text().splitlines():
+            if "=" in line and not line.startswith("#"):
+                key, value = line.split("=", 1)
+                props[key] = value
+        props.update({
+            "group.id": f"bl-capture-{tag}", "config.storage.topic": f"bl-capture-{tag}-configs",
+            "offset.storage.topic": f"bl-capture-{tag}-offsets", "status.storage.topic": f"bl-capture-{tag}-status",
+            "listeners": f"http://127.0.0.1:{self.port}", "rest.advertised.port": str(self.port),
+            "offset.flush.interval.ms": "1000",
+        })
+        self.properties = self.dir / "connect.properties"
+        self.properties.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        self.command = [c if not c.startswith("-Dbranchline.log.file=") else f"-Dbranchline.log.file={self.dir}/connect.log"
+                        for c in command[:-1]] + [str(self.properties)]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.topics = (f"bl-capture-{tag}-configs", f"bl-capture-{tag}-offsets", f"bl-capture-{tag}-status")
+
+    def start(self) -> None:
+        import httpx
+
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        cwd=self.dir)
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{self.url}/connector-plugins", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for("the private Kafka Connect worker", ready, 180, 1)
+
+    def stop(self) -> None:
+        """SIGTERM, as an operator or a service manager stops a worker; SIGKILL after 60 s."""
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+def test_restart_of_a_kafka_connect_worker_resumes_without_a_new_snapshot(capture: Capture) -> None:
+    tag = uuid.uuid4().hex[:6]
+    worker = PrivateConnect(tag)
+    text = capture.file.read_text()
+    branch = re.search(r"branch: (\w+)", text).group(1)  # type: ignore[union-attr]
+    text = text.replace(f"branch: {branch}", f"branch: {branch}w").replace(
+        re.search(r'url: "[^"]+"', text).group(0), f'url: "{worker.url}"')  # type: ignore[union-attr]
+    path = capture.file.with_name("restart.yaml")
+    path.write_text(text)
+    pipeline = load_pipeline(path, env={})
+    own = tuple(f"{s.topic_prefix}." for s in pipeline.sources)
+
+    def records() -> list[Record]:
+        return read_topics(capture.bootstrap, lambda t: t.startswith(own))
+
+    def reads(rs: list[Record]) -> int:
+        return sum(1 for r in rs if snapshot_flag(r) not in (None, "false", "incremental"))
+
+    worker.start()
+    client = ConnectClient(worker.url)
+    try:
+        result = CliRunner().invoke(cli, ["connectors", "apply", str(path)])
+        assert result.exit_code == 0, result.output
+        wait_for("the snapshots on the private worker", lambda: {r.topic.split(".")[1] for r in records()
+                                                                 if snapshot_flag(r) == "last"} == {"erp", "crm"}, 300, 2)
+        time.sleep(3)  # let the worker flush offsets (offset.flush.interval.ms=1000)
+        before = reads(records())
+
+        worker.stop()  # the whole worker process goes away; changes keep happening at the sources
+        conn = capture.erp()
+        with conn.cursor() as cursor:
+            cursor.execute("INSERT INTO warehouses (id, code, name, city, opened, is_active, opens_at, closes_at) "
+                           "VALUES (902, 'WH0902', 'While Connect was down', 'Lyon', 1999, 1, '07:00', '19:00')")
+        conn.close()
+        with capture.crm() as pg:
+            pg.execute(f'UPDATE "{capture.namespace}".accounts SET domain = \'while-down.example\' '
+                       f'WHERE id = (SELECT id FROM "{capture.namespace}".accounts ORDER BY id DESC LIMIT 1)')
+
+        worker.start()
+        for source in pipeline.sources:
+            assert client.wait_for(source.connector_name, {"RUNNING"}, 180).healthy
+
+        def arrived() -> list[Record] | None:
+            rs = records()
+            text = b"".join(r.value or b"" for r in rs if r.topic.endswith((".warehouses", ".accounts")))
+            return rs if b"While Connect was down" in text and b"while-down.example" in text else None
+
+        after = wait_for("the changes made while Connect was down", arrived, 180, 2)
+        assert reads(after) == before, "the restarted worker must resume from its offsets, not snapshot again"
+    finally:
+        for source in pipeline.sources:
+            try:
+                retire(client, source.connector_name)
+            except Exception:  # noqa: BLE001 - cleanup goes on
+                pass
+        client.close()
+        worker.stop()
+        with capture.crm() as pg:
+            for source in pipeline.sources:
+                if source.kind == "postgres":
+                    pg.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                               "WHERE slot_name = %s", (source.slot,))  # type: ignore[union-attr]
+                    pg.execute(f'DROP PUBLICATION IF EXISTS "{source.publication}"')  # type: ignore[union-attr]
+        delete_topics(capture.bootstrap, lambda t: t.startswith(own) or t in worker.topics
+                      or t.endswith(tuple(f".{s.topic_prefix}" for s in pipeline.sources)))
