@@ -363,10 +363,10 @@ def test_heartbeats_keep_idle_table_lag_true_and_show_a_stall(crm: Any, cloud: A
         for thread in threads:
             thread.start()
         try:
-            until("the idle table's lag to be known", lambda: lag() is not None and lag() < 3)
+            until("the idle table's lag to be known", lambda: (lag() or 99) < 3)
             started = time.monotonic()
             # idle for longer than the bound: without heartbeats its lag would now exceed it
-            until("6 s of idle time with lag held low", lambda: time.monotonic() - started > 6 and lag() < 3)
+            until("6 s of idle time with lag held low", lambda: time.monotonic() - started > 6 and (lag() or 99) < 3)
             proxy.cut()
             until("lag to rise with no user change", lambda: (lag() or 0) > 6)
             proxy.restore()
