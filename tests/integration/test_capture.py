@@ -8,6 +8,7 @@ the databases hold, through the streams stage's decoder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -492,6 +493,8 @@ def test_incremental_snapshot_completes_while_churn_runs(capture: Capture) -> No
         thread.join(30)
     assert not errors, errors
     assert churned[0] > 10, "the churn must have run during the snapshot"
+    status = CliRunner().invoke(cli, ["connectors", "status", str(capture.file), "--source", "erp"])
+    assert status.exit_code == 0 and "incremental snapshot: COMPLETED" in status.output, status.output
 
     conn = capture.erp()  # a marker change: once it is on Kafka, everything before it is too
     with conn.cursor() as cursor:
@@ -665,10 +668,8 @@ def test_restart_of_a_kafka_connect_worker_resumes_without_a_new_snapshot(captur
         assert reads(after) == before, "the restarted worker must resume from its offsets, not snapshot again"
     finally:
         for source in pipeline.sources:
-            try:
+            with contextlib.suppress(Exception):  # cleanup goes on
                 retire(client, source.connector_name)
-            except Exception:  # noqa: BLE001 - cleanup goes on
-                pass
         client.close()
         worker.stop()
         with capture.crm() as pg:
