@@ -70,15 +70,17 @@ def load(n: int, seed: int, target: str, erp_host: str | None, erp_port: int | N
 @click.option("--duration", type=click.FloatRange(min=0), default=10.0, show_default=True, help="Seconds to run.")
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True)
 @click.option("--target", type=TARGET, default="all", show_default=True)
+@click.option("--reconnect-for", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds to keep reopening a lost session (a restarted server); 0 fails at once.")
 @_address_options
-def churn(rate: float, duration: float, seed: int, target: str, erp_host: str | None, erp_port: int | None,
-          crm_host: str | None, crm_port: int | None) -> None:
+def churn(rate: float, duration: float, seed: int, target: str, reconnect_for: float, erp_host: str | None,
+          erp_port: int | None, crm_host: str | None, crm_port: int | None) -> None:
     """Run a mixed insert/update/delete workload in multi-statement transactions."""
     from .workload import churn as run_churn
 
     erp, crm = _endpoints(erp_host, erp_port, crm_host, crm_port)
     click.echo(f"churning {_where(target, erp, crm)} at ~{rate:g} rows/s each for {duration:g} s")
-    reports = run_churn(target, rate, duration, seed, erp=erp, crm=crm)
+    reports = run_churn(target, rate, duration, seed, erp=erp, crm=crm, reconnect_for=reconnect_for)
     for name in ("erp", "crm"):
         if name in reports:
             click.echo(reports[name].summary())

@@ -63,8 +63,8 @@ class ChurnReport:
         return self.counts["insert"] + self.counts["update"] + self.counts["delete"]
 
     def summary(self) -> str:
-        extra = "".join(f" {k}={self.counts[k]}" for k in ("toast_unchanged", "toast_changed", "rollbacks")
-                        if k in self.counts)
+        extra = "".join(f" {k}={self.counts[k]}" for k in ("toast_unchanged", "toast_changed", "rollbacks",
+                                                            "reconnects", "in_doubt") if k in self.counts)
         rate = self.changes / self.seconds if self.seconds else 0.0
         return (f"{self.database}: {self.counts['transactions']} transactions, insert={self.counts['insert']} "
                 f"update={self.counts['update']} delete={self.counts['delete']}{extra} "
@@ -130,11 +130,11 @@ class _Workload:
 
     database = ""
 
-    def __init__(self, conn: Any, seed: int) -> None:
+    def __init__(self, conn: Any, seed: int, report: ChurnReport | None = None, attempt: int = 0) -> None:
         self.conn = conn
-        self.rng = g._Rand(seed, f"churn:{self.database}")
+        self.rng = g._Rand(seed, f"churn:{self.database}:{attempt}" if attempt else f"churn:{self.database}")
         self.pools: dict[str, _Pool] = {}
-        self.report = ChurnReport(self.database)
+        self.report = report or ChurnReport(self.database)
         self.mix: list[tuple[Callable[[_Txn], None], int]] = []
 
     def _choose(self) -> Callable[[_Txn], None]:
@@ -150,12 +150,21 @@ class _Workload:
         raise NotImplementedError
 
     def step(self) -> int:
-        """Run one transaction; return the rows it changed (0 if it rolled back)."""
+        """Run one transaction; return the rows it changed (0 if it rolled back).
+
+        A lost connection propagates; if it was lost during COMMIT the outcome is unknown, counted
+        as ``in_doubt`` and left out of the keys (the rows may or may not exist)."""
         txn = _Txn()
+        committing = False
         try:
             self._choose()(txn)
+            committing = True
             self.conn.commit()
         except Exception as exc:
+            if connection_lost(exc):
+                if committing:
+                    self.report.counts["in_doubt"] += 1
+                raise
             self.conn.rollback()
             if not self.retryable(exc):
                 raise
@@ -188,8 +197,8 @@ class _Workload:
 class ErpWorkload(_Workload):
     database = "erp"
 
-    def __init__(self, conn: pymysql.Connection, seed: int) -> None:
-        super().__init__(conn, seed)
+    def __init__(self, conn: pymysql.Connection, seed: int, report: ChurnReport | None = None, attempt: int = 0) -> None:
+        super().__init__(conn, seed, report, attempt)
         with conn.cursor() as cur:
             for table in ("customers", "products", "warehouses", "sales_orders", "stock_movements"):
                 cur.execute(f"SELECT id FROM `{table}`")
@@ -226,7 +235,8 @@ class ErpWorkload(_Workload):
         for line_no in range(1, rng.between(1, 3) + 1):
             product = self.pools["products"].pick(rng) or 1
             quantity, price = g._money(rng, 100), g._money(rng, 1000)
-            self._exec("INSERT INTO order_lines VALUES (%s, %s, %s, %s, %s, 0.00, %s)",
+            self._exec("INSERT INTO order_lines (order_id, line_no, product_id, quantity, unit_price, discount_pct, "
+                       "line_total) VALUES (%s, %s, %s, %s, %s, 0.00, %s)",
                        (order_id, line_no, product, str(quantity), str(price), str((quantity * price).quantize(Decimal("0.0001")))))
             txn.insert("order_lines", (order_id, line_no))
             _, movement = self._exec(
@@ -325,7 +335,8 @@ class ErpWorkload(_Workload):
         rng = self.rng
         sku = f"SKU-{self.pools['products'].pick(rng) or 1:06d}"
         txn.insert("legacy_price_list", None, self._exec(
-            "INSERT INTO legacy_price_list VALUES (%s, %s, %s, CURDATE(), NULL, 'churn', %s)",
+            "INSERT INTO legacy_price_list (sku, price, currency, valid_from, valid_to, changed_by, remark) "
+            "VALUES (%s, %s, %s, CURDATE(), NULL, 'churn', %s)",
             (sku, str(g._money(rng, 1000)), rng.pick(g.CURRENCIES), "价格调整 📈"))[0])
         other = f"SKU-{self.pools['products'].pick(rng) or 1:06d}"
         txn.update("legacy_price_list", self._exec("UPDATE legacy_price_list SET price = price + 1, remark = %s WHERE sku = %s LIMIT 1",
@@ -344,8 +355,9 @@ BIG_BODY_MIN = 2_000
 class CrmWorkload(_Workload):
     database = "crm"
 
-    def __init__(self, conn: psycopg.Connection[Any], seed: int) -> None:
-        super().__init__(conn, seed)
+    def __init__(self, conn: psycopg.Connection[Any], seed: int, report: ChurnReport | None = None,
+                 attempt: int = 0) -> None:
+        super().__init__(conn, seed, report, attempt)
         for table in ("accounts", "contacts", "opportunities", "activities"):
             self.pools[table] = _Pool([r[0] for r in conn.execute(f"SELECT id FROM {table}")])
         self.big = _Pool([r[0] for r in conn.execute(
@@ -512,6 +524,16 @@ class CrmWorkload(_Workload):
 
 # ---- driver -------------------------------------------------------------------------------------
 
+_MARIADB_CONNECTION_LOST = {1053, 1927, 2003, 2006, 2013}  # shutdown, killed, can't connect, gone, lost
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """The session is gone (server restarted, backend killed, network cut): reconnecting may help."""
+    if isinstance(exc, pymysql.err.InterfaceError | psycopg.OperationalError | InfraError):
+        return True
+    return isinstance(exc, pymysql.err.OperationalError) and exc.args[0] in _MARIADB_CONNECTION_LOST
+
+
 def run_workload(workload: _Workload, rate: float, duration: float | None, stop: threading.Event) -> ChurnReport:
     """Run transactions until ``duration`` seconds pass or ``stop`` is set, pacing rows changed to ``rate``/s."""
     started = time.monotonic()
@@ -530,12 +552,51 @@ def run_workload(workload: _Workload, rate: float, duration: float | None, stop:
     return workload.report
 
 
+def _run_database(name: str, ep: Endpoint, rate: float, duration: float | None, seed: int,
+                  stop: threading.Event, reconnect_for: float) -> ChurnReport:
+    """One database's workload, reopening the session (and re-reading the key pools) after it is lost.
+    ``reconnects`` counts the outages survived; a server that refuses the first connection fails at once."""
+    started = time.monotonic()
+    deadline = None if duration is None else started + duration
+    report = ChurnReport(name)
+    attempt, connected, lost_at = 0, False, None
+    while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+        remaining = None if deadline is None else deadline - time.monotonic()
+        try:
+            if name == "erp":
+                with erp_connect(ep) as conn:
+                    connected, lost_at = True, None
+                    run_workload(ErpWorkload(conn, seed, report, attempt), rate, remaining, stop)
+            else:
+                with crm_connect(ep, application_name=CHURN_APPLICATION) as conn:
+                    connected, lost_at = True, None
+                    run_workload(CrmWorkload(conn, seed, report, attempt), rate, remaining, stop)
+            break
+        except Exception as exc:
+            if not connection_lost(exc) or not connected:
+                raise
+            now = time.monotonic()
+            if reconnect_for <= 0 or (lost_at is not None and now - lost_at >= reconnect_for):
+                raise InfraError(f"`{name}` must stay reachable while the workload runs (retried for {reconnect_for:g} s);"
+                                 f" got {type(exc).__name__}: {exc}") from exc
+            if lost_at is None:
+                lost_at = now
+                report.counts["reconnects"] += 1
+            attempt += 1
+            stop.wait(0.5)
+    report.seconds = time.monotonic() - started
+    return report
+
+
 def churn(target: str = "all", rate: float = 50.0, duration: float | None = 10.0, seed: int = DEFAULT_SEED, *,
           erp: Endpoint | None = None, crm: Endpoint | None = None,
-          stop: threading.Event | None = None) -> dict[str, ChurnReport]:
+          stop: threading.Event | None = None, reconnect_for: float = 30.0) -> dict[str, ChurnReport]:
     """Run the workload on ``target`` (erp, crm or all; one thread per database) at about ``rate`` changed
     rows per second on each database, for ``duration`` seconds or until ``stop`` is set (duration None).
-    Returns one `ChurnReport` per database. Errors other than deadlocks propagate."""
+
+    A lost session (a restarted or killed server) is reopened for up to ``reconnect_for`` seconds
+    (0: fail at once) with an `InfraError`. Returns one `ChurnReport` per database; errors other than
+    deadlocks and lost sessions propagate."""
     if target not in ("erp", "crm", "all"):
         raise ValueError(f"`target` must be erp, crm or all; got {target!r}")
     if not rate > 0:
@@ -548,18 +609,9 @@ def churn(target: str = "all", rate: float = 50.0, duration: float | None = 10.0
     failures: list[BaseException] = []
 
     def work(name: str) -> None:
+        ep = (erp or endpoint("erp")) if name == "erp" else (crm or endpoint("crm"))
         try:
-            if name == "erp":
-                with erp_connect(erp or endpoint("erp")) as conn:
-                    reports[name] = run_workload(ErpWorkload(conn, seed), rate, duration, stop)
-            else:
-                with crm_connect(crm or endpoint("crm"), application_name=CHURN_APPLICATION) as conn:
-                    reports[name] = run_workload(CrmWorkload(conn, seed), rate, duration, stop)
-        except (pymysql.err.Error, psycopg.Error) as exc:
-            failure = InfraError(f"`{name}` must stay reachable while the workload runs; got {type(exc).__name__}: {exc}")
-            failure.__cause__ = exc
-            failures.append(failure)
-            stop.set()
+            reports[name] = _run_database(name, ep, rate, duration, seed, stop, reconnect_for)
         except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread)
             failures.append(exc)
             stop.set()

@@ -301,26 +301,66 @@ def test_reload_keeps_publication_memberships_and_a_type_used_elsewhere(crm: Any
     assert accounts == (7,)
 
 
+def _kill_churn_sessions(crm_ep: Endpoint) -> None:
+    with crm_connect(crm_ep, autocommit=True) as admin:
+        for _ in range(200):
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s "
+                "AND datname = %s", (CHURN_APPLICATION, crm_ep.database)).fetchone()
+            if killed and killed[0]:
+                return
+            time.sleep(0.05)
+    raise AssertionError("no churn session to kill")
+
+
+def test_churn_reconnects_after_its_session_is_killed(crm_ep: Endpoint, loaded: Any) -> None:
+    result: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: result.update(churn("crm", rate=200, duration=4, crm=crm_ep, reconnect_for=10)))
+    worker.start()
+    time.sleep(1.0)
+    _kill_churn_sessions(crm_ep)
+    worker.join(20)
+    assert not worker.is_alive()
+    report = result["crm"]
+    assert report.counts["reconnects"] == 1, report.summary()
+    assert report.counts["transactions"] > 30, report.summary()
+    assert 3.5 < report.seconds < 6, report.summary()
+
+
 def test_churn_stops_with_an_infra_error_when_its_session_is_killed(crm_ep: Endpoint, loaded: Any) -> None:
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            churn("crm", rate=100, duration=20, crm=crm_ep)
+            churn("crm", rate=100, duration=20, crm=crm_ep, reconnect_for=0)
         except BaseException as exc:  # noqa: BLE001
             failure.append(exc)
 
     worker = threading.Thread(target=run)
     worker.start()
-    with crm_connect(crm_ep, autocommit=True) as admin:
-        for _ in range(100):
-            killed = admin.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s "
-                "AND datname = %s", (CHURN_APPLICATION, CRM_DB)).fetchone()
-            if killed and killed[0]:
-                break
-            time.sleep(0.05)
+    _kill_churn_sessions(crm_ep)
     worker.join(20)
     assert not worker.is_alive()
     assert len(failure) == 1 and isinstance(failure[0], InfraError), failure
     assert "`crm` must stay reachable while the workload runs" in str(failure[0])
+
+
+def test_erp_churn_reconnects_after_its_connection_is_killed(erp_ep: Endpoint, loaded: Any) -> None:
+    result: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: result.update(churn("erp", rate=200, duration=4, erp=erp_ep, reconnect_for=10)))
+    worker.start()
+    time.sleep(1.0)
+    admin = erp_connect(erp_ep, autocommit=True)
+    try:
+        with admin.cursor() as cur:
+            cur.execute("SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s AND ID <> CONNECTION_ID()", (ERP_DB,))
+            sessions = [r[0] for r in cur.fetchall()]
+            for session in sessions:
+                cur.execute(f"KILL CONNECTION {int(session)}")
+    finally:
+        admin.close()
+    worker.join(20)
+    assert sessions and not worker.is_alive()
+    report = result["erp"]
+    assert report.counts["reconnects"] == 1, report.summary()
+    assert report.counts["transactions"] > 30, report.summary()
