@@ -319,6 +319,19 @@ def test_snapshot_read_events_carry_exact_values_of_every_row_and_column(capture
     assert not problems, "\n".join(problems[:20])
 
 
+def test_publication_lists_exactly_the_captured_and_control_tables(capture: Capture) -> None:
+    crm = capture.pipeline.source("crm")
+    with capture.crm() as pg:
+        published = {f"{n}.{t}" for n, t in pg.execute(
+            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
+            (crm.publication,))}  # type: ignore[union-attr]
+        plugin = pg.execute("SELECT plugin FROM pg_replication_slots WHERE slot_name = %s",
+                            (crm.slot,)).fetchone()  # type: ignore[union-attr]
+    assert published == {*(f"{capture.namespace}.{t}" for t in CRM_TABLES), "branchline.debezium_signal",
+                         "branchline.debezium_heartbeat"}
+    assert plugin == ("pgoutput",)
+
+
 def test_insert_update_delete_and_truncate_carry_the_right_images(capture: Capture) -> None:
     ns = capture.namespace
     conn = capture.erp()
