@@ -165,3 +165,52 @@ def test_duplicates_counter_rises_when_a_batch_is_replayed(cloud: Any) -> None:
     finally:
         with psycopg.connect(f"host={cloud.host} port={cloud.port} user=postgres dbname=cloud", autocommit=True) as c:
             c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def test_debezium_heartbeat_rows_move_the_lag_of_the_whole_source(cloud: Any) -> None:
+    """On the distributed path the heartbeat row Debezium's heartbeat.action.query wrote (captured from the
+    real connector) is an ordinary change of `branchline.debezium_heartbeat`; once durable it sets the
+    source-wide lag from the row's own microsecond `ts`, and idle tables of the source follow it."""
+    import json
+    from datetime import datetime
+    from pathlib import Path
+
+    from branchline.events import TableId
+    from branchline.sinks.build import build_sink
+    from branchline.sinks.config import PostgresSinkConfig
+    from branchline.streams.app import BatchProcessor, Record, SourceRoute
+    from branchline.streams.config import WorkerSettings
+
+    cases = Path(__file__).resolve().parents[1] / "cases" / "debezium" / "rec.crm.branchline.debezium_heartbeat.jsonl"
+    lines = [json.loads(line) for line in cases.read_text().splitlines()]
+    records = [Record(x["topic"], x["partition"], x["offset"], x["key"].encode(), x["value"].encode())
+               for x in lines if x["kind"] == "u"]
+    beat = max(datetime.fromisoformat(json.loads(x["value"])["payload"]["after"]["ts"]) for x in lines
+               if x["kind"] == "u")
+    schema = f"mhb_{secrets.token_hex(3)}"
+    sink = build_sink(PostgresSinkConfig(host=cloud.host, port=cloud.port, user="postgres", database="cloud",
+                                         schema=schema), "cloud")
+    idle = TableId(source="crm", branch="rec", database="crm", schema_="public", table="accounts")
+    metrics.track_table(idle, "cloud")
+
+    async def scenario() -> None:
+        processor = BatchProcessor([SourceRoute(name="crm", branch="rec", topic_prefix="rec.crm")], {},
+                                   {"cloud": sink}, {}, WorkerSettings())
+        try:
+            await processor.process(records)
+        finally:
+            await sink.close()
+
+    try:
+        asyncio.run(scenario())
+        expected = metrics._clock() - beat.timestamp()
+        for table in ("heartbeat", "public.accounts"):
+            lag = metrics.sample("branchline_replication_lag_seconds",
+                                 {"branch": "rec", "source": "crm", "table": table, "sink": "cloud"})
+            assert lag == pytest.approx(expected, abs=5), table
+        assert metrics.sample("branchline_rows_written_total",
+                              {"branch": "rec", "source": "crm", "table": "branchline.debezium_heartbeat",
+                               "sink": "cloud"}) is None  # heartbeats are not user rows
+    finally:
+        with psycopg.connect(f"host={cloud.host} port={cloud.port} user=postgres dbname=cloud", autocommit=True) as c:
+            c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
