@@ -1,8 +1,10 @@
 """Recreate the sample schemas and bulk-load the generated rows; read tables back as canonical values.
 
-MariaDB gets multi-row INSERTs of about 1 MB each, PostgreSQL gets COPY. Both convert canonical values (see generate.py) into what the driver must send, and
-`read_table` turns what the driver returns back into canonical values, so that a test can compare
-``list(rows(...))`` with ``read_table(...)`` using plain ``==``.
+MariaDB gets multi-row INSERTs of about 1 MB each (literals formatted per column type), PostgreSQL
+gets COPY; with both targets the CRM loads in a forked process beside the ERP. Canonical values (see
+generate.py) are converted into what each driver must send, and `read_table` turns what the driver
+returns back into canonical values, so that a test can compare ``list(rows(...))`` with
+``read_table(...)`` row by row.
 """
 
 from __future__ import annotations
