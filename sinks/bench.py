@@ -1,5 +1,8 @@
 """Sink throughput benchmark: prints figures, asserts nothing (not a timed test).
 
+Run: ``python -m branchline.sinks.bench [--port 15433] [--rows 40000] [--no-delta]`` (the click
+command `bench_sinks`, meant for ``branchline bench sinks``).
+
 For batches of 1k, 5k and 20k rows of a 10-column ERP table it measures, in one run against the same
 server: a plain COPY into an identical table (the ceiling: no staging, no upsert, no bookkeeping), the
 PostgreSQL sink inserting new rows and updating existing ones, and optionally the Delta sink on a local
@@ -269,3 +272,7 @@ def bench_sinks(
         )
     )
     click.echo(format_figures(figures))
+
+
+if __name__ == "__main__":
+    bench_sinks()

@@ -113,7 +113,8 @@ class DeltaSink:
         target = self._target(table)
         if target.schema != table:
             if target.events:
-                await self._flush_target(target)  # columns may differ: never mix two schemas in one merge
+                async with self._lock:  # columns may differ: never mix two schemas in one merge
+                    await self._flush_target(target)
             target.schema = table
         target.events.extend(events)
         self._buffered += len(events)
@@ -132,6 +133,9 @@ class DeltaSink:
 
     async def close(self) -> None:
         """Drops unflushed changes (they were never acknowledged and will be replayed)."""
+        pending = sum(len(t.events) for t in self._targets.values())
+        if pending:
+            log.warning("closing %s with %d unflushed changes; they will be replayed", self.name, pending)
         self._targets.clear()
         self._buffered = 0
 
