@@ -294,6 +294,7 @@ connect: {{url: "http://{connect.address}"}}
         conn = pymysql.connect(host=erp.host, port=erp.port, user="root", password="", autocommit=True)
         with conn.cursor() as cursor:
             cursor.execute(f"DROP DATABASE `{namespace}`")
+            cursor.execute(f"REVOKE SELECT, LOCK TABLES ON `{namespace}`.* FROM 'branchline'@'127.0.0.1'")
         conn.close()
         delete_topics(cap.bootstrap, lambda t: f"t{tag}." in t)
 
