@@ -34,6 +34,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 log = logging.getLogger("branchline.sinks.postgres")
 _DELETE = Op.DELETE
 _OP_CODE = {op: op.value for op in Op}
+_UNCHANGED_ID = id(UNCHANGED)
 
 
 def _json_default(value: Any) -> Any:
@@ -195,7 +196,6 @@ class PostgresSink:
                 return f"key {_describe_key(plan, change)} at position {change.position}"
             return ""
 
-        where = f"(positions {min(e.position for e in events)}..{max(e.position for e in events)})"
         try:
             async with pool.connection() as conn, conn.transaction():
                 staged = False
@@ -211,6 +211,7 @@ class PostgresSink:
         except SinkError:
             raise
         except (psycopg.Error, PoolTimeout, OSError) as exc:
+            where = f"(positions {min(e.position for e in events)}..{max(e.position for e in events)})"
             raise map_error(exc, table=plan.qualified, describe_copy_line=describe, where=where) from exc
 
     async def _apply(self, conn: AsyncConnection, plan: TablePlan, net: list[NetChange]) -> None:
@@ -237,7 +238,8 @@ class PostgresSink:
                             unchanged = [n for n in names if n not in row] or None
                     else:
                         has_upsert = True
-                    if UNCHANGED in values:
+                    # by identity: `UNCHANGED in values` would call Decimal.__eq__, which costs an ABC check
+                    if _UNCHANGED_ID in map(id, values):
                         unchanged = (unchanged or []) + [n for n, v in zip(names, values) if v is UNCHANGED]
                         values = [None if v is UNCHANGED else v for v in values]
                     if unchanged is not None:
