@@ -349,7 +349,8 @@ class BinlogPreflight:
             self.add("time_zone", "WARN", saw + " (DATETIME values are local wall-clock times; TIMESTAMP columns "
                      "convert through this zone, and a DST change makes an hour of DATETIMEs ambiguous)",
                      "SET GLOBAL time_zone = '+00:00'; and default_time_zone='+00:00' in [mysqld], or add "
-                     f"`database.connectionTimeZone: {system}` to the source's `debezium:` mapping.")
+                     f"`database.connectionTimeZone: {zone if zone != 'SYSTEM' else system}` to the source's "
+                     "`debezium:` mapping.")
 
 
 # ------------------------------------------------------------------------------------------- PostgreSQL

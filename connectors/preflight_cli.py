@@ -27,11 +27,22 @@ def _template_sources() -> list[BinlogSourceConfig | PostgresSourceConfig]:
 @click.option("--print-setup-sql", is_flag=True,
               help="Print the SQL that creates a least-privilege replication user, its grants and Branchline's "
                    "control tables (for FILE's sources, or a template of each kind); check nothing.")
-def preflight(file: str | None, only: str | None, as_json: bool, print_setup_sql: bool) -> None:
+@click.option("--run-setup-sql", is_flag=True,
+              help="Run that SQL on FILE's sources as --admin (idempotent), with the users' passwords from FILE; "
+                   "then check.")
+@click.option("--admin", metavar="USER", help="Administrator for --run-setup-sql (e.g. root, postgres).")
+@click.option("--admin-password-env", metavar="VAR", default="BRANCHLINE_ADMIN_PASSWORD", show_default=True,
+              help="Environment variable holding the administrator's password (never a command-line argument).")
+@click.option("--user-host", default="%", show_default=True,
+              help="MariaDB/MySQL: the host part of the replication user created by --run-setup-sql.")
+def preflight(file: str | None, only: str | None, as_json: bool, print_setup_sql: bool, run_setup_sql: bool,
+              admin: str | None, admin_password_env: str, user_host: str) -> None:
     """Check that each source of FILE is ready for CDC. Every check prints PASS, WARN or FAIL, what it saw,
     and the SQL or setting that fixes it. Exit 0 when all pass, 1 on warnings, 2 on failures."""
+    import os
+
     from branchline.connectors.preflight import exit_code, run
-    from branchline.connectors.setup_sql import setup_script
+    from branchline.connectors.setup_sql import run_setup, setup_script
 
     if print_setup_sql:
         if file:
@@ -44,6 +55,12 @@ def preflight(file: str | None, only: str | None, as_json: bool, print_setup_sql
     if not file:
         raise click.UsageError("FILE is required unless --print-setup-sql is given.")
     pipeline = load_pipeline(file)
+    if run_setup_sql:
+        if not admin:
+            raise click.UsageError("--run-setup-sql needs --admin USER.")
+        for source in [pipeline.source(only)] if only else pipeline.sources:
+            done = run_setup(source, admin, os.environ.get(admin_password_env, ""), user_host)
+            click.echo(f"source {source.name}: ran {len(done)} setup statements as {admin}", err=as_json)
     checks = run(pipeline, only)
     if as_json:
         click.echo(json.dumps({"exit_code": exit_code(checks), "checks": [c.to_json() for c in checks]}, indent=2))

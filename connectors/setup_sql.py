@@ -120,3 +120,39 @@ def setup_script(source: Source) -> str:
     if isinstance(source, PostgresSourceConfig):
         header.append(f"-- Connect to database {source.database!r} first (\\c {source.database}).")
     return "\n".join([*header, *(s + ";" for s in setup_statements(source))]) + "\n"
+
+
+def run_setup(source: Source, admin_user: str, admin_password: str = "", user_host: str = "%") -> list[str]:
+    """Run the setup SQL on the source as an administrator, with the user's password from the pipeline
+    file. Idempotent: users, tables and grants are created if missing; an existing publication is left
+    alone, and none is created when the configured user is a superuser (the connector manages it then).
+    Returns the statements run, with the password masked."""
+    password = source.password.get_secret_value()
+    shown = lambda statement: statement.replace(f"'{password}'", "'********'") if password else statement
+    done: list[str] = []
+    if isinstance(source, PostgresSourceConfig):
+        import psycopg
+
+        with psycopg.connect(host=source.host, port=source.port, user=admin_user, password=admin_password or None,
+                             dbname=source.database, connect_timeout=10, autocommit=True) as conn:
+            row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (source.user,)).fetchone()
+            superuser = bool(row and row[0])
+            exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s",
+                                  (source.publication,)).fetchone() is not None
+            for statement in setup_statements(source, password.replace("'", "''"),
+                                              publication=not (superuser or exists)):
+                conn.execute(statement)  # type: ignore[arg-type]
+                done.append(shown(statement))
+        return done
+    import pymysql
+
+    conn = pymysql.connect(host=source.host, port=source.port, user=admin_user, password=admin_password,
+                           connect_timeout=10, autocommit=True)
+    try:
+        with conn.cursor() as cursor:
+            for statement in binlog_setup(source, password.replace("'", "''"), user_host):
+                cursor.execute(statement)
+                done.append(shown(statement))
+    finally:
+        conn.close()
+    return done

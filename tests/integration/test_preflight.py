@@ -330,3 +330,22 @@ def test_print_setup_sql_without_a_file_prints_every_kind() -> None:
     assert "GRANT RELOAD, SHOW DATABASES, REPLICATION SLAVE, BINLOG MONITOR ON *.*" in result.output
     assert "GRANT RELOAD, SHOW DATABASES, REPLICATION SLAVE, REPLICATION CLIENT ON *.*" in result.output
     assert "WITH LOGIN REPLICATION PASSWORD '<choose-a-password>'" in result.output
+
+
+def test_run_setup_sql_creates_the_user_with_the_files_password(statement_mariadb: PrivateMariaDb,
+                                                                tmp_path: Path) -> None:
+    path = pipeline_file(tmp_path, f"""
+sources:
+  - {{name: shop, kind: mariadb, port: {statement_mariadb.port}, user: viacli, password: "it's-secret",
+      databases: [shop], include: [shop.orders]}}
+""")
+    result = CliRunner().invoke(cli, ["preflight", str(path), "--run-setup-sql", "--admin", "root",
+                                      "--user-host", "127.0.0.1", "--json"])
+    assert result.exit_code in (1, 2), result.output
+    assert "it's-secret" not in result.output
+    body = json.loads(result.output[result.output.index("{"):])
+    status = {c["check"]: c["status"] for c in body["checks"]}
+    assert status["grants"] == "PASS" and status["signal_table"] == "PASS" and status["heartbeat_table"] == "PASS"
+    again = CliRunner().invoke(cli, ["preflight", str(path), "--run-setup-sql", "--admin", "root",
+                                     "--user-host", "127.0.0.1"])
+    assert "ran 8 setup statements as root" in again.output  # idempotent: runs again without error
