@@ -85,11 +85,22 @@ def connectors_plan(file: str, only: str | None, why: bool) -> None:
 @SOURCE
 @click.option("--wait/--no-wait", default=True, help="Wait until connector and tasks run (default: wait).")
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for RUNNING.")
-def connectors_apply(file: str, only: str | None, wait: bool, timeout: float) -> None:
-    """Create or update the connectors; unchanged ones are left alone (idempotent)."""
+@click.option("--skip-preflight", is_flag=True, help="Apply even when a source fails `branchline preflight`.")
+def connectors_apply(file: str, only: str | None, wait: bool, timeout: float, skip_preflight: bool) -> None:
+    """Create or update the connectors; unchanged ones are left alone (idempotent). Sources are checked
+    with `branchline preflight` first: a FAIL stops before anything changes."""
     from branchline.connectors.operate import apply
+    from branchline.connectors.preflight import run
 
     pipeline = load_pipeline(file)
+    if not skip_preflight:
+        failed = [c for c in run(pipeline, only) if c.status == "FAIL"]
+        if failed:
+            for check in failed:
+                click.echo(f"FAIL  {check.source}: {check.check}: {check.saw}\n      fix: {check.fix}", err=True)
+            click.echo(f"{len(failed)} preflight failures: nothing applied (fix them, or --skip-preflight).",
+                       err=True)
+            sys.exit(2)
     with _connect_client(pipeline) as client:
         results = apply(client, pipeline, only, wait=wait, timeout_s=timeout)
     failed = False

@@ -349,3 +349,16 @@ sources:
     again = CliRunner().invoke(cli, ["preflight", str(path), "--run-setup-sql", "--admin", "root",
                                      "--user-host", "127.0.0.1"])
     assert "ran 8 setup statements as root" in again.output  # idempotent: runs again without error
+
+
+def test_apply_refuses_a_source_that_fails_preflight(statement_mariadb: PrivateMariaDb, tmp_path: Path) -> None:
+    """Nothing reaches Kafka Connect when preflight fails (the URL below answers nothing)."""
+    path = pipeline_file(tmp_path, f"""
+sources:
+  - {{name: shop, kind: mariadb, port: {statement_mariadb.port}, user: nogrants, password: pw, databases: [shop]}}
+kafka: {{bootstrap_servers: "127.0.0.1:1"}}
+connect: {{url: "http://127.0.0.1:1"}}
+""")
+    result = CliRunner().invoke(cli, ["connectors", "apply", str(path)])
+    assert result.exit_code == 2
+    assert "FAIL  shop: grants:" in result.output and "nothing applied" in result.output
