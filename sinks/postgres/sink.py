@@ -61,8 +61,8 @@ def conninfo(config: PostgresSinkConfig) -> str:
     if config.dsn is not None:
         return make_conninfo(config.dsn.get_secret_value(), **options)
     options.update(host=config.host, port=config.port, user=config.user, dbname=config.database)
-    if config.password is not None:
-        options["password"] = config.password.get_secret_value()
+    if config.password is not None and config.password.get_secret_value():
+        options["password"] = config.password.get_secret_value()  # empty = PGPASSWORD / ~/.pgpass
     return make_conninfo("", **options)
 
 
