@@ -35,7 +35,7 @@ sources:
     password: pw
     database: crm
     schemas: [public, sales]
-    debezium: {poll.interval.ms: "100", snapshot.mode: no_data}
+    debezium: {poll.interval.ms: "250", snapshot.mode: no_data}
 kafka: {bootstrap_servers: "127.0.0.1:19092", partitions: 3}
 connect: {url: "http://127.0.0.1:18083"}
 """
@@ -94,7 +94,7 @@ def test_postgres_uses_pgoutput_filtered_publication_and_a_heartbeat_query(pipel
     assert "ON CONFLICT (id) DO UPDATE" in config["heartbeat.action.query"]
     assert "bigint.unsigned.handling.mode" not in config and "schema.history.internal.kafka.topic" not in config
     # overrides from the file win, and are marked as such
-    assert config["poll.interval.ms"] == "100" and config["snapshot.mode"] == "no_data"
+    assert config["poll.interval.ms"] == "250" and config["snapshot.mode"] == "no_data"
     why = {s.key: s.why for s in settings_for(pipeline.source("crm"), pipeline)}
     assert "Override" in why["snapshot.mode"]
 
