@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from branchline.events import TableSchema
 from branchline.sinks.postgres.ddl import TRUNCATIONS, TargetTable
-from branchline.sinks.postgres.types import Converter, converter, staged_as_text
+from branchline.sinks.postgres.types import Converter, converter, is_normalizer, staged_as_text
 from psycopg import sql
 
 TEXT_OID = 25
@@ -33,6 +33,9 @@ TIMESTAMPTZ_OID = 1184
 class StagedColumn:
     name: str
     converter: Converter | None
+    normalizer_only: bool = False
+    """The converter only fixes values that break the event contract (e.g. an aware DATETIME): the
+    fast path skips it and falls back when psycopg rejects a value."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ class TablePlan:
     @property
     def qualified(self) -> str:
         return f"{self.target.schema}.{self.target.name}"
+
+    @property
+    def table_id(self) -> str:
+        return self.qualified
 
 
 def _join(parts: Sequence[sql.Composable], sep: str = ", ") -> sql.Composed:
@@ -248,7 +255,7 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
         keyed=keyed,
         soft_delete=soft_delete,
         branch_key=branch_key,
-        columns=tuple(StagedColumn(c.name, converter(c)) for c in source.columns),
+        columns=tuple(StagedColumn(c.name, converter(c), is_normalizer(c)) for c in source.columns),
         copy_types=tuple(copy_types),
         create_stage=create_stage,
         clear_stage=clear_stage,

@@ -19,7 +19,7 @@ import orjson
 import psycopg
 from branchline.errors import FatalSinkError, SinkError
 from branchline.events import UNCHANGED, ChangeEvent, Op, TableSchema
-from branchline.sinks._batch import NetChange, collapse, render, split_at_truncates
+from branchline.sinks._batch import collapse, render, split_at_truncates
 from branchline.sinks._retry import retrying
 from branchline.sinks.config import PostgresSinkConfig
 from branchline.sinks.contract import SinkCapabilities
@@ -84,6 +84,8 @@ class PostgresSink:
         self._pool_lock = asyncio.Lock()
         self._plans: dict[tuple[str, str], TablePlan] = {}
         self._with_tombstones: set[str] = set()
+        self._normalized: set[str] = set()
+        """Tables whose values needed the contract-repairing conversions once: always apply them."""
         """Tables whose tombstone table may hold rows (seen at start-up, or deletes written since)."""
 
     # --- Sink protocol ---------------------------------------------------------------------------
@@ -188,36 +190,51 @@ class PostgresSink:
 
     async def _write(self, plan: TablePlan, events: Sequence[ChangeEvent]) -> None:
         pool = await self._get_pool()
-        current: list[NetChange] = []
+        current: list[_Net] = []
 
         def describe(line: int) -> str:
             if 1 <= line <= len(current):
                 change = current[line - 1]
-                return f"key {_describe_key(plan, change)} at position {change.position}"
+                return f"key {_describe_key(plan, change)} at position {change[2]}"
             return ""
 
-        try:
+        async def transaction(normalize: bool) -> None:
             async with pool.connection() as conn, conn.transaction():
                 staged = False
                 for changes, truncate in split_at_truncates(events):
-                    net = collapse(plan.source, changes)
+                    net = _net_changes(plan.source, changes)
                     if net:
                         current[:] = net
                         await conn.execute(plan.clear_stage if staged else plan.create_stage)
                         staged = True
-                        await self._apply(conn, plan, net)
+                        await self._apply(conn, plan, net, normalize)
                     if truncate is not None:
                         await self._truncate(conn, plan, truncate)
+
+        try:
+            try:
+                await transaction(normalize=plan.table_id in self._normalized)
+            except _Renormalize:
+                # a value outside the event contract (aware DATETIME, naive TIMESTAMP): the COPY was
+                # abandoned and rolled back; write the batch again with every conversion on
+                self._normalized.add(plan.table_id)
+                await transaction(normalize=True)
         except SinkError:
             raise
+        except KeyError as exc:  # from the collapse: an event without its key
+            raise FatalSinkError(f"`{plan.qualified}` {exc.args[0] if exc.args else exc}") from exc
         except (psycopg.Error, PoolTimeout, OSError) as exc:
             where = f"(positions {min(e.position for e in events)}..{max(e.position for e in events)})"
             raise map_error(exc, table=plan.qualified, describe_copy_line=describe, where=where) from exc
 
-    async def _apply(self, conn: AsyncConnection, plan: TablePlan, net: list[NetChange]) -> None:
+    async def _apply(self, conn: AsyncConnection, plan: TablePlan, net: list[_Net], normalize: bool) -> None:
         has_unchanged = has_delete = has_upsert = False
         names = [c.name for c in plan.columns]
-        converters = [(i, c.converter) for i, c in enumerate(plan.columns) if c.converter is not None]
+        converters = [
+            (i, c.converter)
+            for i, c in enumerate(plan.columns)
+            if c.converter is not None and (normalize or not c.normalizer_only)
+        ]
         soft_delete = plan.soft_delete
         branch_key = plan.branch_key
         pick = itemgetter(*names) if len(names) > 1 else (lambda row: (row[names[0]],))
@@ -226,13 +243,13 @@ class PostgresSink:
                 copy.set_types(plan.copy_types)
                 write_row = copy.write_row
                 for change in net:
-                    row = change.row
+                    op, branch, position, source_ts, row = change
                     try:
                         values = list(pick(row))
                     except KeyError:  # a key-only delete image, or a column the source no longer sends
                         values = [row.get(n) for n in names]
                     unchanged: list[str] | None = None
-                    if change.op is _DELETE:
+                    if op is _DELETE:
                         has_delete = True
                         if soft_delete:  # what a key-only image lacks: keep the stored value
                             unchanged = [n for n in names if n not in row] or None
@@ -252,15 +269,22 @@ class PostgresSink:
                     except (ValueError, TypeError) as exc:
                         raise FatalSinkError(
                             f"`{plan.qualified}` value at key {_describe_key(plan, change)} position "
-                            f"{change.position} must match its column type; got {exc}"
+                            f"{position} must match its column type; got {exc}"
                         ) from exc
-                    source_ts = change.source_ts
                     if source_ts is not None and source_ts.tzinfo is None:
                         source_ts = source_ts.replace(tzinfo=UTC)
                     if branch_key:
-                        values.insert(0, change.branch)
-                    values += (change.position, _OP_CODE[change.op], source_ts, unchanged)
-                    await write_row(values)
+                        values.insert(0, branch)
+                    values += (position, _OP_CODE[op], source_ts, unchanged)
+                    try:
+                        await write_row(values)
+                    except TypeError as exc:
+                        if normalize:
+                            raise FatalSinkError(
+                                f"`{plan.qualified}` row at key {_describe_key(plan, change)} position "
+                                f"{position} must match its column types; got {exc}"
+                            ) from exc
+                        raise _Renormalize from exc
             if plan.prefill is not None and has_unchanged:
                 await cursor.execute(plan.prefill)
             await cursor.execute(plan.upsert)
@@ -286,11 +310,46 @@ class PostgresSink:
         await conn.execute(plan.truncate_mark, params)
 
 
-def _describe_key(plan: TablePlan, change: NetChange) -> str:
+class _Renormalize(Exception):  # control flow only: never leaves the sink
+    """The fast path met a value that needs a conversion it skipped."""
+
+
+_Net = tuple[Op, str, int, Any, dict[str, Any]]
+"""(op, branch, position, source_ts, row) of one net change, as the COPY loop reads it."""
+
+
+def _net_changes(table: TableSchema, events: Sequence[ChangeEvent]) -> list[_Net]:
+    """The changes to stage: the events themselves when every key occurs once (the common case after
+    the stream stage's dedupe: no per-change objects), else the collapse (`branchline.sinks._batch`)."""
+    keys = table.primary_key
+    if keys:
+        key_of = itemgetter(*keys)
+        try:
+            unique = len({key_of(e.key) for e in events}) == len(events)
+        except (KeyError, TypeError):  # a key missing from `key`, or an unhashable value
+            unique = False
+    else:
+        unique = True  # a keyless table keeps every change
+    if unique:
+        return [
+            (
+                e.op,
+                e.table.branch,
+                e.position,
+                e.source_ts,
+                (e.before if e.op is _DELETE else e.after) or e.key,
+            )
+            for e in events
+        ]
+    return [(c.op, c.branch, c.position, c.source_ts, c.row) for c in collapse(table, events)]
+
+
+def _describe_key(plan: TablePlan, change: _Net) -> str:
+    row = change[4]
     if plan.keyed:
-        pairs = ", ".join(f"{k}={v!r}" for k, v in zip(plan.source.primary_key, change.key, strict=False))
+        pairs = ", ".join(f"{k}={row.get(k)!r}" for k in plan.source.primary_key)
     else:
         pairs = "(no primary key)"
     if plan.branch_key:
-        pairs = f"_bl_branch={change.branch!r}, {pairs}"
+        pairs = f"_bl_branch={change[1]!r}, {pairs}"
     return f"({pairs})"

@@ -199,6 +199,12 @@ def converter(column: Column) -> Converter | None:
     return None
 
 
+def is_normalizer(column: Column) -> bool:
+    """True when `converter` only repairs values outside the event contract (naive vs aware times):
+    psycopg raises TypeError on those, so the writer may skip it until it sees one."""
+    return column.type in (ColumnType.TIMESTAMP, ColumnType.TIMESTAMPTZ)
+
+
 def staged_as_text(pg_type: str) -> bool:
     """Types psycopg cannot COPY in binary from Python values: staged as text, cast on insert."""
     return pg_type.startswith("bit")

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -353,3 +353,44 @@ def test_switching_branch_key_on_an_existing_table_is_refused(target: dict[str, 
         asyncio.run(
             write(config(target, branch_key=True), ITEMS, [change(ITEMS, Op.CREATE, 2, item(2, "b"))])
         )
+
+
+def test_times_outside_the_event_contract_are_normalized_not_rejected(target: dict[str, Any]) -> None:
+    """An aware DATETIME or a naive TIMESTAMP makes psycopg refuse the fast path; the batch is written
+    again with conversions: aware -> naive UTC wall time, naive -> read as UTC."""
+    times = TableSchema(
+        id=tid("times"),
+        columns=(
+            Column(name="id", type=ColumnType.INT32, nullable=False),
+            Column(name="local", type=ColumnType.TIMESTAMP),
+            Column(name="instant", type=ColumnType.TIMESTAMPTZ),
+        ),
+        primary_key=("id",),
+    )
+    plus2 = timezone(timedelta(hours=2))
+    batch = [
+        change(
+            times,
+            Op.CREATE,
+            1,
+            {"id": 1, "local": datetime(2026, 1, 1, 12), "instant": datetime(2026, 1, 1, 12, tzinfo=UTC)},
+        ),
+        change(
+            times,
+            Op.CREATE,
+            2,
+            {"id": 2, "local": datetime(2026, 1, 1, 12, tzinfo=plus2), "instant": datetime(2026, 1, 1, 12)},
+        ),
+    ]
+    asyncio.run(
+        write(
+            config(target),
+            times,
+            batch,
+            [change(times, Op.UPDATE, 3, {"id": 1, "local": datetime(2026, 1, 2), "instant": None})],
+        )
+    )
+    assert fetch(target, "SELECT id, local, instant FROM times ORDER BY id") == [
+        (1, datetime(2026, 1, 2), None),
+        (2, datetime(2026, 1, 1, 10), datetime(2026, 1, 1, 12, tzinfo=UTC)),
+    ]
