@@ -133,9 +133,10 @@ class StatusReport:
         if not state.tasks:
             lines.append("  no tasks yet")
         if self.snapshot:
-            lines.append("  incremental snapshot: " + _render_snapshot(self.snapshot))
+            kind = str(self.snapshot.get("aggregate_type") or "snapshot").lower()
+            lines.append(f"  {kind}: " + _render_snapshot(self.snapshot))
         if self.snapshot_error:
-            lines.append(f"  incremental snapshot: unknown ({self.snapshot_error})")
+            lines.append(f"  snapshot progress: unknown ({self.snapshot_error})")
         return "\n".join(lines)
 
 
@@ -168,7 +169,8 @@ def status(client: ConnectClient, pipeline: PipelineConfig, only: str | None = N
             from branchline.connectors.snapshot import latest_notification
 
             try:
-                report.snapshot = latest_notification(pipeline, source)
+                report.snapshot = latest_notification(pipeline, source,
+                                                      kinds=("Incremental Snapshot", "Initial Snapshot"))
             except Exception as exc:  # noqa: BLE001 - progress is informative; the state above still stands
                 report.snapshot_error = f"{type(exc).__name__}: {exc}"
         reports.append(report)

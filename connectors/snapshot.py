@@ -41,8 +41,26 @@ def _check_tables(source: Source, tables: Sequence[str]) -> None:
         raise ConfigError(problems)
 
 
+def _keyless(source: Source, tables: Sequence[str], cursor_execute: Any) -> list[str]:
+    """The tables that do not exist or have no primary key (incremental snapshots read in key order)."""
+    out = []
+    for table in tables:
+        namespace, name = table.split(".", 1)
+        if isinstance(source, PostgresSourceConfig):
+            query = ("SELECT count(*) FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid "
+                     "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE k.contype = 'p' AND n.nspname = %s "
+                     "AND c.relname = %s")
+        else:
+            query = ("SELECT count(*) FROM information_schema.statistics WHERE table_schema = %s "
+                     "AND table_name = %s AND index_name = 'PRIMARY'")
+        if not cursor_execute(query, (namespace, name)):
+            out.append(table)
+    return out
+
+
 def request_snapshot(source: Source, tables: Sequence[str]) -> str:
-    """Insert the signal; returns its id."""
+    """Insert the signal; returns its id. Refuses tables without a primary key (or missing ones):
+    Debezium would skip them."""
     _check_tables(source, tables)
     signal_id, kind, data = signal_row(tables)
     namespace, table = source.signal_table.split(".", 1)
@@ -54,6 +72,10 @@ def request_snapshot(source: Source, tables: Sequence[str]) -> str:
         try:
             with psycopg.connect(host=source.host, port=source.port, user=source.user, password=password or None,
                                  dbname=source.database, connect_timeout=10, autocommit=True) as conn:
+                keyless = _keyless(source, tables, lambda q, p: conn.execute(q, p).fetchone()[0])  # type: ignore[index]
+                if keyless:
+                    raise ConfigError(f"`table` must exist and have a primary key for an incremental snapshot; "
+                                      f"got {keyless!r}")
                 conn.execute(sql.SQL("INSERT INTO {} (id, type, data) VALUES (%s, %s, %s)").format(
                     sql.Identifier(namespace, table)), (signal_id, kind, data))
         except psycopg.OperationalError as exc:
@@ -71,6 +93,15 @@ def request_snapshot(source: Source, tables: Sequence[str]) -> str:
             raise RetryableSourceError(f"`{source.name}` must accept connections; got {exc.args}") from exc
         try:
             with conn.cursor() as cursor:
+
+                def count(query: str, params: tuple[str, str]) -> int:
+                    cursor.execute(query, params)
+                    return int(cursor.fetchone()[0])
+
+                keyless = _keyless(source, tables, count)
+                if keyless:
+                    raise ConfigError(f"`table` must exist and have a primary key for an incremental snapshot; "
+                                      f"got {keyless!r}")
                 cursor.execute(f"INSERT INTO `{namespace}`.`{table}` (id, type, data) VALUES (%s, %s, %s)",
                                (signal_id, kind, data))
         except pymysql.err.MySQLError as exc:
@@ -93,10 +124,12 @@ def notifications(pipeline: PipelineConfig, source: Source) -> list[dict[str, An
     return out
 
 
-def latest_notification(pipeline: PipelineConfig, source: Source, since_ms: int = 0) -> dict[str, Any] | None:
-    """The newest incremental-snapshot notification (at or after `since_ms`), or None."""
+def latest_notification(pipeline: PipelineConfig, source: Source, since_ms: int = 0,
+                        kinds: tuple[str, ...] = ("Incremental Snapshot",)) -> dict[str, Any] | None:
+    """The newest snapshot notification of `kinds` (at or after `since_ms`), or None. Kinds are
+    Debezium's aggregate types: "Incremental Snapshot", "Initial Snapshot"."""
     found = [n for n in notifications(pipeline, source)
-             if n.get("aggregate_type") == "Incremental Snapshot" and int(n.get("timestamp") or 0) >= since_ms]
+             if n.get("aggregate_type") in kinds and int(n.get("timestamp") or 0) >= since_ms]
     return found[-1] if found else None
 
 

@@ -694,3 +694,27 @@ def test_restart_of_a_kafka_connect_worker_resumes_without_a_new_snapshot(captur
                     pg.execute(f'DROP PUBLICATION IF EXISTS "{source.publication}"')  # type: ignore[union-attr]
         delete_topics(capture.bootstrap, lambda t: t.startswith(own) or t in worker.topics
                       or t.endswith(tuple(f".{s.topic_prefix}" for s in pipeline.sources)))
+
+
+def test_snapshot_of_a_table_without_a_primary_key_is_refused(capture: Capture) -> None:
+    result = CliRunner().invoke(cli, ["snapshot", str(capture.file), "erp", f"{capture.namespace}.legacy_price_list"])
+    assert result.exit_code != 0
+    assert "must exist and have a primary key" in str(result.exception)
+
+
+def test_heartbeat_query_moves_the_slot_while_captured_tables_are_idle(capture: Capture) -> None:
+    """WAL written outside the captured tables is released: the heartbeat write lets the slot confirm it."""
+    crm = capture.pipeline.source("crm")
+    scratch = f"public.{capture.namespace}_idle"
+    with capture.crm() as pg:
+        pg.execute(f"CREATE TABLE {scratch} (id int PRIMARY KEY, filler text)")
+        pg.execute(f"INSERT INTO {scratch} SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g")
+        target = pg.execute("SELECT pg_current_wal_lsn()").fetchone()[0]  # type: ignore[index]
+        pg.execute(f"DROP TABLE {scratch}")
+
+        def confirmed() -> bool:
+            row = pg.execute("SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots "
+                             "WHERE slot_name = %s", (target, crm.slot)).fetchone()  # type: ignore[union-attr]
+            return bool(row and row[0])
+
+        wait_for(f"slot {crm.slot} to confirm past {target}", confirmed, 90, 2)  # type: ignore[union-attr]
