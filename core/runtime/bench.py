@@ -1,0 +1,399 @@
+"""Benchmark of the embedded runtime (prints figures; not a test).
+
+For each source kind (MariaDB -> cloud PostgreSQL, PostgreSQL -> cloud PostgreSQL), in a private
+database/schema of the local stack:
+
+1. record the log position, pre-load a backlog of N sample-shaped rows;
+2. raw decode rate: the capture library alone reads the same backlog (python-mysql-replication's
+   BinLogStreamReader, or ``pg_logical_slot_peek_binary_changes`` + the pgoutput parser);
+3. end to end: `branchline run` (a separate process) streams the backlog into the cloud PostgreSQL;
+   rows/s from the first to the last row's ``_bl_synced_at`` and over the wall clock;
+4. lag at a steady churn (default 1,000 rows/s): each row carries its insert time (``t_us``); lag =
+   ``_bl_synced_at`` (the sink transaction's time) - insert time, p50/p99;
+5. peak RSS of the `branchline run` process (VmHWM), both phases.
+
+Run: ``python -m branchline.runtime.bench --rows 500000`` (or ``branchline bench embedded`` once
+registered).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import click
+import psycopg
+import pymysql
+
+from branchline.connectors.embedded.reader import Checkpoint
+from branchline.runtime.spool import Spool
+
+STACK = Path(__file__).resolve().parents[2] / "infra" / "stack.toml"
+
+
+def _port(name: str) -> int:
+    default = tomllib.loads(STACK.read_text())["ports"][name] if STACK.exists() else 0
+    return int(os.environ.get(f"BRANCHLINE_{name.upper()}_PORT", default))
+
+
+@dataclass
+class Figures:
+    kind: str
+    rows: int
+    load_s: float = 0.0
+    raw_rows_s: float = 0.0
+    e2e_rows_s: float = 0.0
+    e2e_wall_rows_s: float = 0.0
+    churn_rows: int = 0
+    churn_rate: float = 0.0
+    lag_p50_ms: float = 0.0
+    lag_p99_ms: float = 0.0
+    lag_max_ms: float = 0.0
+    rss_backlog_mb: float = 0.0
+    rss_churn_mb: float = 0.0
+
+
+def _sample_row(i: int, rng: random.Random) -> tuple[Any, ...]:
+    return (i, rng.randint(1, 5000), Decimal(rng.randint(0, 10**7)) / 100, f"order {i} {rng.randint(0, 10**6)}",
+            datetime(2024, 1, 1, rng.randint(0, 23), rng.randint(0, 59), rng.randint(0, 59), rng.randint(0, 999999)),
+            rng.choice(["draft", "open", "paid", "shipped"]), 0)
+
+
+# -- process helpers ------------------------------------------------------------------------------
+
+
+class RssWatch:
+    """Polls a process's VmHWM (peak resident set) until it exits."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_kb = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        path = Path(f"/proc/{self.pid}/status")
+        while True:
+            try:
+                for line in path.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+            except OSError:
+                return
+            time.sleep(0.2)
+
+    def join(self) -> float:
+        self._thread.join(5)
+        return self.peak_kb / 1024
+
+
+def _run(pipeline: Path, spool: Path, idle_s: float) -> subprocess.Popen[bytes]:
+    log = open(pipeline.with_suffix(f".{time.monotonic_ns()}.log"), "w")  # noqa: SIM115 (child owns it)
+    process = subprocess.Popen([sys.executable, "-m", "branchline.cli", "run", str(pipeline), "--spool", str(spool),
+                                "--no-progress", "--no-metrics", "--exit-when-idle", str(idle_s)],
+                               stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    return process
+
+
+def _pipeline(path: Path, name: str, source_yaml: str, cloud_port: int, batch_size: int) -> Path:
+    path.write_text(f"""name: {name}
+branch: hq
+sources:
+{source_yaml}
+sinks:
+  cloud:
+    kind: postgres
+    port: {cloud_port}
+    user: postgres
+    database: cloud
+    schema: "{{source}}"
+runtime:
+  batch_size: {batch_size}
+  snapshot: never
+metrics:
+  enabled: false
+""")
+    return path
+
+
+def _target_stats(cloud_port: int, schema: str, first_id: int, last_id: int) -> tuple[int, float, list[float]]:
+    """(rows, seconds between first and last _bl_synced_at, lags in ms for rows with t_us set)."""
+    with psycopg.connect(host="127.0.0.1", port=cloud_port, user="postgres", dbname="cloud") as conn:
+        count, span = conn.execute(
+            f'SELECT count(*), EXTRACT(EPOCH FROM max(_bl_synced_at) - min(_bl_synced_at)) FROM "{schema}".orders'
+            " WHERE id BETWEEN %s AND %s", (first_id, last_id)).fetchone()
+        lags = [float(r[0]) for r in conn.execute(
+            f'SELECT (EXTRACT(EPOCH FROM _bl_synced_at) * 1e6 - t_us) / 1000.0 FROM "{schema}".orders'
+            " WHERE id BETWEEN %s AND %s AND t_us > 0", (first_id, last_id))]
+    return int(count), float(span or 0), lags
+
+
+def _wait_rows(cloud_port: int, schema: str, first_id: int, last_id: int, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    want = last_id - first_id + 1
+    while time.monotonic() < deadline:
+        try:
+            with psycopg.connect(host="127.0.0.1", port=cloud_port, user="postgres", dbname="cloud") as conn:
+                got = conn.execute(f'SELECT count(*) FROM "{schema}".orders WHERE id BETWEEN %s AND %s',
+                                   (first_id, last_id)).fetchone()[0]
+            if got >= want:
+                return time.monotonic()
+        except psycopg.Error:
+            pass
+        time.sleep(0.25)
+    raise click.ClickException(f"target did not receive {want} rows within {timeout:.0f} s")
+
+
+def _percentile(values: list[float], p: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p * (len(ordered) - 1))))]
+
+
+def _churn(insert: Any, first_id: int, rate: float, seconds: float) -> int:
+    """Insert ``rate`` rows/s in 10 ms ticks for ``seconds``; each row carries its insert time."""
+    rng = random.Random(7)
+    tick = 0.01
+    per_tick = max(1, int(round(rate * tick)))
+    next_id = first_id
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        rows = []
+        for _ in range(per_tick):
+            row = list(_sample_row(next_id, rng))
+            row[-1] = time.time_ns() // 1000
+            rows.append(tuple(row))
+            next_id += 1
+        insert(rows)
+        target = start + (next_id - first_id) / rate
+        delay = target - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    return next_id - first_id
+
+
+# -- MariaDB --------------------------------------------------------------------------------------
+
+
+def bench_mariadb(rows: int, rate: float, seconds: float, work: Path, batch_size: int) -> Figures:
+    from pymysqlreplication import BinLogStreamReader
+    from pymysqlreplication.row_event import WriteRowsEvent
+
+    from branchline.connectors.embedded.mariadb import MariaDbReader, _pymysql_connect
+
+    port, cloud = _port("erp"), _port("cloud")
+    db = "bench_" + uuid.uuid4().hex[:8]
+    source = "b" + db[-8:]
+    figures = Figures("MariaDB -> cloud PostgreSQL", rows)
+    conn = pymysql.connect(host="127.0.0.1", port=port, user="root", password="", autocommit=True)
+    cur = conn.cursor()
+    cur.execute(f"CREATE DATABASE {db}")
+    try:
+        cur.execute(f"""CREATE TABLE {db}.orders (id BIGINT PRIMARY KEY, customer_id INT NOT NULL,
+            amount DECIMAL(12,2) NOT NULL, note VARCHAR(60), ordered_at DATETIME(6) NOT NULL,
+            status VARCHAR(10) NOT NULL, t_us BIGINT NOT NULL)""")
+        reader = MariaDbReader(source=source, branch="hq", host="127.0.0.1", port=port, user="root", password="",
+                               databases=[db])
+        start = reader.start_position()
+        reader.close()
+        insert_sql = f"INSERT INTO {db}.orders VALUES (%s, %s, %s, %s, %s, %s, %s)"
+        rng = random.Random(1)
+        began = time.monotonic()
+        for offset in range(0, rows, 5000):
+            cur.execute("BEGIN")
+            cur.executemany(insert_sql, [_sample_row(i, rng) for i in range(offset, min(rows, offset + 5000))])
+            cur.execute("COMMIT")
+        figures.load_s = time.monotonic() - began
+
+        # raw decode: the library alone, same backlog
+        stream = BinLogStreamReader(connection_settings={"host": "127.0.0.1", "port": port, "user": "root",
+                                                         "password": ""},
+                                    server_id=4_100_000 + random.randint(0, 99_999), blocking=False,
+                                    is_mariadb=True, auto_position=start.data["gtid"], only_schemas=[db],
+                                    only_events=[WriteRowsEvent], enable_logging=False,
+                                    pymysql_wrapper=_pymysql_connect)
+        decoded = 0
+        began = time.monotonic()
+        for event in stream:
+            decoded += len(event.rows)
+            if decoded >= rows:
+                break
+        figures.raw_rows_s = decoded / (time.monotonic() - began)
+        stream.close()
+
+        # end to end: branchline run from the recorded position
+        spool = work / f"{source}.sqlite"
+        seeded = Spool(spool)
+        seeded.plan_snapshot(source, start, [], start.position)
+        seeded.close()
+        pipeline = _pipeline(work / f"{source}.yaml", source, f"""  - name: {source}
+    kind: mariadb
+    port: {port}
+    user: root
+    databases: [{db}]""", cloud, batch_size)
+        _end_to_end(figures, pipeline, spool, cloud, source, rows, seconds, rate,
+                    lambda batch: cur.executemany(insert_sql, batch))
+    finally:
+        cur.execute(f"DROP DATABASE IF EXISTS {db}")
+        conn.close()
+        _drop_target(cloud, source)
+    return figures
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------------
+
+
+def bench_postgres(rows: int, rate: float, seconds: float, work: Path, batch_size: int) -> Figures:
+    from branchline.connectors.embedded.pgoutput import SESSION_SETTINGS, PgOutputParser, RowChange
+    from branchline.connectors.embedded.postgres import PostgresReader
+
+    port, cloud = _port("crm"), _port("cloud")
+    schema = "bench_" + uuid.uuid4().hex[:8]
+    source = "p" + schema[-8:]
+    figures = Figures("PostgreSQL -> cloud PostgreSQL", rows)
+    conn = psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="crm", autocommit=True)
+    conn.execute(f"CREATE SCHEMA {schema}")
+    reader = PostgresReader(source=source, branch="hq", host="127.0.0.1", port=port, user="postgres", password="",
+                            database="crm", schemas=[schema], slot=schema, publication=schema)
+    try:
+        conn.execute(f"""CREATE TABLE {schema}.orders (id bigint PRIMARY KEY, customer_id int NOT NULL,
+            amount numeric(12,2) NOT NULL, note varchar(60), ordered_at timestamp NOT NULL,
+            status varchar(10) NOT NULL, t_us bigint NOT NULL)""")
+        start = reader.start_position()
+        rng = random.Random(1)
+        began = time.monotonic()
+        for offset in range(0, rows, 5000):
+            with conn.transaction(), conn.cursor().copy(f"COPY {schema}.orders FROM STDIN") as copy:
+                for i in range(offset, min(rows, offset + 5000)):
+                    copy.write_row(_sample_row(i, rng))
+        figures.load_s = time.monotonic() - began
+
+        # raw decode: the SQL function and the pgoutput parser, same backlog, in one call
+        parser = PgOutputParser()
+        conn.execute(SESSION_SETTINGS)
+        decoded = 0
+        began = time.monotonic()
+        with conn.cursor(binary=True) as cursor:
+            cursor.execute("SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, 'proto_version',"
+                           " '1', 'publication_names', %s)", (schema, schema))
+            for (data,) in cursor:
+                if isinstance(parser.parse(data), RowChange):
+                    decoded += 1
+        figures.raw_rows_s = decoded / (time.monotonic() - began)
+
+        spool = work / f"{source}.sqlite"
+        seeded = Spool(spool)
+        seeded.plan_snapshot(source, Checkpoint(start.data, start.position), [], 0)
+        seeded.close()
+        pipeline = _pipeline(work / f"{source}.yaml", source, f"""  - name: {source}
+    kind: postgres
+    port: {port}
+    user: postgres
+    database: crm
+    schemas: [{schema}]
+    slot: {schema}
+    publication: {schema}""", cloud, batch_size)
+
+        def insert(batch: list[tuple[Any, ...]]) -> None:
+            with conn.cursor() as cursor:
+                cursor.executemany(f"INSERT INTO {schema}.orders VALUES (%s, %s, %s, %s, %s, %s, %s)", batch)
+
+        _end_to_end(figures, pipeline, spool, cloud, source, rows, seconds, rate, insert)
+    finally:
+        reader.close()
+        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
+                     (schema,))
+        conn.execute(f"DROP PUBLICATION IF EXISTS {schema}")
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        conn.close()
+        _drop_target(cloud, source)
+    return figures
+
+
+# -- shared ---------------------------------------------------------------------------------------
+
+
+def _end_to_end(figures: Figures, pipeline: Path, spool: Path, cloud: int, schema: str, rows: int,
+                seconds: float, rate: float, insert: Any) -> None:
+    began = time.monotonic()
+    process = _run(pipeline, spool, idle_s=2)
+    rss = RssWatch(process.pid)
+    done = _wait_rows(cloud, schema, 0, rows - 1, timeout=max(600, rows / 500))
+    figures.e2e_wall_rows_s = rows / (done - began)
+    process.wait(120)
+    figures.rss_backlog_mb = rss.join()
+    count, span, _ = _target_stats(cloud, schema, 0, rows - 1)
+    figures.e2e_rows_s = count / span if span else 0.0
+    if seconds <= 0:
+        return
+    process = _run(pipeline, spool, idle_s=3)
+    rss = RssWatch(process.pid)
+    time.sleep(2)  # connected and idle before the clock starts
+    churned = _churn(insert, rows, rate, seconds)
+    figures.churn_rows = churned
+    figures.churn_rate = churned / seconds
+    _wait_rows(cloud, schema, rows, rows + churned - 1, timeout=120)
+    process.wait(120)
+    figures.rss_churn_mb = rss.join()
+    _, _, lags = _target_stats(cloud, schema, rows, rows + churned - 1)
+    figures.lag_p50_ms = _percentile(lags, 0.50)
+    figures.lag_p99_ms = _percentile(lags, 0.99)
+    figures.lag_max_ms = max(lags) if lags else 0.0
+
+
+def _drop_target(cloud: int, schema: str) -> None:
+    with psycopg.connect(host="127.0.0.1", port=cloud, user="postgres", dbname="cloud", autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def _print(figures: Figures) -> None:
+    ratio = figures.e2e_rows_s / figures.raw_rows_s if figures.raw_rows_s else 0.0
+    click.echo(f"\n{figures.kind}: backlog of {figures.rows:,} rows (loaded in {figures.load_s:.1f} s)")
+    click.echo(f"  raw decode (capture library alone)  {figures.raw_rows_s:>10,.0f} rows/s")
+    click.echo(f"  end to end (first..last row synced) {figures.e2e_rows_s:>10,.0f} rows/s"
+               f"  = {100 * ratio:.0f}% of raw decode (target >= 80%)")
+    click.echo(f"  end to end (wall, incl. start-up)   {figures.e2e_wall_rows_s:>10,.0f} rows/s")
+    if figures.churn_rows:
+        click.echo(f"  steady churn {figures.churn_rate:,.0f} rows/s for {figures.churn_rows:,} rows: lag p50"
+                   f" {figures.lag_p50_ms:.0f} ms, p99 {figures.lag_p99_ms:.0f} ms, max {figures.lag_max_ms:.0f} ms"
+                   " (target p99 <= 200 ms)")
+    click.echo(f"  peak RSS of `branchline run`: backlog {figures.rss_backlog_mb:.0f} MB, churn"
+               f" {figures.rss_churn_mb:.0f} MB (target <= 300 MB)")
+
+
+@click.command("embedded")
+@click.option("--rows", type=int, default=500_000, show_default=True, help="Backlog rows per source kind.")
+@click.option("--churn-rate", type=float, default=1000.0, show_default=True, help="Rows/s of the steady churn.")
+@click.option("--churn-seconds", type=float, default=20.0, show_default=True, help="0 skips the lag phase.")
+@click.option("--batch-size", type=int, default=5000, show_default=True)
+@click.option("--only", type=click.Choice(["mariadb", "postgres"]), default=None)
+def embedded(rows: int, churn_rate: float, churn_seconds: float, batch_size: int, only: str | None) -> None:
+    """End-to-end rows/s vs raw decode rate, lag p50/p99 at steady churn, peak RSS of `branchline run`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="branchline-bench-") as tmp:
+        work = Path(os.environ.get("BRANCHLINE_BENCH_DIR") or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        click.echo(f"branchline run benchmark: {rows:,} rows, churn {churn_rate:,.0f} rows/s x {churn_seconds:.0f} s,"
+                   f" {os.cpu_count()} CPUs")
+        if only in (None, "mariadb"):
+            _print(bench_mariadb(rows, churn_rate, churn_seconds, work, batch_size))
+        if only in (None, "postgres"):
+            _print(bench_postgres(rows, churn_rate, churn_seconds, work, batch_size))
+
+
+if __name__ == "__main__":
+    embedded()
