@@ -35,7 +35,6 @@ from typing import Any
 import click
 import psycopg
 import pymysql
-
 from branchline.connectors.embedded.reader import Checkpoint
 from branchline.runtime.spool import Spool
 
@@ -160,14 +159,14 @@ def _percentile(values: list[float], p: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p * (len(ordered) - 1)))]
 
 
 def _churn(insert: Any, first_id: int, rate: float, seconds: float) -> int:
     """Insert ``rate`` rows/s in 10 ms ticks for ``seconds``; each row carries its insert time."""
     rng = random.Random(7)
     tick = 0.01
-    per_tick = max(1, int(round(rate * tick)))
+    per_tick = max(1, round(rate * tick))
     next_id = first_id
     start = time.monotonic()
     while time.monotonic() - start < seconds:
@@ -189,10 +188,9 @@ def _churn(insert: Any, first_id: int, rate: float, seconds: float) -> int:
 
 
 def bench_mariadb(rows: int, rate: float, seconds: float, work: Path, batch_size: int) -> Figures:
+    from branchline.connectors.embedded.mariadb import MariaDbReader, _pymysql_connect
     from pymysqlreplication import BinLogStreamReader
     from pymysqlreplication.row_event import WriteRowsEvent
-
-    from branchline.connectors.embedded.mariadb import MariaDbReader, _pymysql_connect
 
     port, cloud = _port("erp"), _port("cloud")
     db = "bench_" + uuid.uuid4().hex[:8]
