@@ -94,7 +94,8 @@ def snapshot_flag(record: Record) -> str | None:
 
 
 def decode_all(capture: Capture, records: list[Record]) -> list[tuple[Record, Any]]:
-    decoders = {s.topic_prefix: EnvelopeDecoder(s.name, s.branch) for s in capture.pipeline.sources}
+    decoders = {s.topic_prefix: EnvelopeDecoder(s.name, s.branch, keep_update_before=True)
+                for s in capture.pipeline.sources}
     out = []
     for record in records:
         prefix = ".".join(record.topic.split(".")[:2])
@@ -108,21 +109,6 @@ def changes(decoded: list[tuple[Record, Any]], table: str) -> list[RowChange]:
 
 def row_records(decoded: list[tuple[Record, Any]], table: str) -> list[tuple[Record, RowChange]]:
     return [(r, d) for r, d in decoded if isinstance(d, RowChange) and d.event.table.table == table]
-
-
-def image(capture: Capture, record: Record, which: str) -> dict[str, Any] | None:
-    """The `before` or `after` image of a raw envelope, converted by the streams decoder (which keeps
-    `before` only for deletes): the image is decoded as the `after` of a copy of the envelope."""
-    body = json.loads(record.value or b"null")
-    if body["payload"][which] is None:
-        return None
-    body["payload"]["after"] = body["payload"][which]
-    body["payload"]["op"] = "c"
-    prefix = ".".join(record.topic.split(".")[:2])
-    source = next(s for s in capture.pipeline.sources if s.topic_prefix == prefix)
-    decoded = EnvelopeDecoder(source.name, source.branch).decode(record.topic, record.key, json.dumps(body).encode())
-    assert isinstance(decoded, RowChange)
-    return decoded.event.after
 
 
 # ------------------------------------------------------------------------------ value comparison
@@ -370,15 +356,15 @@ def test_insert_update_delete_and_truncate_carry_the_right_images(capture: Captu
 
     warehouse = [(r, c) for r, c in row_records(decoded, "warehouses") if c.event.key.get("id") == 900]
     assert [c.event.op for _, c in warehouse] == [Op.CREATE, Op.UPDATE, Op.DELETE]
-    (c_rec, create), (u_rec, _), (d_rec, delete) = warehouse
+    (_, create), (_, update), (d_rec, delete) = warehouse
     columns = create.schema.columns
-    assert image(capture, c_rec, "before") is None
-    assert not row_mismatches("warehouses", 900, image(capture, c_rec, "after") or {}, inserted, columns)
+    assert create.event.before is None
+    assert not row_mismatches("warehouses", 900, create.event.after or {}, inserted, columns)
     assert create.event.after["opens_at"] == timedelta(hours=-838, minutes=-59, seconds=-59)  # type: ignore[index]
-    assert not row_mismatches("warehouses", 900, image(capture, u_rec, "before") or {}, inserted, columns)
-    assert not row_mismatches("warehouses", 900, image(capture, u_rec, "after") or {}, updated, columns)
-    assert not row_mismatches("warehouses", 900, image(capture, d_rec, "before") or {}, updated, columns)
-    assert delete.event.after is None and image(capture, d_rec, "after") is None
+    assert not row_mismatches("warehouses", 900, update.event.before or {}, inserted, columns)
+    assert not row_mismatches("warehouses", 900, update.event.after or {}, updated, columns)
+    assert not row_mismatches("warehouses", 900, delete.event.before or {}, updated, columns)
+    assert delete.event.after is None
     tombstones = [(r, d) for r, d in decoded if isinstance(d, Tombstone) and r.topic.endswith(".warehouses")]
     assert [d.key for _, d in tombstones] == [{"id": 900}]
     assert tombstones[0][0].offset == d_rec.offset + 1  # right after the delete, same partition
@@ -390,7 +376,7 @@ def test_insert_update_delete_and_truncate_carry_the_right_images(capture: Captu
     people = [(r, c) for r, c in row_records(decoded, "contacts") if c.event.key.get("id") == contact]
     assert [c.event.op for _, c in people] == [Op.CREATE, Op.UPDATE, Op.DELETE]
     assert people[0][1].event.after["tags"] == ["a,b", "c"]  # type: ignore[index]
-    before = image(capture, people[1][0], "before")  # REPLICA IDENTITY FULL on this table
+    before = people[1][1].event.before  # REPLICA IDENTITY FULL on this table
     assert before is not None and before["last_name"] == "O'Neil" and before["tags"] == ["a,b", "c"]
     assert people[1][1].event.after["last_name"] == "Ünal" and people[1][1].event.after["tags"] is None  # type: ignore[index]
     assert people[2][1].event.before["last_name"] == "Ünal" and people[2][1].event.after is None  # type: ignore[index]
@@ -398,7 +384,7 @@ def test_insert_update_delete_and_truncate_carry_the_right_images(capture: Captu
     activity = [(r, c) for r, c in row_records(decoded, "activities")
                 if c.event.op is Op.UPDATE and c.event.key["id"] == toasted]
     assert activity and activity[-1][1].event.after["body"] is UNCHANGED  # type: ignore[index]
-    assert image(capture, activity[-1][0], "before") is None  # default REPLICA IDENTITY: no old row
+    assert activity[-1][1].event.before is None  # default REPLICA IDENTITY: no old row
 
     truncated = [c for c in changes(decoded, "legacy_price_list") if c.event.op is Op.TRUNCATE]
     assert len(truncated) == 1 and truncated[0].event.after is None
