@@ -130,9 +130,11 @@ metrics:
 def _target_stats(cloud_port: int, schema: str, first_id: int, last_id: int) -> tuple[int, float, list[float]]:
     """(rows, seconds between first and last _bl_synced_at, lags in ms for rows with t_us set)."""
     with psycopg.connect(host="127.0.0.1", port=cloud_port, user="postgres", dbname="cloud") as conn:
-        count, span = conn.execute(
+        row = conn.execute(
             f'SELECT count(*), EXTRACT(EPOCH FROM max(_bl_synced_at) - min(_bl_synced_at)) FROM "{schema}".orders'
             " WHERE id BETWEEN %s AND %s", (first_id, last_id)).fetchone()
+        assert row is not None
+        count, span = row
         lags = [float(r[0]) for r in conn.execute(
             f'SELECT (EXTRACT(EPOCH FROM _bl_synced_at) * 1e6 - t_us) / 1000.0 FROM "{schema}".orders'
             " WHERE id BETWEEN %s AND %s AND t_us > 0", (first_id, last_id))]
@@ -145,8 +147,9 @@ def _wait_rows(cloud_port: int, schema: str, first_id: int, last_id: int, timeou
     while time.monotonic() < deadline:
         try:
             with psycopg.connect(host="127.0.0.1", port=cloud_port, user="postgres", dbname="cloud") as conn:
-                got = conn.execute(f'SELECT count(*) FROM "{schema}".orders WHERE id BETWEEN %s AND %s',
-                                   (first_id, last_id)).fetchone()[0]
+                row = conn.execute(f'SELECT count(*) FROM "{schema}".orders WHERE id BETWEEN %s AND %s',
+                                   (first_id, last_id)).fetchone()
+                got = row[0] if row else 0
             if got >= want:
                 return time.monotonic()
         except psycopg.Error:

@@ -222,11 +222,10 @@ class TableVerifier:
     def _diff(self, source_rows: dict[Any, Any], target_rows: dict[Any, Any], missing: dict[Any, Any],
               extra: dict[Any, Any], report: TableReport) -> None:
         for key, row in source_rows.items():
-            other = target_rows.get(key)
-            if other is None and key not in target_rows:
+            if key not in target_rows:
                 missing[key] = row
-            elif other != row:
-                self._compare_row(key, row, other, report)
+            elif target_rows[key] != row:
+                self._compare_row(key, row, target_rows[key], report)
         for key, row in target_rows.items():
             if key not in source_rows:
                 extra[key] = row

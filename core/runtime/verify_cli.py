@@ -66,7 +66,7 @@ def verify(file: Path, tables: tuple[str, ...], sources: tuple[str, ...], sink_n
                     if not wanted(source.name, qualified, schema.id.table):
                         continue
                     transforms = pipeline.tables.get(qualified) if isinstance(pipeline.tables, dict) else None
-                    if transforms is not None and getattr(transforms, "filters", ()):
+                    if transforms is not None and getattr(transforms, "filters", None):
                         reports.append(TableReport(f"{source.name}:{qualified}", "-",
                                                    skipped="has row filters: target holds a subset by design"))
                         continue
