@@ -63,6 +63,7 @@ class _SourceBase(_Model):
     branch: Annotated[str, Field(pattern=IDENTIFIER)]
     """The branch (site) this source runs at; defaults to the file's top-level `branch`."""
     host: str = "127.0.0.1"
+    """The database server's address as the Kafka Connect workers (or `branchline run`) reach it."""
     user: str
     """The replication user (see `branchline preflight --print-setup-sql`)."""
     password: SecretStr = SecretStr("")
@@ -75,9 +76,9 @@ class _SourceBase(_Model):
     snapshot_mode: SnapshotMode = "initial"
     """Debezium `snapshot.mode`: `initial` copies existing rows once, then streams."""
     heartbeat_interval_ms: int = Field(10_000, ge=1_000)
-    """How often the connector emits a heartbeat (and, on PostgreSQL, runs the heartbeat query)."""
+    """How often the connector emits a heartbeat and runs the heartbeat query (lag; slot advance on PostgreSQL)."""
     min_log_retention_hours: int = Field(72, ge=1)
-    """Preflight warns when binlog/WAL retention is shorter: an outage longer than this needs a re-snapshot."""
+    """Preflight fails when binlogs are kept for less: an outage longer than the retention needs a re-snapshot."""
     signal_table: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+\.[A-Za-z0-9_]+$")] = f"{CONTROL_NAMESPACE}.debezium_signal"
     """Debezium's signal table (`namespace.table`), used for incremental snapshots."""
     heartbeat_table: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+\.[A-Za-z0-9_]+$")] = (
