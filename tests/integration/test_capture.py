@@ -544,6 +544,11 @@ def test_status_shows_the_trace_of_a_failed_task(capture: Capture) -> None:
     assert result.exit_code == 2, result.output
     assert "task 0: FAILED" in result.output and "Publication autocreation is disabled" in result.output, result.output
     assert "not-shown-anywhere" not in result.output
+    deleted = CliRunner().invoke(cli, ["connectors", "delete", str(broken), "--source", "broken"])
+    assert deleted.exit_code == 0 and f"{source.connector_name}: deleted" in deleted.output
+    assert capture.client.config(source.connector_name) is None
+    again = CliRunner().invoke(cli, ["connectors", "delete", str(broken), "--source", "broken"])
+    assert f"{source.connector_name}: not present" in again.output
 
 
 # ------------------------------------------------------------- restarting a Kafka Connect worker process
