@@ -534,9 +534,13 @@ class MariaDbReader:
         return changed
 
     def close(self) -> None:
-        if self._ctl is not None:
-            self._ctl.close()
-            self._ctl = None
+        with self._lock:
+            if self._ctl is not None:
+                try:
+                    self._ctl.close()
+                except (pymysql.err.Error, OSError):  # already broken: nothing left to release
+                    pass
+                self._ctl = None
 
 
 def _pymysql_connect(**settings: Any) -> pymysql.connections.Connection:
