@@ -120,6 +120,8 @@ class SourceCapture:
         self.wake = wake
         self.schemas: dict[TableId, TableSchema] = {}
         self._warned_full = False
+        self.idle_since: float | None = None
+        """When the reader last said it had nothing more to send (None: busy); for --exit-when-idle."""
 
     # -- snapshot --------------------------------------------------------------------------------
 
@@ -224,6 +226,10 @@ class SourceCapture:
             batch, pending = [], None
 
         for changes in self.reader.stream(start, self.stop):
+            if changes.events or changes.checkpoint is not None:
+                self.idle_since = None
+            elif self.idle_since is None and not batch:
+                self.idle_since = time.monotonic()
             if changes.schemas:
                 if batch and any(s.id in {e.table for e in batch} for s in changes.schemas):
                     flush()  # one schema per table per spooled batch
@@ -368,8 +374,11 @@ class Runner:
                 and self.spool.batches == 0:
             return True
         if self.exit_when_idle_s is not None and len(self.stats.snapshot_done) == len(self.captures):
-            idle = time.monotonic() - max(self.stats.last_capture, self.stats.last_write)
-            if idle >= self.exit_when_idle_s and self.spool.batches == 0:
+            # every reader caught up (it said so, not merely slow) for a while, and the spool drained
+            now = time.monotonic()
+            caught_up = all(c.idle_since is not None and now - c.idle_since >= self.exit_when_idle_s
+                            for c in self.captures)
+            if caught_up and self.spool.batches == 0 and now - self.stats.last_write >= self.exit_when_idle_s:
                 return True
         if self.stop.is_set() and (self.spool.batches == 0 or self.stats.sink_down_since is not None):
             return True
