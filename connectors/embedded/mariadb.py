@@ -499,7 +499,12 @@ class MariaDbReader:
                         domain = current_gtid.split("-", 1)[0]
                         gtid_state[domain] = current_gtid
                 elif isinstance(event, XidEvent):
-                    yield Changes([], self._checkpoint(file, end, gtid_state))
+                    checkpoint = self._checkpoint(file, end, gtid_state)
+                    if checkpoint.data["gtid"]:
+                        # the library reconnects by itself after a dropped connection (errors 2006/2013)
+                        # from `auto_position`: from here, not from where this stream started
+                        reader.auto_position = checkpoint.data["gtid"]
+                    yield Changes([], checkpoint)
                 elif isinstance(event, QueryEvent):
                     query = event.query.strip() if isinstance(event.query, str) else ""
                     upper = query[:16].upper()
@@ -509,7 +514,10 @@ class MariaDbReader:
                     if not upper.startswith("COMMIT"):
                         # DDL: forget cached schemas of that database; reload tables the DDL names
                         changed = self._forget_schemas(event.schema, query)
-                    yield Changes([], self._checkpoint(file, end, gtid_state), changed)
+                    checkpoint = self._checkpoint(file, end, gtid_state)
+                    if checkpoint.data["gtid"]:
+                        reader.auto_position = checkpoint.data["gtid"]
+                    yield Changes([], checkpoint, changed)
                 elif isinstance(event, HeartbeatLogEvent):
                     yield Changes([])
         except (pymysql.err.MySQLError, OSError, struct.error) as exc:
