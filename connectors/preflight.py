@@ -398,6 +398,7 @@ class PostgresPreflight:
 
         self._slots_and_senders(conn)
         self._role(conn)
+        self._replication_connection()
         tables = self._tables(conn)
         self._publication(conn, tables)
         self._control_tables(conn)
@@ -450,6 +451,30 @@ class PostgresPreflight:
         else:
             self.add("replication_role", "FAIL", f"{s.user} has neither REPLICATION nor SUPERUSER",
                      f'ALTER ROLE "{s.user}" WITH REPLICATION;')
+
+    def _replication_connection(self) -> None:
+        """Open a logical-replication (walsender) connection as the connector will, and IDENTIFY_SYSTEM:
+        proves pg_hba.conf, the role and a free WAL sender together."""
+        import psycopg
+
+        s = self.source
+        try:
+            with psycopg.connect(host=s.host, port=s.port, user=s.user, dbname=s.database, connect_timeout=10,
+                                 password=s.password.get_secret_value() or None, replication="database",
+                                 autocommit=True) as conn:
+                result = conn.pgconn.exec_(b"IDENTIFY_SYSTEM")
+                if result.status != psycopg.pq.ExecStatus.TUPLES_OK:
+                    raise psycopg.OperationalError((result.error_message or b"").decode(errors="replace").strip())
+                xlogpos = (result.get_value(0, 2) or b"").decode()
+        except psycopg.Error as exc:
+            self.add("replication_connection", "FAIL",
+                     f"a replication connection as {s.user} was refused: {str(exc).strip().splitlines()[-1]}",
+                     f"Give {s.user} REPLICATION, allow it in pg_hba.conf for database {s.database} (e.g. "
+                     f"`host {s.database} {s.user} <connector-host>/32 scram-sha-256`), keep a WAL sender free; "
+                     "then SELECT pg_reload_conf();")
+            return
+        self.add("replication_connection", "PASS", f"walsender connection as {s.user} works (IDENTIFY_SYSTEM at "
+                 f"{xlogpos})")
 
     def _tables(self, conn: Any) -> list[tuple[str, str]]:
         """Captured tables; checks SELECT, primary keys and REPLICA IDENTITY."""

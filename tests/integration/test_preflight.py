@@ -281,6 +281,7 @@ sources:
     assert found["wal_level"].fix == "ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL."
     assert found["replication_slots"].status == "FAIL" and "max_replication_slots=0" in found["replication_slots"].saw
     assert found["wal_senders"].status == "FAIL"
+    assert found["replication_connection"].status == "FAIL"
     assert found["replication_role"].status == "FAIL" and found["replication_role"].fix == 'ALTER ROLE "plain" WITH REPLICATION;'
     assert found["select_grants"].status == "FAIL" and "public.audit" in found["select_grants"].saw
     assert found["primary_keys"].status == "FAIL" and "public.audit" in found["primary_keys"].saw
@@ -320,7 +321,7 @@ def test_stack_sources_pass_the_settings_checks(erp: object, crm: object, tmp_pa
     status = {(c.source, c.check): c.status for c in found}
     for check in ("log_bin", "binlog_format", "binlog_row_image", "binlog_row_metadata", "server_id", "grants"):
         assert status[("erp", check)] == "PASS", [c for c in found if c.check == check]
-    for check in ("wal_level", "replication_slots", "wal_senders"):
+    for check in ("wal_level", "replication_slots", "wal_senders", "replication_connection"):
         assert status[("crm", check)] == "PASS"
 
 
