@@ -103,13 +103,13 @@ def connectors_apply(file: str, only: str | None, wait: bool, timeout: float, sk
             sys.exit(2)
     with _connect_client(pipeline) as client:
         results = apply(client, pipeline, only, wait=wait, timeout_s=timeout)
-    failed = False
+    unhealthy = False
     for result in results:
         click.echo(f"{result.name}: {result.action}" + (f", {result.state.state}" if result.state else ""))
         if result.state is not None and not result.state.healthy:
-            failed = True
+            unhealthy = True
             _echo_traces(result.state)
-    if failed:
+    if unhealthy:
         sys.exit(2)
 
 
