@@ -709,3 +709,34 @@ def test_heartbeat_query_moves_the_slot_while_captured_tables_are_idle(capture: 
             return bool(row and row[0])
 
         wait_for(f"slot {crm.slot} to confirm past {target}", confirmed, 90, 2)  # type: ignore[union-attr]
+
+
+def test_an_added_column_appears_in_later_envelopes_and_the_ddl_on_the_schema_topic(capture: Capture) -> None:
+    ns = capture.namespace
+    conn = capture.erp()
+    with conn.cursor() as cursor:
+        cursor.execute("ALTER TABLE warehouses ADD COLUMN manager VARCHAR(40) NULL")
+        cursor.execute("INSERT INTO warehouses (id, code, name, city, opened, is_active, opens_at, closes_at, manager) "
+                       "VALUES (903, 'WH0903', 'After DDL', 'Porto', 2020, 1, '06:00', '22:00', 'Inês')")
+    conn.close()
+    with capture.crm() as pg:
+        pg.execute(f'ALTER TABLE "{ns}".accounts ADD COLUMN region text')
+        pg.execute(f'UPDATE "{ns}".accounts SET region = \'EMEA\' '
+                   f'WHERE id = (SELECT id FROM "{ns}".accounts ORDER BY id LIMIT 1)')
+
+    def arrived() -> list[tuple[Record, Any]] | None:
+        decoded = decode_all(capture, capture.records())
+        erp = [c for c in changes(decoded, "warehouses") if c.event.key.get("id") == 903]
+        crm = [c for c in changes(decoded, "accounts") if (c.event.after or {}).get("region") == "EMEA"]
+        return decoded if erp and crm else None
+
+    decoded = wait_for("the changes after the DDL", arrived, 120, 2)
+    erp = next(c for c in changes(decoded, "warehouses") if c.event.key.get("id") == 903)
+    assert erp.event.after["manager"] == "Inês"  # type: ignore[index]
+    assert erp.schema.column("manager").source_type == "varchar(40)"
+    crm = next(c for c in changes(decoded, "accounts") if (c.event.after or {}).get("region") == "EMEA")
+    assert crm.schema.column("region").type is ColumnType.STRING
+    schema_topic = capture.pipeline.source("erp").topic_prefix  # the schema-change topic is the prefix itself
+    ddl = [json.loads(r.value)["payload"].get("ddl", "")
+           for r in read_topics(capture.bootstrap, lambda t: t == schema_topic) if r.value]
+    assert any("ADD COLUMN manager" in statement for statement in ddl)
