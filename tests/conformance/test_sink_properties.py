@@ -10,6 +10,7 @@ only replays (in-order redelivery from an earlier point) are generated there.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -62,7 +63,7 @@ def deliveries(draw: st.DrawFn, shuffle: bool) -> tuple[list[tuple[str, int, int
     n = len(steps)
     cuts = sorted(draw(st.sets(st.integers(1, n - 1), min_size=1, max_size=6)))
     bounds = [0, *cuts, n]
-    batches = [list(range(a, b)) for a, b in zip(bounds, bounds[1:], strict=False) if a < b]
+    batches = [list(range(a, b)) for a, b in itertools.pairwise(bounds) if a < b]
     # replays: redeliver everything from an earlier batch on, as a runtime does after a crash
     if len(batches) > 1 and draw(st.booleans()):
         restart = draw(st.integers(0, len(batches) - 1))
