@@ -94,8 +94,14 @@ class Spool:
     a writer commits.
     """
 
-    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path, *, synchronous: str = "FULL", memory_bytes: int = 64 * 1024**2) -> None:
         self.path = path
+        self._memory: dict[int, tuple[list[ChangeEvent], dict[Any, TableSchema]]] = {}
+        """seq -> the batch as appended: the drain skips unpickling what this process spooled itself."""
+        self._memory_sizes: dict[int, int] = {}
+        self._memory_bytes = 0
+        self._memory_limit = memory_bytes
+        self._memory_lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
@@ -128,9 +134,11 @@ class Spool:
             conn = self._writer
             conn.execute("BEGIN IMMEDIATE")
             try:
+                seq = None
                 if events:
-                    conn.execute("INSERT INTO batches (source, events, bytes, spooled_at, data) VALUES (?,?,?,?,?)",
-                                 (source, len(events), len(data), now, data))
+                    seq = conn.execute(
+                        "INSERT INTO batches (source, events, bytes, spooled_at, data) VALUES (?,?,?,?,?)",
+                        (source, len(events), len(data), now, data)).lastrowid
                 if checkpoint is not None:
                     conn.execute(
                         "INSERT INTO checkpoints (source, data, position, updated_at) VALUES (?,?,?,?)"
@@ -148,6 +156,11 @@ class Spool:
             if events:
                 self._bytes += len(data)
                 self._count += 1
+                if seq is not None and self._memory_bytes + len(data) <= self._memory_limit:
+                    with self._memory_lock:
+                        self._memory[seq] = (list(events), {t: schemas[t] for t in {e.table for e in events}})
+                        self._memory_sizes[seq] = len(data)
+                        self._memory_bytes += len(data)
         if events:
             with self.changed:
                 self.changed.notify_all()
@@ -187,15 +200,20 @@ class Spool:
 
     def read(self, limit_events: int, after_seq: int = 0) -> Iterator[SpooledBatch]:
         """Undelivered batches in sequence order, up to about ``limit_events`` events."""
+        with self._memory_lock:
+            in_memory = json.dumps(list(self._memory))
         with self._read_lock:
             rows = self._reader.execute(
-                "SELECT seq, source, events, bytes, data FROM batches WHERE seq > ? ORDER BY seq LIMIT 64",
-                (after_seq,)).fetchall()
+                "SELECT seq, source, events, bytes, CASE WHEN seq IN (SELECT value FROM json_each(?)) THEN NULL"
+                " ELSE data END FROM batches WHERE seq > ? ORDER BY seq LIMIT 64",
+                (in_memory, after_seq)).fetchall()
         total = 0
         for seq, source, count, size, data in rows:
             if total and total + count > limit_events:
                 return
-            events, schemas = decode(data)
+            with self._memory_lock:
+                cached = self._memory.get(seq)
+            events, schemas = cached if cached is not None else decode(data)
             total += count
             yield SpooledBatch(seq, source, events, schemas, size)
 
@@ -203,6 +221,10 @@ class Spool:
         """The sink has made every batch up to ``seq`` durable."""
         with self._write_lock:
             self._writer.execute("DELETE FROM batches WHERE seq <= ?", (seq,))
+            with self._memory_lock:
+                for done in [s for s in self._memory if s <= seq]:
+                    del self._memory[done]
+                    self._memory_bytes -= self._memory_sizes.pop(done)
             self._bytes, self._count = self._writer.execute(
                 "SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM batches").fetchone()
         with self.changed:

@@ -108,3 +108,21 @@ def test_stop_releases_a_waiting_capture(tmp_path):
     stop = threading.Event()
     stop.set()
     assert spool.wait_below(1, stop, timeout=0.05) is False
+
+
+def test_a_reopened_spool_reads_the_same_batches_from_disk(tmp_path):
+    path = tmp_path / "s.sqlite"
+    spool = Spool(path)
+    original = [event(i) for i in range(3)]
+    spool.append("erp", original, {TABLE: SCHEMA})
+    in_memory = next(spool.read(100)).events
+    spool.close()
+    from_disk = next(Spool(path).read(100)).events
+    assert [e.model_dump() for e in from_disk] == [e.model_dump() for e in original]
+    assert [e.model_dump() for e in in_memory] == [e.model_dump() for e in original]
+
+
+def test_memory_limit_falls_back_to_disk(tmp_path):
+    spool = Spool(tmp_path / "s.sqlite", memory_bytes=1)
+    spool.append("erp", [event(1)], {TABLE: SCHEMA})
+    assert [e.key for e in next(spool.read(100)).events] == [{"id": 1}]
