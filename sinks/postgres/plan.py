@@ -49,6 +49,7 @@ class TablePlan:
     branch_key: bool
     columns: tuple[StagedColumn, ...]
     copy_types: tuple[int, ...]
+    stage_name: str
     create_stage: sql.Composed
     clear_stage: sql.Composed
     copy: sql.Composed
@@ -112,9 +113,10 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
         copy_columns.append(sql.Identifier(column))
         copy_types.append(oid)
     # one staging table per connection and table layout, kept for the session and emptied at each commit:
-    # no catalog churn per batch
+    # no catalog churn per batch (the sink keeps a few per connection: each commit empties them all)
     layout = f"{target.schema}.{target.name}|{stage_defs!r}"  # names and exact types, e.g. numeric(12,4)
-    stage = sql.Identifier("_bl_stage_" + hashlib.sha1(layout.encode()).hexdigest()[:16])
+    stage_name = "_bl_stage_" + hashlib.sha1(layout.encode()).hexdigest()[:16]
+    stage = sql.Identifier(stage_name)
     create_stage = sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
         stage, _join(stage_defs)
     )
@@ -257,6 +259,7 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
         branch_key=branch_key,
         columns=tuple(StagedColumn(c.name, converter(c), is_normalizer(c)) for c in source.columns),
         copy_types=tuple(copy_types),
+        stage_name=stage_name,
         create_stage=create_stage,
         clear_stage=clear_stage,
         copy=copy,

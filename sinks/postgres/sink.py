@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC
 from decimal import Decimal
@@ -26,7 +28,7 @@ from branchline.sinks.contract import SinkCapabilities
 from branchline.sinks.postgres.ddl import MAX_IDENTIFIER, ensure_table
 from branchline.sinks.postgres.errors import map_error
 from branchline.sinks.postgres.plan import TablePlan, build_plan
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
 from psycopg.conninfo import make_conninfo
 from psycopg.types.json import set_json_dumps
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -35,6 +37,7 @@ log = logging.getLogger("branchline.sinks.postgres")
 _DELETE = Op.DELETE
 _OP_CODE = {op: op.value for op in Op}
 _UNCHANGED_ID = id(UNCHANGED)
+_STAGES_PER_CONNECTION = 8
 
 
 def _json_default(value: Any) -> Any:
@@ -84,6 +87,10 @@ class PostgresSink:
         self._pool_lock = asyncio.Lock()
         self._plans: dict[tuple[str, str], TablePlan] = {}
         self._with_tombstones: set[str] = set()
+        self._stages: weakref.WeakKeyDictionary[AsyncConnection, OrderedDict[str, None]] = (
+            weakref.WeakKeyDictionary()
+        )
+        """Per pooled connection: the staging tables it holds, least recently used first."""
         self._normalized: set[str] = set()
         """Tables whose values needed the contract-repairing conversions once: always apply them."""
         """Tables whose tombstone table may hold rows (seen at start-up, or deletes written since)."""
@@ -199,17 +206,25 @@ class PostgresSink:
             return ""
 
         async def transaction(normalize: bool) -> None:
-            async with pool.connection() as conn, conn.transaction():
-                staged = False
-                for changes, truncate in split_at_truncates(events):
-                    net = _net_changes(plan.source, changes)
-                    if net:
-                        current[:] = net
-                        await conn.execute(plan.clear_stage if staged else plan.create_stage)
-                        staged = True
-                        await self._apply(conn, plan, net, normalize)
-                    if truncate is not None:
-                        await self._truncate(conn, plan, truncate)
+            async with pool.connection() as conn:
+                try:
+                    async with conn.transaction():
+                        staged = False
+                        for changes, truncate in split_at_truncates(events):
+                            net = _net_changes(plan.source, changes)
+                            if net:
+                                current[:] = net
+                                if staged:
+                                    await conn.execute(plan.clear_stage)
+                                else:
+                                    await self._stage(conn, plan)
+                                staged = True
+                                await self._apply(conn, plan, net, normalize)
+                            if truncate is not None:
+                                await self._truncate(conn, plan, truncate)
+                except BaseException:
+                    self._stages.pop(conn, None)  # a rollback may have undone a CREATE or a DROP
+                    raise
 
         try:
             try:
@@ -226,6 +241,22 @@ class PostgresSink:
         except (psycopg.Error, PoolTimeout, OSError) as exc:
             where = f"(positions {min(e.position for e in events)}..{max(e.position for e in events)})"
             raise map_error(exc, table=plan.qualified, describe_copy_line=describe, where=where) from exc
+
+    async def _stage(self, conn: AsyncConnection, plan: TablePlan) -> None:
+        """Make sure this connection has the table's staging table (empty: ON COMMIT DELETE ROWS).
+
+        Every commit empties every such table of the session, so a connection keeps only the
+        `_STAGES_PER_CONNECTION` most recently used ones; the rest are dropped.
+        """
+        stages = self._stages.setdefault(conn, OrderedDict())
+        if plan.stage_name in stages:
+            stages.move_to_end(plan.stage_name)
+            return
+        await conn.execute(plan.create_stage)
+        stages[plan.stage_name] = None
+        while len(stages) > _STAGES_PER_CONNECTION:
+            oldest, _ = stages.popitem(last=False)
+            await conn.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(sql.Identifier(oldest)))
 
     async def _apply(self, conn: AsyncConnection, plan: TablePlan, net: list[_Net], normalize: bool) -> None:
         has_unchanged = has_delete = has_upsert = False

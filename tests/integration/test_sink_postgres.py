@@ -394,3 +394,35 @@ def test_times_outside_the_event_contract_are_normalized_not_rejected(target: di
         (1, datetime(2026, 1, 2), None),
         (2, datetime(2026, 1, 1, 10), datetime(2026, 1, 1, 12, tzinfo=UTC)),
     ]
+
+
+def test_a_connection_keeps_few_staging_tables_however_many_tables_it_writes(target: dict[str, Any]) -> None:
+    """Each commit empties every ON COMMIT DELETE ROWS table of the session, so the sink drops the least
+    recently used staging tables beyond a few per connection, and creates them again when needed."""
+    app = f"bl-stages-{uuid.uuid4().hex[:6]}"
+    tables = [TableSchema(id=tid(f"t{i}"), columns=ITEMS.columns, primary_key=("id",)) for i in range(12)]
+
+    async def scenario() -> int:
+        sink = build_sink(config(target, application_name=app, pool_min_size=1, pool_max_size=1))
+        try:
+            for round_ in (1, 2):
+                for table in tables:
+                    await sink.write_batch(
+                        table, [change(table, Op.CREATE, round_, item(round_, f"r{round_}"))]
+                    )
+            async with await psycopg.AsyncConnection.connect(target["dsn"]) as admin:
+                cursor = await admin.execute(
+                    "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE c.relname LIKE '\\_bl\\_stage\\_%%' AND n.nspname = (SELECT 'pg_temp_' || b"
+                    " FROM pg_stat_get_backend_idset() b JOIN pg_stat_activity a"
+                    " ON a.pid = pg_stat_get_backend_pid(b) WHERE a.application_name = %s)",
+                    [app],
+                )
+                row = await cursor.fetchone()
+                return int(row[0]) if row else -1
+        finally:
+            await sink.close()
+
+    assert asyncio.run(scenario()) == 8
+    for table in tables:
+        assert fetch(target, f"SELECT id, name FROM {table.id.table} ORDER BY id") == [(1, "r1"), (2, "r2")]
