@@ -4,12 +4,15 @@ One batch = one transaction: COPY the net changes into a temporary staging table
 statements, each guarded so that a row's stored position only moves forward:
 
 1. (only if the batch has unchanged TOAST values, or deletes in soft-delete mode) fill those staging
-   values from the target row, so the upsert keeps what the target has;
+   values from the target row, so the upsert keeps what the target has (a target that never had the
+   row has no value to keep: the column stays NULL until the source sends it);
 2. upsert: ``INSERT .. SELECT .. ON CONFLICT (key) DO UPDATE .. WHERE t._bl_position < EXCLUDED._bl_position``,
    skipping changes older than the table's last truncate or than a tombstone;
 3. (only if the batch has deletes, hard-delete mode) delete guarded the same way, and record tombstones.
 
 The fast path — no unchanged values, no deletes — is COPY + one INSERT .. SELECT .. ON CONFLICT.
+Tombstones (hard-delete mode) stay until a newer change of the key removes them: one small row per
+deleted key, the price of never letting a late older change resurrect a deleted row.
 """
 
 from __future__ import annotations
