@@ -139,3 +139,5 @@ class WorkerSettings(BaseModel):
     """Dead-letter topic; each record carries the error and the original payload."""
     check_topic_keys: bool = True
     """At start-up, refuse source topics whose records are not keyed by the primary key."""
+    session_timeout_s: float = Field(default=30.0, gt=0)
+    """How long the consumer group waits for a silent worker before its partitions move to the others."""

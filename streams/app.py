@@ -1,0 +1,484 @@
+"""The distributed runtime's worker: Faust agents that consume the Debezium topics in batches, decode,
+transform, deduplicate and hand each batch to the sinks; offsets move only after the sinks made it
+durable.
+
+Split in two so that the batch logic is testable without a broker:
+
+- `BatchProcessor`: records in, durable writes out (decode -> transforms -> guard -> collapse ->
+  sinks -> guard record). Pure asyncio, no Faust.
+- `build_app`: the Faust app around it. The agent takes batches with ``stream.noack_take(n, within)``,
+  which never acknowledges by itself (``stream.take`` acknowledges a batch when the generator
+  resumes *or is closed*, so an exception inside the batch would acknowledge unwritten records).
+  Each event is acknowledged with ``stream.ack`` after `BatchProcessor.process` returned; Faust then
+  commits acknowledged offsets on its commit interval. A failure stops the worker before any
+  acknowledgement: the batch is delivered again to whichever worker owns the partitions next, and
+  the sinks' position guard plus the applied-positions table make the replay harmless.
+
+The applied-positions guard is a Faust table keyed like the source topics' partitions: each key is
+written to the changelog partition of the record it came from, so the worker that owns a partition
+after a rebalance restores exactly the keys it will see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from branchline.errors import BadRecordError, BranchlineError, ConfigError, FatalSourceError
+from branchline.events import ChangeEvent, Op, TableId, TableSchema
+from branchline.sinks.contract import Sink
+from branchline.streams.config import TableTransforms, WorkerSettings
+from branchline.streams.decode import EnvelopeDecoder, RowChange, Tombstone
+from branchline.streams.dedupe import AppliedPositions, GuardStats, Segment, collapse, key_token
+from branchline.streams.transforms import CompiledTransform, compile_transforms
+
+log = logging.getLogger("branchline.streams")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One Kafka record as the agent hands it over."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRoute:
+    """Which pipeline source a topic belongs to: Debezium topics are ``<branch>.<source>.<ns>.<table>``."""
+
+    name: str
+    branch: str
+    topic_prefix: str
+
+
+@dataclass
+class BatchReport:
+    """What one batch did; the worker logs it and tests check it."""
+
+    records: int = 0
+    changes: int = 0
+    written: int = 0
+    dropped: int = 0
+    dead_letters: int = 0
+    skipped: int = 0
+    """Records that are not rows: tombstones, heartbeats, transaction markers, DDL."""
+    segments: int = 0
+
+
+class FaustPositions(MutableMapping[str, int]):
+    """`AppliedPositions`' store on a Faust table: reads the table's local data, writes each key to the
+    changelog partition of the source record it came from (``partitions``, filled per batch)."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.partitions: dict[str, int] = {}
+
+    def __getitem__(self, key: str) -> int:
+        value = self.table.data.get(key)
+        if value is None:
+            raise KeyError(key)
+        return int(value)
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        value = self.table.data.get(key)
+        return default if value is None else int(value)
+
+    def __setitem__(self, key: str, value: int) -> None:
+        # positions exceed 64 bits (binlog file << 64): stored as decimal text, JSON has no such ints
+        text = str(value)
+        self.table.data[key] = text
+        self.table.send_changelog(self.partitions.get(key), key, text)
+
+    def __delitem__(self, key: str) -> None:
+        del self.table.data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.table.data)
+
+    def __len__(self) -> int:
+        return len(self.table.data)
+
+
+DeadLetter = Callable[[Record, BadRecordError], Awaitable[None]]
+
+
+def table_of_topic(topic: str, route: SourceRoute | None) -> TableId:
+    """A best-effort `TableId` for a record that could not be decoded (for errors and metrics)."""
+    rest = topic[len(route.topic_prefix) + 1:] if route and topic.startswith(route.topic_prefix + ".") else topic
+    namespace, _, table = rest.rpartition(".")
+    return TableId(source=route.name if route else "unknown", branch=route.branch if route else "unknown",
+                   database=namespace or "unknown", table=table or topic)
+
+
+class BatchProcessor:
+    """Decode, transform, deduplicate and write one batch of records; see the module doc."""
+
+    def __init__(self, routes: Sequence[SourceRoute], tables: Mapping[str, TableTransforms],
+                 sinks: Mapping[str, Sink], store: MutableMapping[str, int], settings: WorkerSettings,
+                 dead_letter: DeadLetter | None = None) -> None:
+        if settings.on_bad_record == "dlq" and dead_letter is None:
+            raise ConfigError("`worker.on_bad_record` dlq must have a dead-letter producer; got None")
+        self.routes = sorted(routes, key=lambda r: -len(r.topic_prefix))
+        self.tables = dict(tables)
+        self.sinks = dict(sinks)
+        self.settings = settings
+        self.dead_letter = dead_letter
+        self.store = store
+        self.guard = AppliedPositions(store)
+        self._decoders = {r.topic_prefix: EnvelopeDecoder(r.name, r.branch) for r in routes}
+        self._topic_routes: dict[str, SourceRoute | None] = {}
+        self._compiled: dict[int, tuple[TableSchema, CompiledTransform]] = {}
+
+    def route(self, topic: str) -> SourceRoute | None:
+        if topic not in self._topic_routes:
+            found = None
+            for route in self.routes:
+                if topic.startswith(route.topic_prefix + ".") or topic.endswith("." + route.topic_prefix):
+                    found = route
+                    break
+            self._topic_routes[topic] = found
+        return self._topic_routes[topic]
+
+    def transform_for(self, schema: TableSchema) -> CompiledTransform:
+        """The compiled transforms of a table schema; a `ConfigError` naming table and column if the
+        ``tables:`` entry does not fit the real columns."""
+        cached = self._compiled.get(id(schema))
+        if cached is not None and cached[0] is schema:
+            return cached[1]
+        name = schema.id.qualified
+        compiled = compile_transforms(schema, self.tables.get(name), name=name)
+        self._compiled[id(schema)] = (schema, compiled)
+        return compiled
+
+    async def _bad(self, record: Record, error: BadRecordError, report: BatchReport) -> None:
+        route = self.route(record.topic)
+        located = BadRecordError(f"{error} [topic {record.topic} partition {record.partition} offset {record.offset}]")
+        if self.settings.on_bad_record != "dlq" or self.dead_letter is None:
+            raise located from error
+        await self.dead_letter(record, located)
+        report.dead_letters += 1
+        from branchline import metrics
+
+        metrics.observe_dead_letter(table_of_topic(record.topic, route))
+
+    async def process(self, records: Sequence[Record]) -> BatchReport:
+        """Make one batch durable in every sink. Raises (and acknowledges nothing) on a bad record
+        when ``on_bad_record`` is ``stop``, on a config error, or when a sink gives up."""
+        from branchline import metrics
+
+        report = BatchReport(records=len(records))
+        pairs: list[tuple[ChangeEvent, TableSchema]] = []
+        partitions: dict[tuple[TableId, Any], int] = {}
+        read: dict[tuple[str, str], list[ChangeEvent]] = {}
+        for record in records:
+            route = self.route(record.topic)
+            if route is None:
+                report.skipped += 1
+                continue
+            decoder = self._decoders[route.topic_prefix]
+            try:
+                result = decoder.decode(record.topic, record.key, record.value)
+                if not isinstance(result, RowChange):
+                    report.skipped += 1
+                    continue
+                compiled = self.transform_for(result.schema)
+                event = compiled.apply(result.event)
+            except BadRecordError as exc:
+                await self._bad(record, exc, report)
+                continue
+            if event is None:
+                continue
+            pairs.append((event, compiled.schema))
+            partitions[(event.table, None if event.op is Op.TRUNCATE else key_token(event))] = record.partition
+            read.setdefault((route.branch, route.name), []).append(event)
+        report.changes = len(pairs)
+        for (branch, source), events in read.items():
+            metrics.observe_changes_read(branch, source, events)
+        stats = GuardStats()
+        admitted = self.guard.admit(pairs, stats)
+        report.dropped = stats.dropped
+        if stats.dropped:
+            dropped_per_table: dict[TableId, int] = {}
+            kept_ids = {id(e) for e, _ in admitted}
+            for event, _ in pairs:
+                if id(event) not in kept_ids:
+                    dropped_per_table[event.table] = dropped_per_table.get(event.table, 0) + 1
+            for table, count in dropped_per_table.items():
+                metrics.observe_duplicates_dropped(table, count)
+        segments = collapse(admitted)
+        report.segments = len(segments)
+        await self._write(segments)
+        self._remember_partitions(segments, partitions)
+        self.guard.record(segments)
+        report.written = sum(len(s.events) for s in segments)
+        return report
+
+    async def _write(self, segments: list[Segment]) -> None:
+        from branchline import metrics
+
+        for segment in segments:
+            for name, sink in self.sinks.items():
+                began = time.monotonic()
+                await sink.write_batch(segment.schema, segment.events)
+                if getattr(sink.capabilities, "durable_on_write", True) is False:
+                    await sink.flush()  # durable before the offsets may move
+                metrics.observe_batch_written(segment.table, name, segment.events, time.monotonic() - began)
+
+    def _remember_partitions(self, segments: list[Segment], partitions: dict[tuple[TableId, Any], int]) -> None:
+        """Tell a Faust-backed store which changelog partition each guard key belongs to."""
+        if not isinstance(self.store, FaustPositions):
+            return
+        mapping = {}
+        for segment in segments:
+            for event in segment.events:
+                truncate = event.op is Op.TRUNCATE
+                partition = partitions.get((event.table, None if truncate else key_token(event)))
+                if partition is not None:
+                    mapping[self.guard._key(event.table, None if truncate else event.key)] = partition
+        self.store.partitions = mapping
+
+
+# -- start-up checks -------------------------------------------------------------------------------
+
+
+@dataclass
+class TopicLayout:
+    """The source topics a worker consumes and their partition count (one count for all: Faust
+    co-partitions them with the applied-positions table)."""
+
+    topics: list[str]
+    partitions: int
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+async def discover_topics(bootstrap: str, routes: Sequence[SourceRoute]) -> TopicLayout:
+    """The table topics of the configured sources (``<branch>.<source>.<ns>.<table>``) on the broker."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        names = await admin.list_topics()
+        topics = sorted(
+            t for t in names
+            if any(t.startswith(r.topic_prefix + ".") for r in routes) and not t.endswith(".transaction")
+        )
+        described = await admin.describe_topics(topics) if topics else []
+        counts = {d["topic"]: len(d["partitions"]) for d in described}
+    finally:
+        await admin.close()
+    if not topics:
+        prefixes = [r.topic_prefix + ".*" for r in routes]
+        raise FatalSourceError(f"`kafka` must hold the source topics {prefixes!r} (are the connectors applied?); "
+                               f"got none at {bootstrap}")
+    distinct = set(counts.values())
+    if len(distinct) > 1:
+        raise ConfigError(f"`kafka.partitions` of the source topics must be equal (Faust co-partitions them); "
+                          f"got {counts!r}")
+    return TopicLayout(topics, distinct.pop(), counts)
+
+
+async def check_topic_keys(bootstrap: str, layout: TopicLayout, routes: Sequence[SourceRoute],
+                           sample: int = 50) -> list[str]:
+    """Problems that make per-key dedupe wrong: records keyed by something else than the primary key.
+
+    Reads up to `sample` of the newest records of every partition and checks that each row change
+    has a key when its topic has more than one partition, and that the key's fields are columns
+    of the row with the same values (Debezium keys a record by the primary key unless
+    ``message.key.columns`` or a key-changing transform says otherwise)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    processor_routes = sorted(routes, key=lambda r: -len(r.topic_prefix))
+    decoders = {r.topic_prefix: EnvelopeDecoder(r.name, r.branch) for r in routes}
+    problems: list[str] = []
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, p) for t in layout.topics for p in range(layout.counts.get(t, 0))]
+        if not tps:
+            return problems
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        begins = await consumer.beginning_offsets(tps)
+        wanted = {}
+        for tp in tps:
+            start = max(begins[tp], ends[tp] - sample)
+            if ends[tp] > start:
+                consumer.seek(tp, start)
+                wanted[tp] = ends[tp]
+        deadline = time.monotonic() + 10
+        while wanted and time.monotonic() < deadline:
+            batch = await consumer.getmany(*wanted, timeout_ms=500)
+            for tp, messages in batch.items():
+                for message in messages:
+                    route = next((r for r in processor_routes if message.topic.startswith(r.topic_prefix + ".")), None)
+                    if route is None:
+                        continue
+                    problem = _key_problem(decoders[route.topic_prefix], message, layout.partitions)
+                    if problem and problem not in problems:
+                        problems.append(problem)
+                    if message.offset + 1 >= wanted.get(tp, 0):
+                        wanted.pop(tp, None)
+    finally:
+        await _stop_quietly(consumer)
+    return problems
+
+
+async def _stop_quietly(consumer: Any) -> None:
+    """aiokafka 0.14 lets the cancellation of its own committed-offsets task escape `stop()` after
+    `assign()` without a group; swallow that one, never a cancellation of the caller."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+
+
+def _key_problem(decoder: EnvelopeDecoder, message: Any, partitions: int) -> str | None:
+    try:
+        result = decoder.decode(message.topic, message.key, message.value)
+    except BadRecordError:
+        return None  # the worker reports bad records itself, with their position
+    if isinstance(result, Tombstone) or not isinstance(result, RowChange) or result.event.op is Op.TRUNCATE:
+        return None
+    if message.key is None:
+        if partitions > 1:
+            return (f"`{message.topic}` records must be keyed by the primary key when the topic has "
+                    f"{partitions} partitions (a table without a key needs one partition); got a null key")
+        return None
+    key = orjson.loads(message.key)
+    fields = list((key.get("payload") or {}) if isinstance(key, dict) else ())
+    row = result.event.row or {}
+    if not fields or any(f not in row for f in fields):
+        return (f"`{message.topic}` records must be keyed by primary-key columns of the row; "
+                f"got key fields {fields!r}")
+    if list(result.event.key) != fields:
+        return f"`{message.topic}` key fields must be the primary key {list(result.event.key)!r}; got {fields!r}"
+    return None
+
+
+# -- the Faust app ---------------------------------------------------------------------------------
+
+
+def routes_of(config: Any) -> list[SourceRoute]:
+    """The routes of a `PipelineConfig`'s sources."""
+    return [SourceRoute(s.name, s.branch, s.topic_prefix) for s in config.sources]
+
+
+def build_app(config: Any, layout: TopicLayout, *, sinks_factory: Callable[[], Mapping[str, Sink]] | None = None,
+              settings: WorkerSettings | None = None) -> Any:
+    """The Faust app of one pipeline file: one agent over every source topic, one guard table."""
+    import faust
+
+    settings = settings or (config.worker if isinstance(config.worker, WorkerSettings) else WorkerSettings())
+    kafka = config.kafka
+    app = faust.App(
+        f"branchline-{config.name}",
+        broker=f"kafka://{kafka.bootstrap_servers}",
+        store="memory://",
+        topic_partitions=layout.partitions,
+        topic_replication_factor=kafka.replication_factor,
+        web_enabled=False,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        broker_commit_interval=1.0,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=max(0.5, settings.session_timeout_s / 10),
+        stream_buffer_maxsize=max(4096, settings.batch_size * 2),
+        table_standby_replicas=0,
+    )
+    source = app.topic(*layout.topics, key_type=bytes, value_type=bytes, key_serializer="raw",
+                       value_serializer="raw")
+    applied = app.Table("applied-positions", default=None, partitions=layout.partitions, key_type=str,
+                        value_type=str)
+    dlq = app.topic(settings.dlq_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
+                    value_serializer="raw")
+    state: dict[str, Any] = {}
+
+    async def dead_letter(record: Record, error: BadRecordError) -> None:
+        body = {"error": str(error), "topic": record.topic, "partition": record.partition, "offset": record.offset,
+                "key": None if record.key is None else record.key.decode("utf-8", "replace"),
+                "value": None if record.value is None else record.value.decode("utf-8", "replace")}
+        future = await dlq.send(key=record.key, value=orjson.dumps(body))
+        await future  # durable in the dead-letter topic before the record's offset may move
+
+    def processor() -> BatchProcessor:
+        if "processor" not in state:
+            if sinks_factory is not None:
+                sinks = sinks_factory()
+            else:
+                from branchline.sinks.build import build_sink
+
+                sinks = {name: build_sink(sink_config, name) for name, sink_config in config.sinks.items()}
+            state["processor"] = BatchProcessor(routes_of(config), config.tables, sinks, FaustPositions(applied),
+                                                settings, dead_letter)
+        processor: BatchProcessor = state["processor"]
+        return processor
+
+    @app.agent(source)
+    async def replicate(stream: Any) -> None:
+        async for events in stream.noack_take(settings.batch_size, settings.batch_within_s):
+            records = [Record(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value)
+                       for e in events]
+            try:
+                report = await processor().process(records)
+            except BaseException as exc:  # noqa: BLE001 - stop before anything is acknowledged
+                fail_stop(exc)
+            for event in events:
+                await stream.ack(event)
+            log.info("batch: %d records, %d changes, %d written in %d segments, %d duplicates dropped, "
+                     "%d dead letters", report.records, report.changes, report.written, report.segments,
+                     report.dropped, report.dead_letters)
+
+    async def close_sinks() -> None:
+        processor_ = state.get("processor")
+        if processor_ is not None:
+            for sink in processor_.sinks.values():
+                await sink.close()
+
+    app.branchline_close_sinks = close_sinks  # type: ignore[attr-defined]
+    return app
+
+
+def fail_stop(exc: BaseException) -> None:
+    """Stop the worker at once, acknowledging nothing: the batch is redelivered to the next owner of
+    its partitions. Exit code 2 for Branchline errors (config, bad record, sink), 70 otherwise."""
+    if isinstance(exc, BranchlineError):
+        log.error("stopping: %s", exc)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        code = 2
+    else:
+        log.critical("stopping on an unexpected error", exc_info=exc)
+        code = 70
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+async def preflight(config: Any, settings: WorkerSettings) -> TopicLayout:
+    """Start-up checks: the source topics exist with one partition count, and are keyed by the key."""
+    if config.kafka is None:
+        raise ConfigError("`kafka` must be set for a worker; got nothing")
+    routes = routes_of(config)
+    layout = await discover_topics(config.kafka.bootstrap_servers, routes)
+    if settings.check_topic_keys:
+        problems = await check_topic_keys(config.kafka.bootstrap_servers, layout, routes)
+        if problems:
+            raise ConfigError(problems)
+    return layout
+
+
+def run_preflight(config: Any, settings: WorkerSettings) -> TopicLayout:
+    return asyncio.run(preflight(config, settings))
