@@ -27,12 +27,12 @@ class PostgresSinkConfig(_Frozen):
     dsn: SecretStr | None = None
     """A libpq connection string or URI; when set, host/port/user/password/database are ignored."""
     host: str = "127.0.0.1"
-    port: int = Field(5432, ge=1, le=65535)
+    port: int = Field(default=5432, ge=1, le=65535)
     user: str = "postgres"
     password: SecretStr | None = None
     """Leave empty to use PGPASSWORD or ~/.pgpass."""
     database: str = "postgres"
-    schema_: str = Field("{source}", alias="schema")
+    schema_: str = Field(default="{source}", alias="schema")
     """Target schema; placeholders `{source}`, `{branch}`, `{database}`, `{schema}` (the source's)."""
     sslmode: SslMode = "prefer"
     """libpq sslmode; use `verify-full` with `sslrootcert` for a cloud server."""
@@ -42,15 +42,15 @@ class PostgresSinkConfig(_Frozen):
     """Keep deleted rows with `_bl_deleted = true` instead of deleting them."""
     branch_key: bool = False
     """Fan-in: the target key becomes (`_bl_branch`, source key), so branches never collide."""
-    pool_min_size: int = Field(1, ge=0)
-    pool_max_size: int = Field(4, ge=1)
-    connect_timeout_s: float = Field(10.0, gt=0)
+    pool_min_size: int = Field(default=1, ge=0)
+    pool_max_size: int = Field(default=4, ge=1)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
     application_name: str = "branchline"
-    max_attempts: int = Field(5, ge=1)
+    max_attempts: int = Field(default=5, ge=1)
     """Attempts per batch on retryable errors (connection lost, deadlock, server shutting down)."""
-    retry_backoff_s: float = Field(0.5, ge=0)
+    retry_backoff_s: float = Field(default=0.5, ge=0)
     """First wait between attempts; doubles each time up to `retry_max_backoff_s`."""
-    retry_max_backoff_s: float = Field(30.0, ge=0)
+    retry_max_backoff_s: float = Field(default=30.0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> PostgresSinkConfig:
@@ -81,6 +81,12 @@ class S3Storage(_Frozen):
     """False = path-style requests (`endpoint/bucket/key`), which local servers expect."""
     allow_unsafe_rename: bool = True
     """Single writer per table (Branchline's model): commit without a lock provider."""
+    max_retries: int = Field(default=3, ge=0)
+    """Retries of one HTTP request inside delta-rs; the sink's own retries come on top."""
+    retry_timeout_s: int = Field(default=30, ge=1)
+    """Give up one request's retries after this long, so an outage surfaces as a retryable error."""
+    connect_timeout_s: int = Field(default=5, ge=1)
+    request_timeout_s: int = Field(default=60, ge=1)
 
     def storage_options(self) -> dict[str, str]:
         """Options for delta-rs (object_store keys); secrets revealed only here."""
@@ -100,6 +106,10 @@ class S3Storage(_Frozen):
         options["AWS_VIRTUAL_HOSTED_STYLE_REQUEST"] = "true" if self.virtual_hosted_style else "false"
         if self.allow_unsafe_rename:
             options["AWS_S3_ALLOW_UNSAFE_RENAME"] = "true"
+        options["max_retries"] = str(self.max_retries)
+        options["retry_timeout"] = f"{self.retry_timeout_s}s"
+        options["connect_timeout"] = f"{self.connect_timeout_s}s"
+        options["timeout"] = f"{self.request_timeout_s}s"
         return options
 
 
@@ -112,9 +122,9 @@ class DeltaSinkConfig(_Frozen):
     table_path: str = "{source}/{table}"
     """Each table's path under `uri`; placeholders `{source}`, `{branch}`, `{database}`, `{schema}`, `{table}`."""
     s3: S3Storage = S3Storage()
-    commit_interval_s: float = Field(60.0, ge=0)
+    commit_interval_s: float = Field(default=60.0, ge=0)
     """Buffer changes and commit at most this often (each commit costs seconds on object storage)."""
-    max_buffered_rows: int = Field(200_000, ge=1)
+    max_buffered_rows: int = Field(default=200_000, ge=1)
     """Commit earlier when this many changes wait in memory."""
     partition_by: tuple[str, ...] = ()
     """Source columns to partition new tables by (also `_bl_branch`)."""
@@ -122,9 +132,9 @@ class DeltaSinkConfig(_Frozen):
     """Keep deleted rows with `_bl_deleted = true` instead of deleting them."""
     branch_key: bool = False
     """Fan-in: the target key becomes (`_bl_branch`, source key)."""
-    max_attempts: int = Field(5, ge=1)
-    retry_backoff_s: float = Field(1.0, ge=0)
-    retry_max_backoff_s: float = Field(30.0, ge=0)
+    max_attempts: int = Field(default=5, ge=1)
+    retry_backoff_s: float = Field(default=1.0, ge=0)
+    retry_max_backoff_s: float = Field(default=30.0, ge=0)
 
 
 SinkConfig = Annotated[PostgresSinkConfig | DeltaSinkConfig, Field(discriminator="kind")]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,26 +45,33 @@ log = logging.getLogger("branchline.sinks.delta")
 _RETRYABLE_HINTS = (
     "timed out",
     "timeout",
-    "connection",
+    "connection refused",
+    "connection reset",
     "error sending request",
+    "tcp connect error",
     "503",
-    "500",
+    "500 internal",
+    "slowdown",
     "slow down",
     "throttl",
 )
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def map_error(exc: BaseException, table: str) -> SinkError:
     """The one place where delta-rs/object-store errors become Branchline's error tree."""
     if isinstance(exc, SinkError):
         return exc
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    full = _ANSI.sub("", str(exc)).strip()
+    # delta-rs nests causes one per line ("Generic S3 error / error sending request / Connection refused")
+    causes = [line.strip(" ↳") for line in full.splitlines() if line.strip(" ↳")] or [type(exc).__name__]
+    text = " / ".join(causes[:1] + causes[-1:]) if len(causes) > 1 else causes[0]
     message = f"writing Delta table `{table}` failed: {text}"
     if isinstance(exc, CommitFailedError):
         return RetryableSinkError(message)  # a concurrent commit won; the batch can be merged again
     if isinstance(exc, SchemaMismatchError):
         return FatalSinkError(message)
-    if isinstance(exc, OSError | DeltaError) and any(h in text.lower() for h in _RETRYABLE_HINTS):
+    if isinstance(exc, OSError | DeltaError) and any(h in full.lower() for h in _RETRYABLE_HINTS):
         return RetryableSinkError(message)
     return FatalSinkError(message)
 

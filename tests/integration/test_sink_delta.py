@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 pytest.importorskip("deltalake")
 
+from branchline.errors import RetryableSinkError
 from branchline.events import ChangeEvent, Column, ColumnType, Json, Op, TableId, TableSchema
 from branchline.sinks.build import build_sink
 from branchline.sinks.config import DeltaSinkConfig, S3Storage
@@ -312,3 +313,35 @@ def test_s3_objects_land_in_the_bucket_and_credentials_may_come_from_env(
         lake, ["compact", "--uri", f"s3://lake/{prefix}", "--table", "erp/items"], catch_exceptions=False
     )
     assert result.exit_code == 0 and "erp/items" in result.output
+
+
+def test_unreachable_object_store_is_a_bounded_retryable_error() -> None:
+    """Connection refused on the S3 endpoint: delta-rs gives up within its bounded request retries and
+    the sink's own retries, and the caller gets a retryable error naming the cause."""
+    config = DeltaSinkConfig(
+        uri="s3://lake/down",
+        s3=S3Storage(
+            endpoint_url="http://127.0.0.1:1",
+            region="us-east-1",
+            access_key_id="a",
+            secret_access_key="b",
+            allow_http=True,
+            max_retries=1,
+            retry_timeout_s=2,
+        ),
+        max_attempts=2,
+        retry_backoff_s=0,
+    )
+
+    async def scenario() -> None:
+        sink = build_sink(config)
+        await sink.write_batch(ITEMS, [item(1, 1)])
+        try:
+            await sink.flush()
+        finally:
+            await sink.close()
+
+    started = time.monotonic()
+    with pytest.raises(RetryableSinkError, match="Connection refused"):
+        asyncio.run(scenario())
+    assert time.monotonic() - started < 30

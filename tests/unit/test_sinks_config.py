@@ -53,6 +53,10 @@ def test_s3_storage_options_fall_back_to_the_environment_when_unset() -> None:
     assert S3Storage().storage_options() == {
         "AWS_VIRTUAL_HOSTED_STYLE_REQUEST": "false",
         "AWS_S3_ALLOW_UNSAFE_RENAME": "true",
+        "max_retries": "3",
+        "retry_timeout": "30s",
+        "connect_timeout": "5s",
+        "timeout": "60s",
     }
     options = S3Storage(
         endpoint_url="http://127.0.0.1:9",
