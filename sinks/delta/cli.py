@@ -48,6 +48,8 @@ def _tables(config: DeltaSinkConfig, tables: tuple[str, ...]) -> list[str]:
         if "_delta_log" in subdirs:
             subdirs.clear()
             found.append(directory)  # tables and their _bl_meta side tables alike
+    if not found:
+        click.echo(f"no Delta tables under {root}")
     return sorted(found)
 
 
