@@ -55,8 +55,9 @@ def _key_error(event: ChangeEvent, exc: KeyError) -> KeyError:
     return KeyError(f"`key` of {event.table.qualified} at position {event.position} must hold {exc}")
 
 
-def collapse(table: TableSchema, events: Sequence[ChangeEvent]) -> list[NetChange]:
-    """One `NetChange` per (branch, key): the change with the highest position wins.
+def collapse(table: TableSchema, events: Sequence[ChangeEvent], by_branch: bool = True) -> list[NetChange]:
+    """One `NetChange` per (branch, key) — per key when ``by_branch`` is False, i.e. when the target
+    key has no branch — : the change with the highest position wins.
 
     A table without a primary key keeps every change (sinks store such tables as a change log).
     Truncates must be split off first (`split_at_truncates`). Rows are shared with the events, never
@@ -77,7 +78,7 @@ def collapse(table: TableSchema, events: Sequence[ChangeEvent]) -> list[NetChang
         ]
     key_columns = table.primary_key
     single = key_columns[0] if len(key_columns) == 1 else None
-    latest: dict[tuple[Any, ...], NetChange] = {}
+    latest: dict[Any, NetChange] = {}
     for event in events:
         op = event.op
         if op is _TRUNCATE:
@@ -88,7 +89,7 @@ def collapse(table: TableSchema, events: Sequence[ChangeEvent]) -> list[NetChang
         except KeyError as exc:
             raise _key_error(event, exc) from exc
         branch = event.table.branch
-        slot = (branch, key)
+        slot = (branch, key) if by_branch else key
         row = (event.before if op is _DELETE else event.after) or event.key
         change = NetChange(op, branch, key, event.position, event.source_ts, row)
         previous = latest.get(slot)

@@ -248,7 +248,7 @@ class DeltaSink:
             self._load_meta(target)
         delta = self._open(target)
         for changes, truncate in split_at_truncates(events):
-            net = self._guarded(target, collapse(target.schema, changes))
+            net = self._guarded(target, collapse(target.schema, changes, self.config.branch_key))
             if net:
                 self._merge(target, delta, net)
             if truncate is not None:

@@ -211,7 +211,7 @@ class PostgresSink:
                     async with conn.transaction():
                         staged = False
                         for changes, truncate in split_at_truncates(events):
-                            net = _net_changes(plan.source, changes)
+                            net = _net_changes(plan.source, changes, plan.branch_key)
                             if net:
                                 current[:] = net
                                 if staged:
@@ -349,14 +349,17 @@ _Net = tuple[Op, str, int, Any, dict[str, Any]]
 """(op, branch, position, source_ts, row) of one net change, as the COPY loop reads it."""
 
 
-def _net_changes(table: TableSchema, events: Sequence[ChangeEvent]) -> list[_Net]:
+def _net_changes(table: TableSchema, events: Sequence[ChangeEvent], by_branch: bool) -> list[_Net]:
     """The changes to stage: the events themselves when every key occurs once (the common case after
     the stream stage's dedupe: no per-change objects), else the collapse (`branchline.sinks._batch`)."""
     keys = table.primary_key
     if keys:
         key_of = itemgetter(*keys)
         try:
-            unique = len({key_of(e.key) for e in events}) == len(events)
+            if by_branch:
+                unique = len({(e.table.branch, key_of(e.key)) for e in events}) == len(events)
+            else:
+                unique = len({key_of(e.key) for e in events}) == len(events)
         except (KeyError, TypeError):  # a key missing from `key`, or an unhashable value
             unique = False
     else:
@@ -372,7 +375,7 @@ def _net_changes(table: TableSchema, events: Sequence[ChangeEvent]) -> list[_Net
             )
             for e in events
         ]
-    return [(c.op, c.branch, c.position, c.source_ts, c.row) for c in collapse(table, events)]
+    return [(c.op, c.branch, c.position, c.source_ts, c.row) for c in collapse(table, events, by_branch)]
 
 
 def _describe_key(plan: TablePlan, change: _Net) -> str:

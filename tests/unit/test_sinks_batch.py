@@ -66,3 +66,9 @@ def test_split_at_truncates_keeps_batch_order() -> None:
 
 def test_render_fills_the_naming_template() -> None:
     assert render("{source}_{branch}/{table}", TID) == "erp_b1/t"
+
+
+def test_without_branch_keys_one_key_is_one_row_whatever_the_branch() -> None:
+    events = [ev(Op.CREATE, 1, 1, a="x"), ev(Op.UPDATE, 2, 1, branch="b2", a="y")]
+    (net,) = collapse(TABLE, events, by_branch=False)
+    assert net.row["a"] == "y"
