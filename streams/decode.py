@@ -687,6 +687,8 @@ class EnvelopeDecoder:
             })
         except Exception as exc:
             where = table_id.qualified if table_id is not None else topic
+            if key_values is None and key is not None:
+                key_values = _raw_key(key)
             raise BadRecordError(
                 f"`{where}` change must decode (topic {topic}, key {key_values!r}, position {position!r}); "
                 f"got {type(exc).__name__}: {exc}"
@@ -702,6 +704,15 @@ def _same_schema(raw: bytes, schema_bytes: bytes) -> bool:
     """True when `raw` is ``{"schema":<schema_bytes>,"payload":...}`` (a memory compare, no scan)."""
     return (raw.startswith(schema_bytes, _HEAD) and raw.startswith(_PAYLOAD_SEP, _HEAD + len(schema_bytes))
             and raw.startswith(_SCHEMA_HEAD) and raw.endswith(b"}"))
+
+
+def _raw_key(key: bytes) -> Any:
+    """The key record's payload as sent (for error messages about records that did not decode)."""
+    try:
+        document = orjson.loads(key)
+    except orjson.JSONDecodeError:
+        return key[:200]
+    return document.get("payload") if isinstance(document, dict) else document
 
 
 def _convert(row: dict[str, Any], converters: tuple[tuple[str, Converter], ...]) -> None:

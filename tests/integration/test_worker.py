@@ -239,7 +239,7 @@ def test_bad_record_stops_the_worker_naming_table_key_and_position(kafka: Any, c
         pytest.fail("the worker must stop on a bad record\n" + log.read_text(errors="replace")[-3000:])
     text = log.read_text(errors="replace")
     assert code == 2, text[-3000:]
-    assert "erp.orders" in text and "99" in text and f"offset {len(good)}" in text
+    assert "erp.orders" in text and "key {'id': 99}" in text and f"offset {len(good)}" in text
     from branchline.events import binlog_position
 
     assert str(binlog_position("erp-bin.000009", 4242, 0)) in text
