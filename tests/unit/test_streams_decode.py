@@ -327,7 +327,7 @@ def test_bad_record_names_table_key_and_position():
     with pytest.raises(BadRecordError) as info:
         EnvelopeDecoder("erp", "b01").decode(ERP.topic, ERP.key_record({"id": 42}), value)
     message = str(info.value)
-    assert "erp.orders" in message and "key {'id': 42}" in message
+    assert "erp.orders" in message and "key {'id': 42}" in message and "column `day`" in message
     assert str(binlog_position("mariadb-bin.000003", 77, 1)) in message
 
 
