@@ -42,5 +42,8 @@ class RuntimeConfig(BaseModel):
     """Warn when a target outage has lasted this fraction of the source's binlog/WAL retention."""
     source_retention_s: int | None = Field(default=None, gt=0)
     """Source log retention in seconds; default: read from the server (binlog_expire_logs_seconds)."""
+    capture_processes: bool = True
+    """Run each source's reader in its own process: binlog decoding is pure Python and holds the GIL,
+    so it gets a core of its own while the runner process drains the spool into the sinks."""
     checkpoint_interval_ms: int = Field(default=1000, ge=0)
     """Longest wait before a durable spool write is checkpointed at the source (slot advance)."""

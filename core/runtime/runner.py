@@ -19,6 +19,7 @@ import asyncio
 import fnmatch
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -290,6 +291,142 @@ class SourceCapture:
                     log.debug("closing %s reader: %s", self.name, exc)
 
 
+def _die_with_parent() -> None:
+    """Linux: the capture process gets SIGKILL when the runner dies (kill -9 leaves no orphan reader)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the stop event still ends it
+        pass
+
+
+def _capture_main(pipeline: PipelineConfig, source_name: str, spool_path: str, messages: Any, stop: Any) -> None:
+    """A capture process: one source's reader -> the shared spool. Reports progress to the runner."""
+    _die_with_parent()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner decides when to stop
+    runtime = pipeline.runtime if isinstance(pipeline.runtime, RuntimeConfig) else RuntimeConfig()
+    source = pipeline.source(source_name)
+    local_stop = threading.Event()
+
+    def watch() -> None:
+        stop.wait()
+        local_stop.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    stats = RunStats()
+    spool = Spool(Path(spool_path), memory_bytes=0, shared=True)
+    capture: SourceCapture | None = None
+
+    def report() -> None:
+        assert capture is not None
+        snapshot = {q: (p.rows, p.total, p.done, p.started) for q, p in stats.snapshot.items()}
+        messages.put(("progress", stats.captured, capture.idle_since, stats.snapshot_done.get(source_name, False),
+                      snapshot))
+
+    capture = SourceCapture(source, build_reader(source, runtime), spool, runtime, local_stop, stats, report)
+    finished = threading.Event()
+
+    def heartbeat() -> None:  # idle state and snapshot progress reach the runner even when nothing is spooled
+        while not finished.wait(0.25):
+            report()
+
+    threading.Thread(target=heartbeat, daemon=True).start()
+    capture.run()
+    finished.set()
+    report()
+    error = None
+    if stats.error is not None:
+        error = stats.error if isinstance(stats.error, BranchlineError) else RuntimeError(repr(stats.error))
+    messages.put(("done", error))
+    spool.close()
+
+
+class RemoteCapture:
+    """The runner's handle on a capture process (`runtime.capture_processes`): decoding a binlog is
+    pure Python and holds the GIL, so it gets a core of its own while this process drains and writes."""
+
+    def __init__(self, source: BinlogSourceConfig | PostgresSourceConfig, spool_path: Path,
+                 pipeline: PipelineConfig, stats: RunStats, wake: Callable[[], None]) -> None:
+        import multiprocessing
+
+        self.name = source.name
+        self.config = source
+        self.idle_since: float | None = None
+        self._stats = stats
+        self._wake = wake
+        self._captured = 0
+        self._context = multiprocessing.get_context("spawn")
+        self._messages = self._context.Queue()
+        self._stop = self._context.Event()
+        self._process = self._context.Process(
+            target=_capture_main, args=(pipeline, source.name, str(spool_path), self._messages, self._stop),
+            name=f"branchline-capture-{source.name}", daemon=True)
+        self._listener = threading.Thread(target=self._listen, name=f"capture-{source.name}-messages", daemon=True)
+        self._snapshot_rows: dict[str, int] = {}
+
+    def start(self) -> None:
+        self._process.start()
+        self._listener.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def is_alive(self) -> bool:
+        return self._process.is_alive() or self._listener.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(5)
+        self._listener.join(2)
+
+    def _listen(self) -> None:
+        from branchline import metrics
+
+        stats = self._stats
+        while True:
+            try:
+                message = self._messages.get(timeout=0.5)
+            except queue.Empty:  # the process may have died without a word
+                if not self._process.is_alive():
+                    if stats.error is None and not self._stop.is_set():
+                        stats.error = RuntimeError(f"capture process of {self.name} exited with code "
+                                                   f"{self._process.exitcode}")
+                    self._wake()
+                    return
+                continue
+            if message[0] == "done":
+                if message[1] is not None and stats.error is None:
+                    stats.error = message[1]
+                self._wake()
+                return
+            _, captured, idle_since, snapshot_done, snapshot = message
+            stats.captured += captured - self._captured
+            if captured != self._captured:
+                stats.last_capture = time.monotonic()
+            self._captured = captured
+            self.idle_since = idle_since
+            if snapshot_done:
+                stats.snapshot_done[self.name] = True
+            for qualified, (rows, total, done, started) in snapshot.items():
+                progress = stats.snapshot.get(qualified)
+                if progress is None:
+                    progress = stats.snapshot[qualified] = TableProgress(qualified, total)
+                progress.rows, progress.total, progress.done, progress.started = rows, total, done, started
+                delta = rows - self._snapshot_rows.get(qualified, 0)
+                if delta > 0:  # the capture process's counters do not reach this process's /metrics
+                    table = qualified.split(":", 1)[1]
+                    metrics.SNAPSHOT_ROWS.labels(self.config.branch, self.name, table).inc(delta)
+                    self._snapshot_rows[qualified] = rows
+            self._wake()
+
+
 class Runner:
     """Runs every source of a pipeline file into its sinks until stopped (or until idle, for tests)."""
 
@@ -307,7 +444,7 @@ class Runner:
             raise ConfigError(f"`sinks` must name at least one of {sorted(pipeline.sinks)!r}; got {unknown or names!r}")
         self.sink_names = names
         path = spool_path or runtime.spool.path or state_dir() / "spool" / f"{pipeline.name}.sqlite"
-        self.spool = Spool(Path(path))
+        self.spool = Spool(Path(path), shared=runtime.capture_processes)
         self.stop = threading.Event()
         self.stats = RunStats()
         self.exit_when_idle_s = exit_when_idle_s
@@ -333,20 +470,31 @@ class Runner:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         sinks = {name: build_sink(self.pipeline.sinks[name], name) for name in self.sink_names}
-        threads = []
+        threads: list[Any] = []
+        retention: dict[str, float | None] = {}
         for source in self.pipeline.sources:
             reader = build_reader(source, self.runtime)
+            if self.runtime.capture_processes:
+                retention[source.name] = self._retention(reader)
+                reader.close()
+                remote = RemoteCapture(source, self.spool.path, self.pipeline, self.stats, self._wake_drain)
+                self.captures.append(remote)  # type: ignore[arg-type]
+                threads.append(remote)
+                remote.start()
+                continue
             capture = SourceCapture(source, reader, self.spool, self.runtime, self.stop, self.stats, self._wake_drain)
             self.captures.append(capture)
             thread = threading.Thread(target=capture.run, name=f"capture-{source.name}", daemon=True)
             threads.append(thread)
             thread.start()
-        retention = {c.name: self._retention(c.reader) for c in self.captures}
+            retention[source.name] = self._retention(reader)
         try:
             await self._drain(sinks, retention, threads)
         finally:
             self.stop.set()
             for thread in threads:
+                if isinstance(thread, RemoteCapture):
+                    thread.stop()
                 await asyncio.to_thread(thread.join, 10)
             for sink in sinks.values():
                 try:
@@ -407,6 +555,10 @@ class Runner:
                 continue
             pairs = []
             count = 0
+            if self.runtime.capture_processes:  # capture lag, measured here: the reader runs elsewhere
+                for batch in batches:
+                    first = batch.events[0].table
+                    metrics.observe_changes_read(first.branch, first.source, batch.events)
             try:
                 for batch in batches:
                     count += len(batch.events)

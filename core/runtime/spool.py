@@ -94,8 +94,11 @@ class Spool:
     a writer commits.
     """
 
-    def __init__(self, path: Path, *, synchronous: str = "FULL", memory_bytes: int = 64 * 1024**2) -> None:
+    def __init__(self, path: Path, *, synchronous: str = "FULL", memory_bytes: int = 64 * 1024**2,
+                 shared: bool = False) -> None:
         self.path = path
+        self.shared = shared
+        """True when another process appends or drains too: sizes are then read from the file."""
         self._memory: dict[int, tuple[list[ChangeEvent], dict[Any, TableSchema]]] = {}
         """seq -> the batch as appended: the drain skips unpickling what this process spooled itself."""
         self._memory_sizes: dict[int, int] = {}
@@ -230,12 +233,22 @@ class Spool:
         with self.changed:
             self.changed.notify_all()
 
+    def refresh(self) -> None:
+        """Re-read size and count from the file: another process (capture or drain) may have changed them."""
+        with self._read_lock:
+            self._bytes, self._count = self._reader.execute(
+                "SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM batches").fetchone()
+
     @property
     def size_bytes(self) -> int:
+        if self.shared:
+            self.refresh()
         return int(self._bytes)
 
     @property
     def batches(self) -> int:
+        if self.shared:
+            self.refresh()
         return int(self._count)
 
     def oldest_spooled_at(self) -> float | None:
@@ -246,8 +259,8 @@ class Spool:
     def wait_below(self, limit_bytes: int, stop: threading.Event, timeout: float = 1.0) -> bool:
         """Block the capture while the spool is over its limit; False when asked to stop."""
         with self.changed:
-            while self._bytes >= limit_bytes and not stop.is_set():
-                self.changed.wait(timeout)
+            while self.size_bytes >= limit_bytes and not stop.is_set():
+                self.changed.wait(0.2 if self.shared else timeout)
         return not stop.is_set()
 
     def close(self) -> None:
