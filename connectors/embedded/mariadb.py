@@ -14,7 +14,7 @@ import re
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -121,7 +121,7 @@ def column_from_catalog(row: dict[str, Any], json_columns: set[str]) -> Column:
         kind = ColumnType.FLOAT32
     elif data_type in ("double", "real"):
         kind = ColumnType.FLOAT64
-    elif data_type == "json" or (data_type == "longtext" and name in json_columns):
+    elif data_type == "json":  # MySQL's native JSON; MariaDB's JSON is LONGTEXT: text, as Debezium sends it
         kind = ColumnType.JSON
     elif data_type in _STRING_TYPES:
         kind, length = ColumnType.STRING, row["CHARACTER_MAXIMUM_LENGTH"]
@@ -175,8 +175,26 @@ def _bytes(value: Any) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogateescape")
 
 
+_SECOND = timedelta(seconds=1)
+
+
+def negative_time(value: timedelta) -> timedelta:
+    """python-mysql-replication (1.0.17) negates a negative TIME2's whole seconds and its fraction apart:
+    -00:00:01.25 comes out as -00:00:01.75. Put the fraction back on the right side of the second."""
+    if value >= timedelta(0):
+        return value
+    magnitude = -value
+    fraction = timedelta(microseconds=magnitude.microseconds)
+    if not fraction:
+        return value
+    whole = magnitude - fraction
+    return -(whole + (_SECOND - fraction))
+
+
 def stream_converter(column: Column) -> Converter | None:
     """How to turn a python-mysql-replication value into the canonical value (None: keep it)."""
+    if column.type is ColumnType.TIME and (column.precision or 0) > 0:
+        return negative_time
     if column.type is ColumnType.BYTES:
         return _bytes
     return snapshot_converter(column)
@@ -284,7 +302,11 @@ class MariaDbReader:
         return [self.schema(t) for t in self.table_ids()]
 
     def schema(self, table: TableId) -> TableSchema:
-        """Columns and primary key from information_schema; JSON = json type or a json_valid check."""
+        """Columns and primary key from information_schema.
+
+        MariaDB's JSON is LONGTEXT with a json_valid check: it stays text, exactly as stored, because
+        that is what Debezium's MariaDB connector emits (the two runtimes must write the same rows).
+        """
         rows = self._query(
             "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, IS_NULLABLE, NUMERIC_PRECISION, NUMERIC_SCALE,"
             " DATETIME_PRECISION, CHARACTER_MAXIMUM_LENGTH, CHARACTER_SET_NAME, COLUMN_KEY"

@@ -70,7 +70,7 @@ MARIADB_VALUES = {
     "score": 2.2, "name": "héllo", "code": "ab", "note": "long text", "raw": b"\x00\xff\x10", "vb": b"\x01\x02",
     "made": datetime(2024, 1, 2, 3, 4, 5, 123000), "stamped": datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC),
     "day": date(2024, 2, 29), "span": -timedelta(hours=838, minutes=59, seconds=58, microseconds=500000),
-    "yr": 2024, "kind": "b", "tags": ["x", "z"], "doc": Json({"a": [1, 2.5]}), "bits": "10101", "bit1": True,
+    "yr": 2024, "kind": "b", "tags": ["x", "z"], "doc": '{"a": [1, 2.5]}', "bits": "10101", "bit1": True,
 }
 
 
@@ -122,7 +122,8 @@ def test_mariadb_stream_and_snapshot_give_exact_values_and_debezium_positions(er
     # a snapshot reads the same values as the stream
     schema = reader.schema(events[0].table)
     assert schema.primary_key == ("id",)
-    assert schema.column("doc").type is ColumnType.JSON and schema.column("big").type is ColumnType.UINT64
+    # MariaDB's JSON is LONGTEXT: text as stored, as Debezium's MariaDB connector sends it
+    assert schema.column("doc").type is ColumnType.STRING and schema.column("big").type is ColumnType.UINT64
     snapshot = [e for chunk, _ in reader.snapshot(schema, start.position, 1) for e in chunk]
     assert [e.key for e in snapshot] == [{"id": 1}, {"id": 4}]
     assert snapshot[0].after == {**MARIADB_VALUES, "name": "bye"}

@@ -200,6 +200,7 @@ metrics:
             pg.execute(f'DROP SCHEMA "{namespace}" CASCADE')
         conn = pymysql.connect(host=erp.host, port=erp.port, user="root", password="", autocommit=True)
         with conn.cursor() as cursor:
+            cursor.execute("SET SESSION lock_wait_timeout = 30")
             cursor.execute(f"DROP DATABASE `{namespace}`")
             cursor.execute(f"REVOKE SELECT, LOCK TABLES ON `{namespace}`.* FROM 'branchline'@'127.0.0.1'")
         conn.close()
@@ -215,28 +216,33 @@ def _churn(both: Both) -> None:
     ns = both.namespace
     conn = pymysql.connect(host="127.0.0.1", port=both.erp_port, user="root", password="", autocommit=True,
                            init_command="SET time_zone = '+00:00'")
-    with conn.cursor() as cursor:
+    with conn, conn.cursor() as cursor:
         for table in ERP_TABLES:
             cursor.execute("SELECT COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA=%s"
                            " AND TABLE_NAME=%s ORDER BY ORDINAL_POSITION", (ns, table))
             columns = cursor.fetchall()
-            numeric = [c for c, t in columns if t in ("decimal", "int", "smallint") and c != "id"]
+            cursor.execute("SELECT COLUMN_NAME FROM information_schema.KEY_COLUMN_USAGE WHERE TABLE_SCHEMA=%s"
+                           " AND TABLE_NAME=%s AND CONSTRAINT_NAME='PRIMARY' ORDER BY ORDINAL_POSITION", (ns, table))
+            key = cursor.fetchone()[0]
+            numeric = [c for c, t in columns if t in ("decimal", "int", "smallint") and c != key]
             cursor.execute("BEGIN")
             if numeric:
-                cursor.execute(f"UPDATE `{ns}`.`{table}` SET `{numeric[-1]}` = `{numeric[-1]}` + 1 WHERE id % 5 = 1")
-            cursor.execute(f"CREATE TEMPORARY TABLE saved_{table} AS SELECT * FROM `{ns}`.`{table}` WHERE id % 7 = 2")
-            cursor.execute(f"DELETE FROM `{ns}`.`{table}` WHERE id % 7 = 2")
+                column = numeric[-1]  # a real change (MariaDB logs no row whose values stay the same)
+                cursor.execute(f"UPDATE `{ns}`.`{table}` SET `{column}` = CASE WHEN `{column}` > 0"
+                               f" THEN `{column}` - 1 ELSE `{column}` + 1 END WHERE `{key}` % 5 = 1")
+            cursor.execute(f"CREATE TEMPORARY TABLE `{ns}`.`saved_{table}` AS SELECT * FROM `{ns}`.`{table}`"
+                           f" WHERE `{key}` % 7 = 2")
+            cursor.execute(f"DELETE FROM `{ns}`.`{table}` WHERE `{key}` % 7 = 2")
             cursor.execute("COMMIT")
-            cursor.execute(f"INSERT INTO `{ns}`.`{table}` SELECT * FROM saved_{table} WHERE id % 2 = 0")
-    conn.close()
+            cursor.execute(f"INSERT INTO `{ns}`.`{table}` SELECT * FROM `{ns}`.`saved_{table}` WHERE `{key}` % 2 = 0")
     with psycopg.connect(host="127.0.0.1", port=both.crm_port, user="postgres", dbname="crm",
                          autocommit=True) as pg:
         for table in CRM_TABLES:
             with pg.transaction():
-                pg.execute(f'UPDATE "{ns}"."{table}" SET id = id WHERE id % 5 = 1')
-                pg.execute(f'CREATE TEMP TABLE "saved_{table}" AS SELECT * FROM "{ns}"."{table}" WHERE id % 7 = 2')
-                pg.execute(f'DELETE FROM "{ns}"."{table}" WHERE id % 7 = 2')
-            pg.execute(f'INSERT INTO "{ns}"."{table}" SELECT * FROM "saved_{table}" WHERE id % 2 = 0')
+                pg.execute(f'UPDATE "{ns}"."{table}" SET id = id WHERE abs(hashtext(id::text)) % 5 = 1')
+                pg.execute(f'CREATE TEMP TABLE "saved_{table}" AS SELECT * FROM "{ns}"."{table}" WHERE abs(hashtext(id::text)) % 7 = 2')
+                pg.execute(f'DELETE FROM "{ns}"."{table}" WHERE abs(hashtext(id::text)) % 7 = 2')
+            pg.execute(f'INSERT INTO "{ns}"."{table}" SELECT * FROM "saved_{table}" WHERE abs(hashtext(id::text)) % 2 = 0')
 
 
 def _debezium_changes(both: Both, want_tables: set[str]) -> dict[str, list[tuple[ChangeEvent, Any]]]:
@@ -269,8 +275,9 @@ def _embedded_stream(both: Both, source_name: str, count: int) -> list[ChangeEve
 
 
 def _comparable(event: ChangeEvent, postgres: bool) -> tuple[Any, ...]:
-    before = event.before
-    if postgres and event.op is Op.DELETE and before is not None:  # default identity: only the key is real
+    # `before` matters to the sinks only for deletes (the decoder leaves it out of MariaDB updates)
+    before = event.before if event.op is Op.DELETE else None
+    if postgres and before is not None:  # default replica identity: only the key is real
         before = {k: v for k, v in before.items() if k in event.key}
     return (event.table.qualified, event.op, event.key, event.position, before, event.after)
 

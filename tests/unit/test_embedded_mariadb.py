@@ -54,8 +54,9 @@ def test_decimal_keeps_precision_and_scale():
     assert (column.type, column.precision, column.scale) == (ColumnType.DECIMAL, 18, 4)
 
 
-def test_longtext_with_a_json_valid_check_is_json():
-    assert column_from_catalog(catalog("longtext", "longtext"), {"c"}).type is ColumnType.JSON
+def test_mariadb_json_stays_text_like_debezium_and_mysql_json_is_json():
+    assert column_from_catalog(catalog("longtext", "longtext"), {"c"}).type is ColumnType.STRING
+    assert column_from_catalog(catalog("json", "json"), set()).type is ColumnType.JSON
 
 
 @pytest.mark.parametrize(("raw", "expected"), [(1.100000023841858, 1.1), (0.0, 0.0), (-3.4028234663852886e38,
@@ -97,3 +98,17 @@ def test_timestamp_becomes_aware_utc_and_json_is_parsed():
 def test_plain_types_need_no_conversion():
     for kind in (ColumnType.INT64, ColumnType.STRING, ColumnType.DECIMAL, ColumnType.TIMESTAMP, ColumnType.TIME):
         assert snapshot_converter(Column(name="c", type=kind)) is None
+
+
+def test_negative_fractional_time_from_the_binlog_is_corrected():
+    from datetime import timedelta
+
+    from branchline.connectors.embedded.mariadb import negative_time
+
+    # what python-mysql-replication 1.0.17 returns -> what MariaDB holds (checked on MariaDB 10.11)
+    assert negative_time(-timedelta(seconds=1.75)) == -timedelta(seconds=1.25)
+    assert negative_time(-timedelta(seconds=3170, microseconds=52222)) == -timedelta(seconds=3170,
+                                                                                     microseconds=947778)
+    assert negative_time(-timedelta(microseconds=999999)) == -timedelta(microseconds=1)
+    assert negative_time(-timedelta(seconds=2)) == -timedelta(seconds=2)
+    assert negative_time(timedelta(seconds=1, microseconds=250000)) == timedelta(seconds=1, microseconds=250000)
