@@ -189,5 +189,128 @@ def streams(events: int, batch_size: int, keys: int, repeat: int) -> None:
     print_figures(min(runs, key=lambda f: f.total_s), click.echo)
 
 
+
+
+# -- end to end: a pre-filled topic through one worker into the PostgreSQL sink ---------------------
+
+
+def bench_worker(events: int = 100_000, *, keys: int = 50_000, partitions: int = 4, batch_size: int = 5_000,
+                 bootstrap: str = "127.0.0.1:19092", cloud_host: str = "127.0.0.1", cloud_port: int = 15433,
+                 echo: Callable[[str], None] = print) -> float:
+    """Fill a fresh topic with `events` ERP order changes, start one `branchline worker` on it and time
+    until the cloud PostgreSQL holds every key. Prints and returns events/s (first row -> last row)."""
+    import asyncio
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import uuid
+    from pathlib import Path
+
+    import psycopg
+
+    branch = "bench" + uuid.uuid4().hex[:6]
+    prefix = f"{branch}.erp"
+    table = env.Table(prefix=prefix, database="erp", table="orders", fields=ORDER_FIELDS, key=["id"])
+    data = [(table.topic, key, value) for _, key, value in records(events, keys)]
+    expected = len({key for _, key, _ in data})
+
+    async def fill() -> None:
+        from aiokafka import AIOKafkaProducer
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(table.topic, num_partitions=partitions, replication_factor=1)])
+        finally:
+            await admin.close()
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
+                                    max_batch_size=1 << 20, max_request_size=8 << 20)
+        await producer.start()
+        try:
+            for topic, key, value in data:
+                await producer.send(topic, key=key, value=value)
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    started = time.monotonic()
+    asyncio.run(fill())
+    echo(f"filled {table.topic}: {events:,} records ({partitions} partitions) in {time.monotonic() - started:.1f} s")
+    workdir = Path(tempfile.mkdtemp(prefix="branchline-bench-"))
+    pipeline = workdir / "pipeline.yaml"
+    pipeline.write_text(f"""
+name: {branch}
+branch: {branch}
+sources:
+  - {{name: erp, kind: mariadb, user: bench, databases: [erp]}}
+kafka: {{bootstrap_servers: "{bootstrap}", partitions: {partitions}}}
+sinks:
+  cloud: {{kind: postgres, host: "{cloud_host}", port: {cloud_port}, user: postgres, database: cloud,
+          schema: "{branch}_erp"}}
+worker: {{batch_size: {batch_size}, batch_within_s: 1.0}}
+""")
+    log = workdir / "worker.log"
+    with log.open("wb") as handle:
+        worker = subprocess.Popen([sys.executable, "-m", "branchline.cli", "worker", str(pipeline)],
+                                  stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    first = last = None
+    count = 0
+    conninfo = f"host={cloud_host} port={cloud_port} user=postgres dbname=cloud"
+    try:
+        deadline = time.monotonic() + 600
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            while time.monotonic() < deadline and worker.poll() is None:
+                row = conn.execute("SELECT to_regclass(%s)", (f'"{branch}_erp"."orders"',)).fetchone()
+                if row and row[0]:
+                    counted = conn.execute(f'SELECT count(*) FROM "{branch}_erp"."orders"').fetchone()
+                    count = counted[0] if counted else 0
+                    if count and first is None:
+                        first = time.monotonic()
+                    if count >= expected:
+                        last = time.monotonic()
+                        break
+                time.sleep(0.2)
+            if first is not None and last is not None:
+                rate = events / (last - first)
+                echo(f"worker end to end: {events:,} events -> {expected:,} rows in PostgreSQL in "
+                     f"{last - first:.1f} s (first row to last): {rate:,.0f} events/s")
+                return rate
+            echo(f"worker did not finish: {count:,}/{expected:,} rows; log: {log}")
+            return 0.0
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{branch}_erp" CASCADE')
+
+
+@click.command("worker")
+@click.option("--events", default=100_000, show_default=True)
+@click.option("--keys", default=50_000, show_default=True)
+@click.option("--partitions", default=4, show_default=True)
+@click.option("--batch", "batch_size", default=5_000, show_default=True)
+@click.option("--bootstrap", default="127.0.0.1:19092", show_default=True)
+@click.option("--cloud-port", default=15433, show_default=True)
+def worker(events: int, keys: int, partitions: int, batch_size: int, bootstrap: str, cloud_port: int) -> None:
+    """End-to-end rate of one worker from a pre-filled topic into the cloud PostgreSQL (local stack)."""
+    bench_worker(events, keys=keys, partitions=partitions, batch_size=batch_size, bootstrap=bootstrap,
+                 cloud_port=cloud_port, echo=click.echo)
+
+
+@click.group()
+def bench() -> None:
+    """Streams benchmarks (print figures)."""
+
+
+bench.add_command(streams)
+bench.add_command(worker)
+
 if __name__ == "__main__":
-    streams()
+    bench()

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import pytest
 from branchline.errors import BadRecordError, ConfigError
 from branchline.events import ChangeEvent, Op, TableSchema
@@ -142,13 +143,31 @@ def test_transforms_apply_and_a_wrong_column_is_a_config_error_naming_table_and_
     assert "erp.orders" in str(info.value)
 
 
+class FakeProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes, int | None]] = []
+
+    async def send(self, topic, key, value, partition, timestamp, headers):
+        self.sent.append((topic, key, value, partition))
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+
 class FakeFaustTable:
+    """The two things `FaustPositions` uses of a Faust table: its local data and its changelog topic."""
+
     def __init__(self) -> None:
         self.data: dict[str, str] = {}
-        self.sent: list[tuple[int | None, str, str]] = []
+        self.app = type("App", (), {"producer": FakeProducer()})()
+        self.changelog_topic = type("Topic", (), {"get_topic_name": lambda self: "app-applied-changelog"})()
 
-    def send_changelog(self, partition: int | None, key: str, value: str) -> None:
-        self.sent.append((partition, key, value))
+    @property
+    def sent(self) -> list[tuple[int | None, str, str]]:
+        import orjson
+
+        return [(partition, orjson.loads(key), orjson.loads(value))
+                for _, key, value, partition in self.app.producer.sent]
 
 
 def test_guard_keys_go_to_the_changelog_partition_of_their_record():
@@ -183,10 +202,13 @@ def test_the_faust_agent_takes_batches_and_hands_them_to_the_sinks(tmp_path):
     path.write_text(PIPELINE)
     sink = MemorySink()
     apps = []
+    failures: list[BaseException] = []
 
     async def scenario() -> None:
         # built inside the running loop, so that Faust binds to it and opens no loop of its own
-        app = build_app(load_pipeline(path), TopicLayout([ORDERS.topic], 1), sinks_factory=lambda: {"cloud": sink})
+        app = build_app(load_pipeline(path), TopicLayout([ORDERS.topic], 1), sinks_factory=lambda: {"cloud": sink},
+                        on_failure=failures.append)
+        app._producer = FakeProducer()  # no broker: the changelog writes land here
         apps.append(app)
         agent = next(iter(app.agents.values()))
         async with agent.test_context() as context:
@@ -204,5 +226,30 @@ def test_the_faust_agent_takes_batches_and_hands_them_to_the_sinks(tmp_path):
             thread = getattr(app._consumer, "_thread", None) if app._consumer is not None else None
             if thread is not None and not thread.thread_loop.is_closed():
                 thread.thread_loop.close()
+    assert failures == []
     assert [[(e.op, e.key["id"]) for e in events] for _, events in sink.batches] == [
         [(Op.CREATE, 1), (Op.CREATE, 2)], [(Op.UPDATE, 1)]]
+    assert len(apps[0]._producer.sent) == 3  # one guard entry per written change, on the changelog
+
+
+class Message:
+    def __init__(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+        self.topic, self.key, self.value = topic, key, value
+
+
+def test_key_check_accepts_primary_key_keys_and_refuses_others():
+    from branchline.streams.app import _key_problem
+    from branchline.streams.decode import EnvelopeDecoder
+
+    decoder = EnvelopeDecoder("erp", "b01")
+    (good,) = records([("c", 1, "a")])
+    assert _key_problem(decoder, Message(good.topic, good.key, good.value), partitions=4) is None
+    assert "null key" in _key_problem(decoder, Message(good.topic, None, good.value), partitions=4)
+    assert _key_problem(decoder, Message(good.topic, None, good.value), partitions=1) is None
+    by_code = env.Table(prefix="b01.erp", database="erp", table="orders", key=["code"], fields=ORDERS.fields)
+    row = {"id": 1, "code": "a", "amount": env.decimal_bytes(1)}
+    problem = _key_problem(decoder, Message(good.topic, by_code.key_record(row), good.value), partitions=4)
+    assert problem is None or "primary key" in problem  # a key of row columns: accepted as the key
+    foreign = orjson.dumps({"schema": {"type": "struct", "fields": [{"type": "string", "field": "tenant"}]},
+                            "payload": {"tenant": "x"}})
+    assert "primary-key columns" in _key_problem(decoder, Message(good.topic, foreign, good.value), partitions=4)
