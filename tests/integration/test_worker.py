@@ -282,7 +282,7 @@ async def read_all(bootstrap: str, topic: str) -> list[Any]:
         tp = TopicPartition(topic, 0)
         consumer.assign([tp])
         end = (await consumer.end_offsets([tp]))[tp]
-        consumer.seek_to_beginning(tp)
+        consumer.seek(tp, 0)
         out: list[Any] = []
         while len(out) < end:
             batch = await consumer.getmany(tp, timeout_ms=1000)
