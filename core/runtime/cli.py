@@ -78,7 +78,7 @@ def _progress(runner: object, stop: threading.Event, interactive: bool) -> None:
 @click.option("--progress/--no-progress", default=None, help="Live table on a terminal (default: if a TTY).")
 def run(file: Path, sinks: tuple[str, ...], spool_path: Path | None, reset: bool, idle_s: float | None,
         stop_after_snapshot: bool, metrics_port: int | None, no_metrics: bool, progress: bool | None) -> None:
-    """Replicate FILE's sources into its sinks in this process: snapshot, then stream, via a local spool."""
+    """Replicate FILE's sources into its sinks without Kafka: snapshot, then stream, via a local spool."""
     from branchline.runtime.runner import Runner, reset_state
 
     pipeline = load_pipeline(file)
