@@ -25,7 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("branchline.runtime.verify_cli:verify", "Compare source and target row by row."),
     "status": ("branchline.status_cli:status", "One screen: sources, connectors, lag, spool."),
     "lake": ("branchline.sinks.delta.cli:lake", "Compact and vacuum Delta tables."),
-    "bench": ("branchline.bench_cli:bench", "Benchmarks that print figures."),
+    "bench": ("branchline.bench_cli:bench", "Benchmarks that print figures (streams, sinks, embedded)."),
 }
 
 

@@ -258,7 +258,7 @@ def test_unreachable_maven_central_is_one_sentence_and_leaves_no_partial_jars(tm
     monkeypatch.setenv("BRANCHLINE_CACHE", str(cache))
     pins = load_pins()
     tools = _install.Tools(mariadbd=Path("/bin/false"), mariadb_install_db=Path("/bin/false"),
-                           pg_bin=Path("/bin"), java=java, mvn=wrapper)
+                           pg_bin=Path("/bin"), java=java, mvn=wrapper, promtool=Path("/bin/false"))
     with pytest.raises(InfraError) as caught:
         _install.resolve_jars(pins, tools)
     assert str(caught.value).startswith("Maven Central is unreachable (")
