@@ -6,9 +6,12 @@ on a developer's machine it is skipped with the command that starts it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
 import tomllib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,3 +81,85 @@ def kafka() -> Service:
 def connect() -> Service:
     """Kafka Connect REST API."""
     return require("connect")
+
+
+class CuttableProxy:
+    """A loopback TCP proxy whose `cut()` drops every connection and refuses new ones until `restore()`.
+
+    It plays a WAN outage in front of a real service. Relayed sockets block without a timeout: an idle
+    pooled connection must stay open for as long as the service would keep it.
+    """
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._cut = threading.Event()
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if self._cut.is_set():
+                client.close()
+                continue
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._sockets.update((client, server))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            with self._lock:
+                self._sockets.difference_update((source, target))
+
+    def cut(self) -> None:
+        self._cut.set()
+        with self._lock:
+            live = list(self._sockets)
+        for sock in live:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def restore(self) -> None:
+        self._cut.clear()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.cut()
+        self._listener.close()
+
+
+@pytest.fixture
+def cuttable_proxy() -> Iterator[Callable[[Service], CuttableProxy]]:
+    """Make proxies in front of stack services; every one is closed when the test ends."""
+    made: list[CuttableProxy] = []
+
+    def make(target: Service) -> CuttableProxy:
+        made.append(CuttableProxy((target.host, target.port)))
+        return made[-1]
+
+    yield make
+    for proxy in made:
+        proxy.close()

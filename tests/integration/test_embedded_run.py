@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -207,6 +206,7 @@ def wait_exit(process: subprocess.Popen, env: Env, timeout: float = 240) -> None
         code = process.wait(timeout)
     except subprocess.TimeoutExpired:
         process.kill()
+        process.wait()
         raise AssertionError("branchline run did not finish:\n" + env.logs()) from None
     assert code == 0, env.logs()
 
@@ -274,72 +274,9 @@ def test_kill_9_during_churn_then_restart_is_identical(env):
     assert_identical(env)
 
 
-class CuttableProxy:
-    """A TCP proxy on 127.0.0.1 that can cut every connection and refuse new ones (a target outage)."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.up = threading.Event()
-        self.up.set()
-        self.sockets: set[socket.socket] = set()
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if not self.up.is_set():
-                client.close()
-                continue
-            try:
-                server = socket.create_connection(self.upstream, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.sockets |= {client, server}
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-    def cut(self) -> None:
-        self.up.clear()
-        with self.lock:
-            for s in self.sockets:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            self.sockets.clear()
-
-    def restore(self) -> None:
-        self.up.set()
-
-    def close(self) -> None:
-        self.cut()
-        self.listener.close()
-
-
-def test_cloud_postgres_unreachable_for_30s_during_churn_spools_then_drains(env):
+def test_cloud_postgres_unreachable_for_30s_during_churn_spools_then_drains(env, cuttable_proxy):
     outage_s = float(os.environ.get("BRANCHLINE_TEST_OUTAGE_S", "30"))
-    proxy = CuttableProxy((env.cloud.host, env.cloud.port))
+    proxy = cuttable_proxy(env.cloud)
     env.cloud_port = proxy.port
     rng = random.Random(3)
     ids_m, ids_p = [0], [0]
@@ -347,21 +284,18 @@ def test_cloud_postgres_unreachable_for_30s_during_churn_spools_then_drains(env)
     pg_churn(env.pg, env.pg_schema, 500, rng, ids_p)
     env.write()
     process = env.run("--exit-when-idle", "4")
-    try:
-        time.sleep(3)
-        proxy.cut()
-        cut_at = time.monotonic()
-        while time.monotonic() - cut_at < outage_s:
-            mariadb_churn(env.maria, env.db, 40, rng, ids_m)
-            pg_churn(env.pg, env.pg_schema, 40, rng, ids_p)
-            time.sleep(0.2)
-        spooled = _spooled_batches(env.spool)
-        proxy.restore()
-        mariadb_churn(env.maria, env.db, 200, rng, ids_m)
-        pg_churn(env.pg, env.pg_schema, 200, rng, ids_p)
-        wait_exit(process, env)
-    finally:
-        proxy.close()
+    time.sleep(3)
+    proxy.cut()
+    cut_at = time.monotonic()
+    while time.monotonic() - cut_at < outage_s:
+        mariadb_churn(env.maria, env.db, 40, rng, ids_m)
+        pg_churn(env.pg, env.pg_schema, 40, rng, ids_p)
+        time.sleep(0.2)
+    spooled = _spooled_batches(env.spool)
+    proxy.restore()
+    mariadb_churn(env.maria, env.db, 200, rng, ids_m)
+    pg_churn(env.pg, env.pg_schema, 200, rng, ids_p)
+    wait_exit(process, env)
     assert spooled > 0, "capture must continue into the spool while the target is down"
     assert "target unreachable; capture continues into the spool" in env.logs(tail=10**7)
     assert "target reachable again" in env.logs(tail=10**7)

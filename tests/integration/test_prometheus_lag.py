@@ -29,70 +29,6 @@ pytestmark = pytest.mark.integration
 PROMETHEUS_DIR = Path(__file__).resolve().parents[2] / "infra" / "prometheus"
 
 
-class CuttableProxy:
-    """A loopback TCP proxy whose `cut()` drops every connection and refuses new ones until `restore()`."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self._listener.getsockname()[1])
-        self._cut = threading.Event()
-        self._closed = threading.Event()
-        self._lock = threading.Lock()
-        self._sockets: set[socket.socket] = set()
-        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            if self._cut.is_set():
-                client.close()
-                continue
-            try:
-                server = socket.create_connection(self.upstream, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            server.settimeout(None)
-            with self._lock:
-                self._sockets.update((client, server))
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    def _pipe(self, source: socket.socket, target: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                target.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, target):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-            with self._lock:
-                self._sockets.difference_update((source, target))
-
-    def cut(self) -> None:
-        self._cut.set()
-        with self._lock:
-            live = list(self._sockets)
-        for sock in live:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def restore(self) -> None:
-        self._cut.clear()
-
-    def close(self) -> None:
-        self._closed.set()
-        self.cut()
-        self._listener.close()
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -157,7 +93,9 @@ def scalar(url: str, promql: str) -> float | None:
     return float(result[0]["value"][1]) if result else None
 
 
-def test_lag_rises_while_the_sink_is_cut_and_falls_after_it_returns(crm: Any, cloud: Any, tmp_path: Path) -> None:
+def test_lag_rises_while_the_sink_is_cut_and_falls_after_it_returns(
+    crm: Any, cloud: Any, tmp_path: Path, cuttable_proxy: Any
+) -> None:
     from branchline.config import load_pipeline
     from branchline.runtime.runner import Runner
 
@@ -171,7 +109,7 @@ def test_lag_rises_while_the_sink_is_cut_and_falls_after_it_returns(crm: Any, cl
         # as the DBA does from `branchline preflight --print-setup-sql`
         conn.execute(f'CREATE PUBLICATION "branchline_t1_{source}" FOR TABLE public.{table}')
 
-    proxy = CuttableProxy((cloud.host, cloud.port))
+    proxy = cuttable_proxy(cloud)
     pipeline_file = tmp_path / "pipeline.yaml"
     pipeline_file.write_text(yaml.safe_dump({
         "name": source, "branch": "t1",
@@ -261,7 +199,6 @@ def test_lag_rises_while_the_sink_is_cut_and_falls_after_it_returns(crm: Any, cl
             runner.stop.set()
             thread.join(30)
             server.close()
-            proxy.close()
             metrics.reset()
         assert not errors, errors
         assert runner.stats.error is None
@@ -291,7 +228,9 @@ def _drop_source_objects(crm_dsn: str, slot: str, table: str) -> None:
         conn.execute(f"DROP TABLE IF EXISTS public.{table}")
 
 
-def test_heartbeats_keep_idle_table_lag_true_and_show_a_stall(crm: Any, cloud: Any, tmp_path: Path) -> None:
+def test_heartbeats_keep_idle_table_lag_true_and_show_a_stall(
+    crm: Any, cloud: Any, tmp_path: Path, cuttable_proxy: Any
+) -> None:
     """No user table changes at all: heartbeat rows alone keep the idle table's lag low while healthy,
     let it rise while the sink is cut, and bring it back down once the sink returns."""
     import asyncio
@@ -316,7 +255,7 @@ def test_heartbeats_keep_idle_table_lag_true_and_show_a_stall(crm: Any, cloud: A
         conn.execute(f'CREATE PUBLICATION "branchline_t1_{source}" FOR TABLE public.{table}, '
                      "branchline.debezium_heartbeat")
 
-    proxy = CuttableProxy((cloud.host, cloud.port))
+    proxy = cuttable_proxy(cloud)
     pipeline_file = tmp_path / "pipeline.yaml"
     pipeline_file.write_text(yaml.safe_dump({
         "name": source, "branch": "t1",
@@ -380,7 +319,6 @@ def test_heartbeats_keep_idle_table_lag_true_and_show_a_stall(crm: Any, cloud: A
             runner.stop.set()
             for thread in threads:
                 thread.join(30)
-            proxy.close()
             metrics.reset()
         assert not errors, errors
         with psycopg.connect(cloud_dsn) as conn:  # the idle table itself arrived, row by row

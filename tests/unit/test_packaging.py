@@ -7,11 +7,10 @@ import sys
 import zipfile
 from pathlib import Path
 
-import click
-from click.testing import CliRunner
-
 import branchline
+import click
 from branchline.cli import SUBCOMMANDS, cli
+from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 
