@@ -121,15 +121,21 @@ def _has(scopes: dict[str, set[str]], privilege: str, *candidates: str) -> bool:
     return False
 
 
-class BinlogPreflight:
-    """Checks for a MariaDB or MySQL source."""
+class _Preflight:
+    """Collects one source's checks; a PASS never carries a fix."""
 
-    def __init__(self, source: BinlogSourceConfig) -> None:
+    def __init__(self, source: BinlogSourceConfig | PostgresSourceConfig) -> None:
         self.source = source
         self.checks: list[Check] = []
 
     def add(self, check: str, status: Status, saw: str, fix: str | None = None) -> None:
         self.checks.append(Check(self.source.name, check, status, saw, fix if status != "PASS" else None))
+
+
+class BinlogPreflight(_Preflight):
+    """Checks for a MariaDB or MySQL source."""
+
+    source: BinlogSourceConfig
 
     def run(self) -> list[Check]:
         import pymysql
@@ -356,15 +362,10 @@ class BinlogPreflight:
 # ------------------------------------------------------------------------------------------- PostgreSQL
 
 
-class PostgresPreflight:
+class PostgresPreflight(_Preflight):
     """Checks for a PostgreSQL source."""
 
-    def __init__(self, source: PostgresSourceConfig) -> None:
-        self.source = source
-        self.checks: list[Check] = []
-
-    def add(self, check: str, status: Status, saw: str, fix: str | None = None) -> None:
-        self.checks.append(Check(self.source.name, check, status, saw, fix if status != "PASS" else None))
+    source: PostgresSourceConfig
 
     def run(self) -> list[Check]:
         import psycopg
