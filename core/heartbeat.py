@@ -26,11 +26,17 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from branchline.metrics import observe_error, observe_heartbeat_written, set_source_up
+from branchline.metrics import (
+    is_heartbeat,
+    observe_error,
+    observe_heartbeat_written,
+    observe_source_clock,
+    set_source_up,
+)
 from branchline.metrics_config import HeartbeatConfig
 
 log = logging.getLogger(__name__)
@@ -144,11 +150,14 @@ async def wait_or_stop(stop: Stop, seconds: float) -> bool:
     return True
 
 
-async def run_heartbeats(sources: Sequence[Any], config: HeartbeatConfig, stop: Stop) -> None:
+async def run_heartbeats(sources: Sequence[Any], config: HeartbeatConfig, stop: Stop, *,
+                         write: bool = True) -> None:
     """Write a heartbeat into every source each ``config.interval_s`` until ``stop`` is set.
 
     A failed beat is logged, counted in ``branchline_errors_total{component="source"}``, marks the
     source down, and is tried again at the next interval: a heartbeat never stops the pipeline.
+    ``write=False`` (the distributed worker, where Debezium's ``heartbeat.action.query`` writes the
+    rows) only reads each source's clock on the interval: skew and health, no row.
     """
     if not config.enabled:
         return
@@ -156,10 +165,151 @@ async def run_heartbeats(sources: Sequence[Any], config: HeartbeatConfig, stop: 
     while not stop.is_set():
         for source in sources:
             try:
-                await asyncio.to_thread(write_heartbeat, source, create=source.name not in created)
+                if write:
+                    await asyncio.to_thread(write_heartbeat, source, create=source.name not in created)
+                else:
+                    await asyncio.to_thread(probe_source_clock, source)
                 created.add(source.name)
             except Exception as exc:  # noqa: BLE001 - any failure is reported, none stops the pipeline
                 log.warning("heartbeat into %s failed: %s", source.name, exc)
                 observe_error("source", source.name, exc)
                 set_source_up(source.branch, source.name, False, detail=str(exc)[:200])
         await wait_or_stop(stop, config.interval_s)
+
+
+def probe_source_clock(source: Any) -> datetime:
+    """Read the source's clock in one round trip (no write): records skew and health, returns the clock.
+
+    The distributed worker uses this: Debezium writes the heartbeat rows there, but skew is still
+    this host's business, since lag is computed against this host's clock.
+    """
+    before = after = 0.0
+    if source.kind == "postgres":
+        import psycopg
+
+        with psycopg.connect(host=source.host, port=source.port, user=source.user, password=_password(source),
+                             dbname=source.database, autocommit=True, connect_timeout=10,
+                             application_name="branchline-monitor") as conn:
+            conn.execute("SELECT 1")
+            before = time.time()
+            row = conn.execute("SELECT clock_timestamp()").fetchone()
+            after = time.time()
+        assert row is not None
+        stamp: datetime = row[0]
+    else:
+        import pymysql
+
+        conn = pymysql.connect(host=source.host, port=source.port, user=source.user, password=_password(source),
+                               autocommit=True, connect_timeout=10)
+        try:
+            with conn.cursor() as cur:
+                before = time.time()
+                cur.execute("SELECT UTC_TIMESTAMP(6)")
+                (stamp,) = cur.fetchone()
+                after = time.time()
+        finally:
+            conn.close()
+        stamp = stamp.replace(tzinfo=UTC)
+    observe_source_clock(source.branch, source.name, stamp, before, after)
+    set_source_up(source.branch, source.name, True)
+    return stamp
+
+
+# -- capturing heartbeats in the embedded runtime -----------------------------------------------------
+
+
+def with_heartbeat_capture(pipeline: Any, names: Iterable[str] | None = None) -> Any:
+    """A copy of ``pipeline`` whose sources also capture their heartbeat table.
+
+    `branchline run` reads only what the pipeline file lists; the heartbeat row must travel the same
+    path as user changes to prove the path is live. With ``include`` the heartbeat table is added to
+    it; without, its namespace is added to the captured databases/schemas and the signal table (the
+    only other table of that namespace) is excluded. A copy: the file itself is not changed, so
+    `branchline verify` and the connectors still see only the user's tables. ``names``: only these
+    sources (default: all).
+    """
+    wanted = None if names is None else set(names)
+    sources = []
+    for source in pipeline.sources:
+        if wanted is not None and source.name not in wanted:
+            sources.append(source)
+            continue
+        namespace, table = heartbeat_table(source)
+        qualified = f"{namespace}.{table}"
+        namespaces = tuple(source.namespaces)
+        field_name = "schemas" if source.kind == "postgres" else "databases"
+        update: dict[str, Any] = {}
+        if namespace not in namespaces:
+            update[field_name] = (*namespaces, namespace)
+        if source.include:
+            if qualified not in source.include:
+                update["include"] = (*source.include, qualified)
+        elif namespace not in namespaces:
+            signal = getattr(source, "signal_table", None)
+            if signal and signal.split(".", 1)[0] == namespace and signal not in source.exclude:
+                update["exclude"] = (*source.exclude, signal)
+        sources.append(source.model_copy(update=update) if update else source)
+    return pipeline.model_copy(update={"sources": tuple(sources)})
+
+
+def prepare_heartbeat_capture(source: Any) -> None:
+    """Create the heartbeat table with a first row, and (PostgreSQL) publish it.
+
+    Runs before capture starts, so the embedded reader finds the table: a new publication then
+    includes it; an existing one (created by an earlier run before heartbeats were captured) gets it
+    added, unless it already has it or publishes all tables. Blocking; raises on failure (the caller
+    warns and runs without heartbeat capture for that source).
+    """
+    write_heartbeat(source, create=True)
+    if source.kind != "postgres":
+        return
+    import psycopg
+
+    namespace, table = heartbeat_table(source)
+    with psycopg.connect(host=source.host, port=source.port, user=source.user, password=_password(source),
+                         dbname=source.database, autocommit=True, connect_timeout=10,
+                         application_name="branchline-heartbeat") as conn:
+        publication = conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s",
+                                   (source.publication,)).fetchone()
+        if publication is None or publication[0]:
+            return
+        published = conn.execute(
+            "SELECT 1 FROM pg_publication_tables WHERE pubname = %s AND schemaname = %s AND tablename = %s",
+            (source.publication, namespace, table)).fetchone()
+        if published is None:
+            from psycopg import sql
+
+            conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+                sql.Identifier(source.publication), sql.Identifier(namespace, table)))
+            log.info("added %s.%s to publication %s so heartbeats reach the sink", namespace, table,
+                     source.publication)
+
+
+class HeartbeatSkippingSink:
+    """A sink that does not write heartbeat tables into the target; every other call goes through.
+
+    The runtimes still call `branchline.metrics.observe_batch_written` after each (skipped) heartbeat
+    write, in order with the user batches before it: that is when the heartbeat "reaches the sink"
+    and moves the lag of its whole source. The target keeps only the user's tables.
+    """
+
+    def __init__(self, sink: Any) -> None:
+        self._sink = sink
+
+    @property
+    def inner(self) -> Any:
+        return self._sink
+
+    async def write_batch(self, table: Any, events: Any) -> None:
+        """Skip the heartbeat table (by its `TableId`); write everything else. Idempotent as the inner sink."""
+        if is_heartbeat(getattr(table, "id", table)):
+            return
+        await self._sink.write_batch(table, events)
+
+    def __getattr__(self, name: str) -> Any:  # capabilities, flush, close, ...
+        return getattr(self._sink, name)
+
+
+def skip_heartbeat_writes(sink: Any) -> Any:
+    """Wrap a built sink so heartbeat rows are measured but never written (see `HeartbeatSkippingSink`)."""
+    return sink if isinstance(sink, HeartbeatSkippingSink) else HeartbeatSkippingSink(sink)

@@ -68,6 +68,7 @@ __all__ = [
     "observe_heartbeat_written",
     "observe_retry",
     "observe_snapshot_rows",
+    "observe_source_clock",
     "reset",
     "serve_metrics",
     "set_binlog_position",
@@ -483,9 +484,15 @@ def observe_heartbeat_written(branch: str, source: str, source_now: datetime | f
     The skew estimate is the source clock minus the midpoint of the local clock around the round trip,
     so it is exact to within half the round-trip time.
     """
+    HEARTBEATS_WRITTEN.labels(branch, source).inc()
+    observe_source_clock(branch, source, source_now, local_before, local_after)
+
+
+def observe_source_clock(branch: str, source: str, source_now: datetime | float, local_before: float,
+                         local_after: float) -> None:
+    """The source's clock read between ``local_before`` and ``local_after`` (this host): sets the skew."""
     stamp = _epoch(source_now)
     assert stamp is not None
-    HEARTBEATS_WRITTEN.labels(branch, source).inc()
     CLOCK_SKEW.labels(branch, source).set(stamp - (local_before + local_after) / 2)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -184,9 +185,10 @@ async def run_monitoring(pipeline: Any, stop: Stop, *, runtime: str,
                          consumer_group: str | None = None) -> None:
     """Everything a runtime runs beside its pipeline: heartbeats and pollers, until ``stop`` is set.
 
-    ``runtime`` is ``run`` (embedded) or ``worker`` (distributed: also polls Connect and, given
-    ``consumer_group``, Kafka consumer lag). Start it with `asyncio.create_task` after `serve_metrics`;
-    ``stop`` may be the runner's `threading.Event`. For `branchline run`::
+    ``runtime`` is ``run`` (embedded: writes the heartbeat rows) or ``worker`` (distributed: Debezium's
+    ``heartbeat.action.query`` writes them, so the worker only reads each source's clock for skew and
+    health; it also polls Connect and, given ``consumer_group``, Kafka consumer lag). Start it after
+    `serve_metrics`; ``stop`` may be the runner's `threading.Event`. For `branchline run`::
 
         monitor = asyncio.create_task(run_monitoring(pipeline, runner.stop, runtime="run"))
         try:
@@ -195,16 +197,62 @@ async def run_monitoring(pipeline: Any, stop: Stop, *, runtime: str,
             runner.stop.set()
             await monitor
 
-    Heartbeat rows reach the sink only if the heartbeat table is captured: in the PostgreSQL
-    publication, and accepted by the reader's table filter (`branchline.heartbeat.heartbeat_table`).
+    Heartbeat rows reach the sink only if the heartbeat table is captured: `branchline run` arranges
+    that (`branchline.heartbeat.with_heartbeat_capture`); Debezium's connector configs list it.
     """
+    from branchline.heartbeat import heartbeat_table
+
     config: MetricsConfig = getattr(pipeline, "metrics", None) or MetricsConfig()
     for source in pipeline.sources:
-        from branchline.heartbeat import heartbeat_table
-
         metrics.register_heartbeat_table(*heartbeat_table(source))
     await asyncio.gather(
-        run_heartbeats(pipeline.sources, config.heartbeat, stop),
+        run_heartbeats(pipeline.sources, config.heartbeat, stop, write=runtime != "worker"),
         run_pollers(pipeline, stop, interval_s=config.poll_interval_s, connect=runtime == "worker",
                     consumer_group=consumer_group),
     )
+
+
+def track_tables(tables: Iterable[Any], sinks: Iterable[str]) -> int:
+    """Give every table a replication-lag series from start-up (heartbeats drive it until its first
+    change), except heartbeat tables; returns how many (table, sink) pairs are tracked."""
+    count = 0
+    sink_names = list(sinks)
+    for table in tables:
+        if metrics.is_heartbeat(table):
+            continue
+        for sink in sink_names:
+            metrics.track_table(table, sink)
+            count += 1
+    return count
+
+
+def tables_of_topics(topics: Iterable[str], sources: Sequence[Any]) -> list[Any]:
+    """`TableId`s of Debezium table topics ``<branch>.<source>.<namespace>.<table>`` (the worker's)."""
+    from branchline.events import TableId
+
+    found = []
+    by_prefix = sorted(sources, key=lambda s: -len(s.topic_prefix))
+    for topic in topics:
+        source = next((s for s in by_prefix if topic.startswith(s.topic_prefix + ".")), None)
+        if source is None:
+            continue
+        namespace, _, table = topic[len(source.topic_prefix) + 1:].rpartition(".")
+        if namespace and table:
+            found.append(TableId(source=source.name, branch=source.branch, database=namespace, table=table))
+    return found
+
+
+def start_monitoring_thread(pipeline: Any, stop: Stop, *, runtime: str,
+                            consumer_group: str | None = None) -> threading.Thread:
+    """`run_monitoring` on its own event loop in a daemon thread, for runtimes whose loop is not ours
+    (Faust owns the worker's). Set ``stop`` (a `threading.Event`) and join the thread to end it."""
+
+    def main() -> None:
+        try:
+            asyncio.run(run_monitoring(pipeline, stop, runtime=runtime, consumer_group=consumer_group))
+        except Exception:  # watching must never take the pipeline down
+            log.exception("monitoring stopped")
+
+    thread = threading.Thread(target=main, name="branchline-monitoring", daemon=True)
+    thread.start()
+    return thread

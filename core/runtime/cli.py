@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from branchline.config import load_pipeline
@@ -64,6 +65,48 @@ def _progress(runner: object, stop: threading.Event, interactive: bool) -> None:
             log.info("captured %d, written %d, spool %d bytes", stats.captured, stats.written, runner.spool.size_bytes)
 
 
+def _heartbeats_on(pipeline: Any, idle_s: float | None, stop_after_snapshot: bool) -> Any:
+    """The pipeline as `branchline run` runs it: heartbeat tables captured where a first beat worked.
+
+    A run that exits on its own (``--exit-when-idle``, ``--stop-after-snapshot``) writes no heartbeats:
+    it needs no live lag, and a heartbeat every interval would keep it from ever being idle.
+    """
+    from branchline.heartbeat import prepare_heartbeat_capture, with_heartbeat_capture
+    from branchline.metrics_config import MetricsConfig
+
+    config = pipeline.metrics if isinstance(pipeline.metrics, MetricsConfig) else MetricsConfig()
+    if not config.heartbeat.enabled or idle_s is not None or stop_after_snapshot:
+        heartbeat = config.heartbeat.model_copy(update={"enabled": False})
+        return pipeline.model_copy(update={"metrics": config.model_copy(update={"heartbeat": heartbeat})})
+    ready = []
+    for source in pipeline.sources:
+        try:
+            prepare_heartbeat_capture(source)
+            ready.append(source.name)
+        except Exception as exc:  # noqa: BLE001 - no heartbeat is no reason not to replicate
+            log.warning("heartbeats of %s are not captured (lag freezes while its tables are idle): %s",
+                        source.name, exc)
+    return with_heartbeat_capture(pipeline, ready)
+
+
+def _track_tables(pipeline: Any, sinks: list[str]) -> None:
+    """A lag series for every captured table from start-up, not only after its first change."""
+    from branchline.monitoring import track_tables
+    from branchline.runtime.config import RuntimeConfig
+    from branchline.runtime.runner import build_reader
+
+    runtime = pipeline.runtime if isinstance(pipeline.runtime, RuntimeConfig) else RuntimeConfig()
+    for source in pipeline.sources:
+        try:
+            reader = build_reader(source, runtime)
+            try:
+                track_tables(reader.table_ids(), sinks)  # type: ignore[attr-defined]
+            finally:
+                reader.close()
+        except Exception as exc:  # noqa: BLE001 - the series appear with the first change instead
+            log.debug("listing tables of %s for metrics failed: %s", source.name, exc)
+
+
 @click.command("run")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--sink", "sinks", multiple=True, help="Write into this sink only (repeatable; default: all).")
@@ -71,8 +114,10 @@ def _progress(runner: object, stop: threading.Event, interactive: bool) -> None:
               help="Spool file (default: runtime.spool.path or .branchline/spool/<name>.sqlite).")
 @click.option("--reset", is_flag=True, help="Forget checkpoints and spool, drop our slots: snapshot again.")
 @click.option("--exit-when-idle", "idle_s", type=float, default=None,
-              help="Exit once snapshot is done, the spool is empty and nothing arrived for this many seconds.")
-@click.option("--stop-after-snapshot", is_flag=True, help="Exit once the initial snapshot is written.")
+              help="Exit once snapshot is done, the spool is empty and nothing arrived for this many seconds "
+                   "(writes no heartbeats).")
+@click.option("--stop-after-snapshot", is_flag=True,
+              help="Exit once the initial snapshot is written (writes no heartbeats).")
 @click.option("--metrics-port", type=int, default=None, help="Serve /metrics on this port (0: any free port).")
 @click.option("--no-metrics", is_flag=True, help="Do not serve /metrics.")
 @click.option("--progress/--no-progress", default=None, help="Live table on a terminal (default: if a TTY).")
@@ -95,18 +140,32 @@ def run(file: Path, sinks: tuple[str, ...], spool_path: Path | None, reset: bool
             metrics.serve_metrics(config if isinstance(config, MetricsConfig) else None, runtime="run")
         except OSError as exc:
             log.warning("metrics endpoint not started: %s", exc)
+    pipeline = _heartbeats_on(pipeline, idle_s, stop_after_snapshot)
     runner = Runner(pipeline, sinks=list(sinks) or None, spool_path=spool_path, exit_when_idle_s=idle_s,
                     stop_after_snapshot=stop_after_snapshot)
+    if not no_metrics:
+        _track_tables(pipeline, runner.sink_names)
     interactive = sys.stderr.isatty() if progress is None else progress
     shown = threading.Event()
     display = threading.Thread(target=_progress, args=(runner, shown, interactive), daemon=True)
     display.start()
 
     async def main() -> None:
+        from branchline.monitoring import run_monitoring
+
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, runner.stop.set)
-        await runner.run()
+        # heartbeats into every source and the pollers (slot WAL, binlog files behind) beside the pipeline
+        monitor = asyncio.create_task(run_monitoring(pipeline, runner.stop, runtime="run"))
+        try:
+            await runner.run()
+        finally:
+            runner.stop.set()
+            try:
+                await asyncio.wait_for(monitor, 30)
+            except TimeoutError:
+                log.warning("monitoring did not stop within 30 s")
 
     try:
         asyncio.run(main())
