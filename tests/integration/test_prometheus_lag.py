@@ -330,16 +330,21 @@ def test_heartbeats_keep_idle_table_lag_true_and_show_a_stall(
             conn.execute(f'DROP SCHEMA IF EXISTS "{source}" CASCADE')
 
 
-def test_prometheus_scrapes_the_branchline_run_command(crm: Any, cloud: Any, tmp_path: Path) -> None:
+def test_prometheus_scrapes_the_branchline_run_command(crm: Any, erp: Any, cloud: Any, tmp_path: Path) -> None:
     """The real command in its own process: `branchline run` serves /metrics on the port of its pipeline
-    file, Prometheus scrapes it, and `branchline status` reads lag per table from it."""
+    file with its monitoring beside it (heartbeats, slot WAL, binlog files behind), Prometheus scrapes
+    it, and `branchline status` reads lag per table from it. The MariaDB table never changes after its
+    snapshot: its lag is known and stays low on heartbeats alone."""
     import json
     import os
     import signal
     import sys
 
+    import pymysql
+
     suffix = secrets.token_hex(3)
     source, table = f"cm{suffix}", f"cmd_{suffix}"
+    erp_source, erp_db = f"em{suffix}", f"cmd_{suffix}"
     crm_dsn = f"host={crm.host} port={crm.port} user=postgres dbname=crm"
     cloud_dsn = f"host={cloud.host} port={cloud.port} user=postgres dbname=cloud"
     metrics_port = free_port()
@@ -347,19 +352,27 @@ def test_prometheus_scrapes_the_branchline_run_command(crm: Any, cloud: Any, tmp
         conn.execute(f"CREATE TABLE public.{table} (id int PRIMARY KEY, note text)")
         conn.execute(f"INSERT INTO public.{table} VALUES (0, 'before the snapshot')")
         conn.execute(f'CREATE PUBLICATION "branchline_t1_{source}" FOR TABLE public.{table}')
+    maria = pymysql.connect(host=erp.host, port=erp.port, user="root", password="", autocommit=True)
+    with maria.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{erp_db}`")
+        cur.execute(f"CREATE TABLE `{erp_db}`.idle (id INT PRIMARY KEY, note TEXT)")
+        cur.execute(f"INSERT INTO `{erp_db}`.idle VALUES (1, 'never changes')")
     pipeline_file = tmp_path / "pipeline.yaml"
     pipeline_file.write_text(yaml.safe_dump({
         "name": source, "branch": "t1",
         "sources": [{"name": source, "kind": "postgres", "host": crm.host, "port": crm.port, "user": "postgres",
-                     "database": "crm", "include": [f"public.{table}"]}],
+                     "database": "crm", "include": [f"public.{table}"]},
+                    {"name": erp_source, "kind": "mariadb", "host": erp.host, "port": erp.port, "user": "root",
+                     "databases": [erp_db]}],
         "sinks": {"cloud": {"kind": "postgres", "host": cloud.host, "port": cloud.port, "user": "postgres",
                             "database": "cloud"}},
         "runtime": {"spool": {"path": str(tmp_path / "spool.sqlite")}},
-        "metrics": {"port": metrics_port},
+        "metrics": {"port": metrics_port, "poll_interval_s": 1, "heartbeat": {"interval_s": 1}},
     }))
     branchline = str(Path(sys.executable).with_name("branchline"))
     env = {**os.environ, "BRANCHLINE_STATE": str(tmp_path / "state")}
     labels = f'source="{source}",table="public.{table}",sink="cloud"'
+    idle_labels = f'source="{erp_source}",table="{erp_db}.idle",sink="cloud"'
     try:
         with (tmp_path / "run.log").open("w") as log:
             process = subprocess.Popen([branchline, "run", str(pipeline_file), "--no-progress"], env=env,
@@ -371,6 +384,7 @@ def test_prometheus_scrapes_the_branchline_run_command(crm: Any, cloud: Any, tmp
                     f"branchline run exited {code}: {(tmp_path / 'run.log').read_text()[-2000:]}")
 
             with prometheus(tmp_path, f"127.0.0.1:{metrics_port}") as url:
+                started = time.monotonic()
                 # rows inserted after the snapshot are streamed changes, which carry commit times
                 wait_for("the snapshot to be read", lambda: scalar(
                     url, f'branchline_snapshot_rows_total{{source="{source}",table="public.{table}"}}') == 1,
@@ -386,12 +400,36 @@ def test_prometheus_scrapes_the_branchline_run_command(crm: Any, cloud: Any, tmp
                 info = httpx.get(f"{url}/api/v1/query", params={"query": "branchline_build_info"}, timeout=5).json()
                 assert info["data"]["result"][0]["metric"]["runtime"] == "run"
 
+                # the monitoring runs inside the command: pollers and heartbeats, scraped by Prometheus
+                retained = wait_for("the slot's retained WAL", lambda: scalar(
+                    url, f'branchline_slot_wal_retained_bytes{{source="{source}",slot="branchline_t1_{source}"}}'),
+                    failed=alive)
+                assert retained >= 0
+                wait_for("binlog files behind to be known", lambda: scalar(
+                    url, f'branchline_binlog_files_behind{{source="{erp_source}"}}') == 0, failed=alive)
+                for name in (source, erp_source):
+                    wait_for(f"{name} to be up", lambda n=name: scalar(  # type: ignore[misc]
+                        url, f'branchline_source_up{{source="{n}"}}') == 1, failed=alive)
+                    wait_for(f"heartbeats into {name}", lambda n=name: (scalar(  # type: ignore[misc]
+                        url, f'branchline_heartbeats_written_total{{source="{n}"}}') or 0) >= 3, failed=alive)
+                    skew = scalar(url, f'branchline_source_clock_skew_seconds{{source="{name}"}}')
+                    assert skew is not None and abs(skew) < 1  # one host: no skew to speak of
+                # the MariaDB table is idle since its snapshot, longer than the bound: heartbeats keep it true
+                wait_for("15 s of an idle table with its lag held low", lambda: time.monotonic() - started > 15
+                         and (v := scalar(url, f"branchline_replication_lag_seconds{{{idle_labels}}}")) is not None
+                         and v < 5, failed=alive)
+                # heartbeat rows are not user rows
+                assert scalar(url, 'sum(branchline_rows_written_total{table="branchline.debezium_heartbeat"})') is None
+                assert scalar(url, f'sum(branchline_events_total{{source="{erp_source}",table="{erp_db}.idle"}})') == 1
+
                 status = subprocess.run([branchline, "status", str(pipeline_file), "--json"], env=env,
                                         capture_output=True, text=True, timeout=60, check=False)
                 report = json.loads(status.stdout)
                 assert report["runtime"]["reachable"], report
                 (row,) = [t for t in report["tables"] if t["table"] == f"public.{table}"]
                 assert row["rows_written"] == 51 and row["replication_lag_s"] < 30
+                (idle,) = [t for t in report["tables"] if t["table"] == f"{erp_db}.idle"]
+                assert idle["replication_lag_s"] < 5
                 assert status.returncode == 0, report["problems"]
         finally:
             process.send_signal(signal.SIGTERM)
@@ -404,8 +442,14 @@ def test_prometheus_scrapes_the_branchline_run_command(crm: Any, cloud: Any, tmp
             expected = conn.execute(f"SELECT id, note FROM public.{table} ORDER BY id").fetchall()
         with psycopg.connect(cloud_dsn) as conn:
             got = conn.execute(f'SELECT id, note FROM "{source}"."{table}" ORDER BY id').fetchall()
+            idle_rows = conn.execute(f'SELECT id, note FROM "{erp_source}".idle ORDER BY id').fetchall()
         assert got == expected and len(got) == 51
+        assert idle_rows == [(1, "never changes")]
     finally:
         _drop_source_objects(crm_dsn, f"branchline_t1_{source}", table)
+        with maria.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{erp_db}`")
+        maria.close()
         with psycopg.connect(cloud_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{source}" CASCADE')
+            for schema in (source, erp_source):
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
