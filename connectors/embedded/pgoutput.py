@@ -1,8 +1,9 @@
 """A parser of PostgreSQL's pgoutput logical-replication messages (protocol version 1), and the
 text-format value decoders shared by the stream and the snapshot.
 
-Pure functions over bytes: no connection. Messages come from ``pg_logical_slot_*_binary_changes``
-(one message per row of the result) or from a walsender; the layout is documented in
+Pure functions over bytes: no connection. Messages come from a walsender (the payload of each
+XLogData message of ``START_REPLICATION ... LOGICAL``) or from ``pg_logical_slot_*_binary_changes``
+(one message per row of the result): the bytes are the same; the layout is documented in
 "Logical Replication Message Formats" of the PostgreSQL manual.
 """
 
@@ -138,11 +139,16 @@ TYPES: dict[int, tuple[ColumnType, Callable[[str], Any]]] = {
     3802: (ColumnType.JSON, _json),
 }
 
-SESSION_SETTINGS = (
-    "SET TimeZone='UTC'; SET DateStyle='ISO, MDY'; SET IntervalStyle='iso_8601';"
-    " SET extra_float_digits=1; SET bytea_output='hex'"
-)
-"""Output formats the text decoders expect; set on every connection that reads values as text."""
+SESSION_GUCS = {"TimeZone": "UTC", "DateStyle": "ISO,MDY", "IntervalStyle": "iso_8601",
+                "extra_float_digits": "1", "bytea_output": "hex"}
+"""Output formats the text decoders expect, on every session whose output functions make the text."""
+
+SESSION_SETTINGS = "; ".join(f"SET {name}='{value}'" for name, value in SESSION_GUCS.items())
+"""`SESSION_GUCS` as SQL, for connections that read values as text (snapshot, catalog)."""
+
+SESSION_OPTIONS = " ".join(f"-c {name}={value}" for name, value in SESSION_GUCS.items())
+"""`SESSION_GUCS` as the libpq ``options`` of a replication connection: the walsender runs
+pgoutput's output functions, so its session needs the same formats as the snapshot's."""
 
 
 def _bit1(text: str) -> bool:

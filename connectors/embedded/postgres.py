@@ -1,27 +1,36 @@
-"""PostgreSQL reader over SQL: a pgoutput logical replication slot polled with
-``pg_logical_slot_peek_binary_changes`` and moved with ``pg_replication_slot_advance``.
+"""PostgreSQL reader: a pgoutput logical replication slot read over the streaming replication
+protocol (``START_REPLICATION SLOT ... LOGICAL``, psycopg2's replication connection), catalog and
+snapshot over psycopg 3.
 
-Why peek-then-advance and not ``get``: ``get`` consumes changes as it returns them, so a crash
-before the spool write would lose them. Peek leaves the slot where it is; the runner acknowledges a
-commit only after the spool holds it, and only then is the slot advanced. Each peek re-decodes from
-the slot's restart point, so the slot is advanced often and changes are read in chunks of ~20k.
+Why streaming and not ``pg_logical_slot_peek_binary_changes``: each peek re-decodes the WAL from the
+slot's restart point, so a large backlog (one bulk transaction) costs nearly quadratic time; a
+walsender decodes each record once and sends the changes as it goes. Nothing is lost on a crash:
+the server is told a flush position (standby status update) only for what the runner acknowledged,
+i.e. after the spool write is durable, and a restart streams again from the spooled checkpoint.
+
+psycopg 3 has no replication-protocol API; psycopg2 has (`LogicalReplicationConnection`), and it
+answers the walsender's keepalive requests by itself while messages are read.
 
 Positions match the Debezium path: ``lsn_position(source.lsn, 1)`` where ``source.lsn`` is the LSN
-of each change (the ``lsn`` column of the function, which is the walsender's XLogData start for the
-same message); snapshot rows get position 0.
+of each change (the XLogData start of its message, which is also the ``lsn`` column of the peek
+functions); snapshot rows get position 0.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
+import psycopg2
+import psycopg2.extras
 from branchline.connectors.embedded.pgoutput import (
+    SESSION_OPTIONS,
     SESSION_SETTINGS,
     Begin,
     Commit,
@@ -46,6 +55,7 @@ from branchline.events import (
     lsn_position,
     parse_lsn,
 )
+from branchline.streams._construct import new_event
 from psycopg import sql
 from psycopg.types.string import TextLoader
 
@@ -62,6 +72,23 @@ def map_psycopg_error(exc: BaseException, what: str) -> SourceError:
     return FatalSourceError(f"`{what}` failed; got SQLSTATE {state or '?'}: {str(exc)[:200]}")
 
 
+def map_psycopg2_error(exc: BaseException, what: str) -> SourceError:
+    """The one place that sorts psycopg2 (replication connection) errors, by the same SQLSTATE rules.
+
+    A lost connection has no SQLSTATE and is retryable; 55006 (the slot is active in another
+    session) is too: the other walsender may be one of ours that has not exited yet.
+    """
+    state = getattr(exc, "pgcode", None) or ""
+    message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    if state == "55006":
+        return RetryableSourceError(f"`{what}` must not be in use by another session; got {message}")
+    if state[:2] in ("08", "40", "53") or state.startswith("57P") or (
+            not state and isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))):
+        return RetryableSourceError(f"`{what}` must be reachable; got {type(exc).__name__}"
+                                    f"{' SQLSTATE ' + state if state else ''}: {message}")
+    return FatalSourceError(f"`{what}` failed; got SQLSTATE {state or '?'}: {message}")
+
+
 def slot_name(pipeline: str, source: str) -> str:
     """A replication slot / publication name: lower-case letters, digits and underscores."""
     return re.sub(r"[^a-z0-9_]", "_", f"branchline_{pipeline}_{source}".lower())[:63]
@@ -72,7 +99,8 @@ class PostgresReader:
 
     def __init__(self, *, source: str, branch: str, host: str, port: int, user: str, password: str,
                  database: str, schemas: list[str], accept: Callable[[str, str], bool] | None = None,
-                 slot: str, publication: str | None = None, peek_changes: int = 20_000) -> None:
+                 slot: str, publication: str | None = None, peek_changes: int = 20_000,
+                 slot_busy_s: float = 15.0, feedback_s: float = 1.0) -> None:
         self.source = source
         self.branch = branch
         self.database = database
@@ -81,13 +109,23 @@ class PostgresReader:
         self._conninfo = psycopg.conninfo.make_conninfo(
             host=host, port=port, user=user, password=password or None, dbname=database,
             connect_timeout=10, application_name=f"branchline-{source}")
+        # TCP keepalives: a walsender behind a dead network path is noticed in about a minute
+        self._replication_conninfo = psycopg.conninfo.make_conninfo(
+            self._conninfo, options=SESSION_OPTIONS, keepalives=1, keepalives_idle=30, keepalives_interval=10,
+            keepalives_count=3)
         self.slot = slot
         self.publication = publication or slot
-        self.peek_changes = peek_changes
+        self.max_held_changes = peek_changes
+        """Changes of one transaction held before they are handed out without a checkpoint (memory bound)."""
+        self.slot_busy_s = slot_busy_s
+        """How long `stream` waits for a slot that another session still holds (a walsender exiting)."""
+        self.feedback_s = feedback_s
+        """Longest delay, while changes arrive, before an acknowledged LSN is reported to the server."""
         self._conn: psycopg.Connection[Any] | None = None
         self._by_relid: dict[int, TableSchema] = {}
         self._ack_lsn = 0
         self._ack_lock = threading.Lock()
+        self._streaming = False
         self._lock = threading.RLock()
 
     # -- catalog ---------------------------------------------------------------------------------
@@ -212,18 +250,28 @@ class PostgresReader:
         return Checkpoint({"lsn": format_lsn(lsn)}, 0)
 
     def acknowledge(self, checkpoint: Checkpoint) -> None:
-        """Remember the LSN; the reading thread advances the slot before its next peek."""
+        """Everything up to ``checkpoint`` is durable downstream: the server may release that WAL.
+
+        While `stream` runs, it reports the LSN as its flush position (within `feedback_s`, at once
+        when idle, and when it ends). Outside a stream the slot is moved with
+        ``pg_replication_slot_advance`` (skipped if the slot is already there or in use).
+        """
         lsn = parse_lsn(checkpoint.data["lsn"])
         with self._ack_lock:
-            self._ack_lsn = max(self._ack_lsn, lsn)
+            if lsn <= self._ack_lsn:
+                return
+            self._ack_lsn = lsn
+            streaming = self._streaming
+        if not streaming:
+            self._advance_slot(lsn)
 
-    def _advance(self, conn: psycopg.Connection[Any], done: int) -> int:
-        with self._ack_lock:
-            target = self._ack_lsn
-        if target > done:
-            conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (self.slot, format_lsn(target)))
-            return target
-        return done
+    def _advance_slot(self, lsn: int) -> None:
+        try:
+            self._query("SELECT pg_replication_slot_advance(slot_name, %s::pg_lsn) FROM pg_replication_slots"
+                        " WHERE slot_name = %s AND NOT active AND confirmed_flush_lsn < %s::pg_lsn",
+                        (format_lsn(lsn), self.slot, format_lsn(lsn)))
+        except SourceError as exc:  # a stream started meanwhile: it reports the LSN itself
+            log.debug("advancing slot %s to %s: %s", self.slot, format_lsn(lsn), exc)
 
     # -- snapshot --------------------------------------------------------------------------------
 
@@ -294,84 +342,169 @@ class PostgresReader:
             return schema, False
         return self.schema(self._table_id(relation.namespace, relation.name)), True
 
-    def stream(self, start: Checkpoint, stop: threading.Event, idle_sleep: float = 0.05) -> Iterator[Changes]:
-        """Peek committed transactions after ``start``; yield them in commit order, one per commit."""
-        parser = PgOutputParser()
-        conn = self._connect()
+    def _start_replication(self, start_lsn: int, stop: threading.Event) -> tuple[Any, Any]:
+        """A replication connection streaming the slot from ``start_lsn``; waits while the slot is busy."""
+        what = f"replication slot {self.slot} of {self.source}"
+        deadline = time.monotonic() + self.slot_busy_s
+        while True:
+            conn = None
+            try:
+                conn = psycopg2.connect(self._replication_conninfo,
+                                        connection_factory=psycopg2.extras.LogicalReplicationConnection)
+                cursor = conn.cursor()
+                cursor.start_replication(slot_name=self.slot, decode=False, start_lsn=start_lsn,
+                                         options={"proto_version": "1", "publication_names": self.publication})
+                return conn, cursor
+            except psycopg2.Error as exc:
+                if conn is not None:
+                    conn.close()
+                if exc.pgcode == "55006" and time.monotonic() < deadline and not stop.is_set():
+                    stop.wait(0.2)  # the slot's previous walsender (maybe ours) has not exited yet
+                    continue
+                raise map_psycopg2_error(exc, what) from exc
+
+    def _wait_released(self, pid: int, timeout_s: float = 5.0) -> None:
+        """Wait until the walsender ``pid`` let the slot go: a new stream can then start at once, and
+        the flush position it was told is what ``pg_replication_slots`` shows."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                rows = self._query("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active_pid = %s",
+                                   (self.slot, pid))
+            except SourceError:
+                return
+            if not rows:
+                return
+            time.sleep(0.02)
+
+    def stream(self, start: Checkpoint, stop: threading.Event, poll_s: float = 0.1,
+               idle_after_s: float = 0.02) -> Iterator[Changes]:
+        """Stream committed transactions after ``start``; yield them in commit order, one per commit.
+
+        A transaction larger than `max_held_changes` is handed out in parts (only its last part
+        carries the checkpoint). Yields an empty `Changes` when no data came for ``idle_after_s``
+        (so the runner writes what it holds) and every ``poll_s`` while idle; returns when ``stop``
+        is set (checked at least every ``poll_s``).
+        """
+        what = f"replication slot {self.slot} of {self.source}"
         start_lsn = parse_lsn(start.data["lsn"])
-        try:
-            rows = conn.execute("SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots"
-                                " WHERE slot_name = %s", (self.slot,)).fetchall()
-        except psycopg.Error as exc:
-            conn.close()
-            raise map_psycopg_error(exc, f"replication slot {self.slot} of {self.source}") from exc
+        rows = self._query("SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots"
+                           " WHERE slot_name = %s", (self.slot,))
         if not rows:
-            conn.close()
             raise FatalSourceError(f"`slot` {self.slot!r} must exist on {self.source} (it was dropped?); got none:"
                                    " run with --reset to snapshot again")
-        done = int(rows[0][0] or 0)
         with self._ack_lock:
-            self._ack_lsn = max(self._ack_lsn, start_lsn)
-        # end LSN of the last transaction handed out: peek returns it again until the slot is advanced,
-        # and a restart may find the slot behind the spooled checkpoint
-        seen_end = start_lsn
-        query = ("SELECT (lsn - '0/0'::pg_lsn)::int8, data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, 'proto_version', '1',"
-                 " 'publication_names', %s)")
-        construct = ChangeEvent.model_construct
+            # never report less than the slot already has: a lower flush position would move it back
+            self._ack_lsn = max(self._ack_lsn, start_lsn, int(rows[0][0] or 0))
+            self._streaming = True
+        conn: Any = None
+        cursor: Any = None
+        pid = 0
         try:
-            while not stop.is_set():
-                done = self._advance(conn, done)
-                try:
-                    cursor = conn.execute(query, (self.slot, self.peek_changes, self.publication), binary=True)
-                    rows = cursor.fetchall()
-                except psycopg.Error as exc:
-                    raise map_psycopg_error(exc, f"replication slot {self.slot} of {self.source}") from exc
-                if not rows:
-                    yield Changes([])
-                    time.sleep(idle_sleep)
-                    continue
-                events: list[ChangeEvent] = []
-                schemas: list[TableSchema] = []
-                skip = False
-                ts = None
-                txid = None
-                progressed = False
-                for lsn_text, data in rows:
-                    message = parser.parse(data)
-                    if isinstance(message, RowChange):
-                        if skip or not self._accept(message.relation.namespace, message.relation.name):
-                            continue
-                        schema, changed = self._schema_for(message.relation)
-                        if changed:
-                            schemas.append(schema)
-                        lsn = lsn_text
-                        events.extend(_row_events(construct, message, schema, lsn_position(lsn, 1), ts, txid))
-                    elif isinstance(message, Begin):
-                        skip = message.final_lsn < seen_end
-                        ts, txid = message.commit_ts, str(message.xid)
-                    elif isinstance(message, Commit):
-                        if skip:
-                            continue
-                        seen_end = message.end_lsn
-                        progressed = True
-                        yield Changes(events, Checkpoint({"lsn": format_lsn(message.end_lsn)},
-                                                         lsn_position(message.end_lsn)), schemas)
-                        events, schemas = [], []
-                    elif isinstance(message, Truncate) and not skip:
-                        lsn = lsn_text
-                        for relation in message.relations:
-                            if not self._accept(relation.namespace, relation.name):
-                                continue
-                            schema, _ = self._schema_for(relation)
-                            events.append(construct(op=Op.TRUNCATE, table=schema.id, key={}, before=None,
-                                                    after=None, position=lsn_position(lsn, 1), source_ts=ts,
-                                                    txid=txid, snapshot=False))
-                if not progressed:
-                    # everything peeked was already handed out; wait for the acknowledgement to advance
-                    yield Changes([])
-                    time.sleep(idle_sleep)
+            conn, cursor = self._start_replication(start_lsn, stop)
+            pid = conn.get_backend_pid()
+            reported = self._ack_lsn
+            cursor.send_feedback(write_lsn=reported, flush_lsn=reported, force=True)
+            reported_at = time.monotonic()
+            yield from self._messages(conn, cursor, start_lsn, stop, poll_s, idle_after_s, reported, reported_at)
+        except psycopg2.Error as exc:
+            raise map_psycopg2_error(exc, what) from exc
         finally:
-            conn.close()
+            with self._ack_lock:
+                self._streaming = False
+            if conn is not None:
+                try:
+                    if not conn.closed:
+                        ack = self._ack_lsn
+                        cursor.send_feedback(write_lsn=ack, flush_lsn=ack, force=True)
+                except psycopg2.Error:  # the connection is gone: the next stream reports it
+                    pass
+                conn.close()
+                self._wait_released(pid)
+
+    def _messages(self, conn: Any, cursor: Any, start_lsn: int, stop: threading.Event, poll_s: float,
+                  idle_after_s: float, reported: int, reported_at: float) -> Iterator[Changes]:
+        """The message loop of `stream` (the hot path: one pgoutput message per iteration)."""
+        parser = PgOutputParser()
+        parse = parser.parse
+        read = cursor.read_message
+        wait = select.select
+        socket = [conn.fileno()]
+        construct = _construct
+        # relid -> (the Relation message it was checked with, its schema or None when not captured)
+        known: dict[int, tuple[Relation, TableSchema | None]] = {}
+        events: list[ChangeEvent] = []
+        schemas: list[TableSchema] = []
+        skip = False
+        ts = txid = None
+        # end LSN of the last transaction handed out: a restart may find the slot behind the checkpoint
+        seen_end = start_lsn
+        held = self.max_held_changes
+        idle_yields = 0
+        while not stop.is_set():
+            message = read()
+            if message is None:
+                ack = self._ack_lsn
+                if ack > reported:  # idle: report what the runner acknowledged now
+                    cursor.send_feedback(write_lsn=ack, flush_lsn=ack, force=True)
+                    reported, reported_at = ack, time.monotonic()
+                if wait(socket, [], [], idle_after_s if idle_yields == 0 else poll_s)[0]:
+                    continue
+                idle_yields += 1
+                yield Changes([])
+                continue
+            idle_yields = 0
+            data = message.payload
+            change = parse(data)
+            if isinstance(change, RowChange):
+                if skip:
+                    continue
+                relation = change.relation
+                entry = known.get(relation.relid)
+                if entry is None or entry[0] is not relation:
+                    entry = known[relation.relid] = (relation, self._captured(relation, schemas))
+                schema = entry[1]
+                if schema is None:
+                    continue
+                events.extend(_row_events(construct, change, schema, lsn_position(message.data_start, 1), ts, txid))
+                if len(events) >= held:
+                    yield Changes(events, None, schemas)
+                    events, schemas = [], []
+            elif isinstance(change, Begin):
+                skip = change.final_lsn < seen_end
+                ts, txid = change.commit_ts, str(change.xid)
+            elif isinstance(change, Commit):
+                if skip:
+                    continue
+                seen_end = change.end_lsn
+                yield Changes(events, Checkpoint({"lsn": format_lsn(change.end_lsn)}, lsn_position(change.end_lsn)),
+                              schemas)
+                events, schemas = [], []
+                ack = self._ack_lsn
+                if ack > reported:
+                    now = time.monotonic()
+                    if now - reported_at >= self.feedback_s:
+                        cursor.send_feedback(write_lsn=ack, flush_lsn=ack, force=True)
+                        reported, reported_at = ack, now
+            elif isinstance(change, Truncate) and not skip:
+                position = lsn_position(message.data_start, 1)
+                for relation in change.relations:
+                    entry = known.get(relation.relid)
+                    if entry is None or entry[0] is not relation:
+                        entry = known[relation.relid] = (relation, self._captured(relation, schemas))
+                    if entry[1] is None:
+                        continue
+                    events.append(construct(op=Op.TRUNCATE, table=entry[1].id, key={}, before=None, after=None,
+                                            position=position, source_ts=ts, txid=txid, snapshot=False))
+
+    def _captured(self, relation: Relation, schemas: list[TableSchema]) -> TableSchema | None:
+        """The schema of a table this reader captures (appended to ``schemas`` if new or changed), else None."""
+        if not self._accept(relation.namespace, relation.name):
+            return None
+        schema, changed = self._schema_for(relation)
+        if changed:
+            schemas.append(schema)
+        return schema
 
     def close(self) -> None:
         if self._conn is not None:
@@ -383,6 +516,11 @@ class PostgresReader:
         self._query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
                     (self.slot,))
         self._query(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(self.publication)))
+
+
+def _construct(**values: Any) -> ChangeEvent:
+    """`ChangeEvent.model_construct` at half the cost (every field given; see `new_event`)."""
+    return new_event(values)
 
 
 def _row_events(construct: Any, message: RowChange, schema: TableSchema, position: int, ts: Any,
