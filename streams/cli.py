@@ -7,9 +7,13 @@ consumer group named after the pipeline (``branchline-<name>``).
 from __future__ import annotations
 
 import logging
+import threading
+from typing import Any
 
 import click
 from branchline.errors import ConfigError
+
+log = logging.getLogger("branchline.streams")
 
 
 @click.command("worker")
@@ -30,13 +34,47 @@ def worker(file: str, loglevel: str, no_key_check: bool) -> None:
     if not config.sinks:
         raise ConfigError("`sinks` must name at least one target for a worker; got none", file)
     layout = run_preflight(config, settings)
-    logging.getLogger("branchline.streams").info(
+    log.info(
         "consuming %d topics with %d partitions each: %s", len(layout.topics), layout.partitions,
         ", ".join(layout.topics))
     app = build_app(config, layout, settings=settings)
     tune_gc()
+    stop, monitor, server = _start_monitoring(config, layout.topics, app.conf.id)
 
     import faust
 
     worker_ = faust.Worker(app, loglevel=loglevel)
-    worker_.execute_from_commandline()
+    try:
+        worker_.execute_from_commandline()
+    finally:
+        stop.set()
+        monitor.join(15)
+        if server is not None:
+            server.close()
+
+
+def _start_monitoring(config: Any, topics: list[str], group: str) -> tuple[threading.Event, threading.Thread, Any]:
+    """/metrics on the pipeline file's port, and the monitoring in its own thread (Faust owns the loop).
+
+    The monitoring polls Connect's connector and task states, this worker's consumer group lag (the
+    group is the Faust app id), each source's slot WAL / binlog files behind, and reads each source's
+    clock for skew; Debezium writes the heartbeat rows (``heartbeat.action.query``). Every table topic
+    gets a replication-lag series from start-up, so an idle table's lag shows (driven by heartbeats)
+    before its first change. A port already taken (a second worker on this host) is logged, not fatal.
+    """
+    from branchline import metrics
+    from branchline.connectors.debezium import is_control_topic
+    from branchline.metrics_config import MetricsConfig
+    from branchline.monitoring import start_monitoring_thread, tables_of_topics, track_tables
+
+    settings = config.metrics if isinstance(config.metrics, MetricsConfig) else MetricsConfig()
+    server = None
+    try:
+        server = metrics.serve_metrics(settings, runtime="worker")
+    except OSError as exc:
+        log.warning("metrics endpoint not started (set `metrics.port` per worker on one host): %s", exc)
+    if server is not None:
+        track_tables(tables_of_topics([t for t in topics if not is_control_topic(t)], config.sources), config.sinks)
+    stop = threading.Event()
+    monitor = start_monitoring_thread(config, stop, runtime="worker", consumer_group=group)
+    return stop, monitor, server
