@@ -75,15 +75,18 @@ def map_psycopg_error(exc: BaseException, what: str) -> SourceError:
 def map_psycopg2_error(exc: BaseException, what: str) -> SourceError:
     """The one place that sorts psycopg2 (replication connection) errors, by the same SQLSTATE rules.
 
-    A lost connection has no SQLSTATE and is retryable; 55006 (the slot is active in another
-    session) is too: the other walsender may be one of ours that has not exited yet.
+    A lost connection has no SQLSTATE and is retryable (libpq reports a connection cut in the
+    middle of the copy stream as a bare `DatabaseError`: "error with status PGRES_COPY_BOTH and no
+    message"); 55006 (the slot is active in another session) is too: the other walsender may be one
+    of ours that has not exited yet.
     """
     state = getattr(exc, "pgcode", None) or ""
     message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     if state == "55006":
         return RetryableSourceError(f"`{what}` must not be in use by another session; got {message}")
-    if state[:2] in ("08", "40", "53") or state.startswith("57P") or (
-            not state and isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))):
+    lost = not state and (isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+                          or type(exc) is psycopg2.DatabaseError)
+    if state[:2] in ("08", "40", "53") or state.startswith("57P") or lost:
         return RetryableSourceError(f"`{what}` must be reachable; got {type(exc).__name__}"
                                     f"{' SQLSTATE ' + state if state else ''}: {message}")
     return FatalSourceError(f"`{what}` failed; got SQLSTATE {state or '?'}: {message}")

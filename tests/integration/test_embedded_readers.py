@@ -249,3 +249,183 @@ def test_postgres_stream_and_snapshot_give_exact_values_and_slot_lsns(pg_schema)
     assert [e.key for e in snapshot] == [{"id": 1}, {"id": 9}]
     assert snapshot[0].after == PG_VALUES
     assert all(e.op is Op.READ and e.snapshot and e.position == 0 for e in snapshot)
+
+
+def _slot(conn, slot):
+    """(confirmed_flush_lsn as int, active_pid) of a slot."""
+    row = conn.execute("SELECT confirmed_flush_lsn::text, active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                       (slot,)).fetchone()
+    return parse_lsn(row[0]), row[1]
+
+
+def _reader(crm, name, **kwargs):
+    kwargs = {"slot": name, "publication": name, **kwargs}
+    return PostgresReader(source="crm", branch="b1", host=crm.host, port=crm.port, user="postgres", password="",
+                          database="crm", schemas=[name], **kwargs)
+
+
+def test_postgres_ensure_publication_creates_then_adds_tables(crm, pg_schema):
+    conn, s, reader = pg_schema
+    conn.execute(f"CREATE TABLE {s}.a (id int PRIMARY KEY)")
+
+    def published():
+        return sorted(r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_publication_tables WHERE pubname = %s", (s,)).fetchall())
+
+    reader.ensure_publication(reader.table_ids())  # CREATE PUBLICATION ... FOR TABLE returns no rows
+    assert published() == ["a"]
+    conn.execute(f"CREATE TABLE {s}.b (id int PRIMARY KEY)")
+    reader.ensure_publication(reader.table_ids())  # ALTER PUBLICATION ... ADD TABLE
+    assert published() == ["a", "b"]
+    reader.ensure_publication(reader.table_ids())  # nothing missing: unchanged
+    assert published() == ["a", "b"]
+
+    empty = _reader(crm, s, publication=s + "_none")
+    try:
+        empty.ensure_publication([])  # a publication without tables
+        assert conn.execute("SELECT count(*) FROM pg_publication WHERE pubname = %s", (s + "_none",)).fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM pg_publication_tables WHERE pubname = %s",
+                            (s + "_none",)).fetchone() == (0,)
+    finally:
+        conn.execute(f"DROP PUBLICATION IF EXISTS {s}_none")
+        empty.close()
+
+
+def test_postgres_slot_confirms_only_acknowledged_lsns_and_a_restart_replays_the_rest(crm, pg_schema):
+    conn, s, reader = pg_schema
+    conn.execute(f"CREATE TABLE {s}.t (id int PRIMARY KEY, v text)")
+    start = reader.start_position()
+    for i in range(3):
+        conn.execute(f"INSERT INTO {s}.t VALUES ({i}, 'v{i}')")
+    events, checkpoints, _ = _collect(reader, start, 3)  # streamed all three, acknowledged none
+    assert [e.key["id"] for e in events] == [0, 1, 2]
+    assert _slot(conn, s)[0] == parse_lsn(start.data["lsn"])
+
+    # the runner acknowledges the first commit while streaming: the server is told, and no more
+    stop = threading.Event()
+    streamer = _reader(crm, s)
+    stream = streamer.stream(start, stop)
+    acknowledged = None
+    reported_while_open = False
+    deadline = datetime.now(UTC) + timedelta(seconds=20)
+    for changes in stream:
+        if changes.checkpoint is not None and acknowledged is None:
+            acknowledged = changes.checkpoint
+            streamer.acknowledge(acknowledged)
+        if acknowledged is not None and not changes.events and _slot(conn, s)[0] >= parse_lsn(
+                acknowledged.data["lsn"]):
+            reported_while_open = True  # told while the stream is still open (it was idle)
+            break
+        if datetime.now(UTC) > deadline:
+            break
+    assert acknowledged == checkpoints[0] and reported_while_open
+    stream.close()  # a crash: commits 2 and 3 were streamed but never acknowledged
+    streamer.close()
+    confirmed, active = _slot(conn, s)
+    assert confirmed == parse_lsn(checkpoints[0].data["lsn"]) and active is None
+
+    # a new reader resumes from the acknowledged checkpoint: nothing lost, nothing before it repeated
+    again = _reader(crm, s)
+    conn.execute(f"INSERT INTO {s}.t VALUES (3, 'v3')")
+    more, _, _ = _collect(again, checkpoints[0], 3)
+    assert [(e.op, e.key["id"]) for e in more] == [(Op.CREATE, 1), (Op.CREATE, 2), (Op.CREATE, 3)]
+    assert [e.position for e in more[:2]] == [e.position for e in events[1:]]
+    again.close()
+
+
+def test_postgres_large_transaction_is_handed_out_in_parts_with_one_checkpoint(crm, pg_schema):
+    conn, s, _ = pg_schema
+    conn.execute(f"CREATE TABLE {s}.t (id int PRIMARY KEY, v text)")
+    reader = _reader(crm, s, peek_changes=1000)
+    start = reader.start_position()
+    conn.execute(f"INSERT INTO {s}.t SELECT g, 'row ' || g FROM generate_series(1, 2500) g")
+    stop = threading.Event()
+    parts = []
+    for changes in reader.stream(start, stop):
+        if changes.events or changes.checkpoint:
+            parts.append(changes)
+        if changes.checkpoint is not None:
+            break
+    stop.set()
+    reader.close()
+    assert [len(p.events) for p in parts] == [1000, 1000, 500]
+    assert [p.checkpoint is None for p in parts] == [True, True, False]
+    keys = [e.key["id"] for p in parts for e in p.events]
+    assert keys == list(range(1, 2501))
+    assert parts[2].events[-1].after == {"id": 2500, "v": "row 2500"}
+    assert len({e.txid for p in parts for e in p.events}) == 1
+    assert [s_.id.table for s_ in parts[0].schemas] == ["t"] and not parts[1].schemas
+
+
+def test_postgres_slot_held_by_another_session_is_retryable_then_streams(crm, pg_schema):
+    import psycopg2
+    import psycopg2.extras
+    from branchline.errors import RetryableSourceError, is_retryable
+
+    conn, s, reader = pg_schema
+    conn.execute(f"CREATE TABLE {s}.t (id int PRIMARY KEY)")
+    start = reader.start_position()
+    conn.execute(f"INSERT INTO {s}.t VALUES (1)")
+    holder = psycopg2.connect(host=crm.host, port=crm.port, user="postgres", dbname="crm",
+                              connection_factory=psycopg2.extras.LogicalReplicationConnection)
+    try:
+        holder.cursor().start_replication(slot_name=s, decode=False,
+                                          options={"proto_version": "1", "publication_names": s})
+        busy = _reader(crm, s, slot_busy_s=0.5)
+        with pytest.raises(RetryableSourceError) as caught:
+            next(busy.stream(start, threading.Event()))
+        assert is_retryable(caught.value) and "in use" in str(caught.value)
+        busy.close()
+    finally:
+        holder.close()
+    # the holder's walsender exits a moment later: the reader waits for it instead of failing
+    events, _, _ = _collect(reader, start, 1)
+    assert [e.key for e in events] == [{"id": 1}]
+
+
+def test_postgres_connection_cut_is_retryable_and_resume_loses_nothing(crm, pg_schema, cuttable_proxy):
+    from branchline.errors import RetryableSourceError
+
+    conn, s, _ = pg_schema
+    conn.execute(f"CREATE TABLE {s}.t (id int PRIMARY KEY)")
+    proxy = cuttable_proxy(crm)
+    reader = PostgresReader(source="crm", branch="b1", host="127.0.0.1", port=proxy.port, user="postgres",
+                            password="", database="crm", schemas=[s], slot=s, publication=s)
+    start = reader.start_position()
+    conn.execute(f"INSERT INTO {s}.t VALUES (1)")
+    stop = threading.Event()
+    stream = reader.stream(start, stop)
+    seen = []
+    with pytest.raises(RetryableSourceError, match="must be reachable"):
+        for changes in stream:
+            seen.extend(changes.events)
+            if changes.checkpoint is not None:
+                reader.acknowledge(changes.checkpoint)
+                first = changes.checkpoint
+                conn.execute(f"INSERT INTO {s}.t VALUES (2)")
+                proxy.cut()
+    assert [e.key for e in seen] == [{"id": 1}]
+    proxy.restore()
+    events, _, _ = _collect(reader, first, 1)
+    assert [e.key for e in events] == [{"id": 2}]
+    reader.close()
+
+
+def test_postgres_stream_returns_soon_after_stop_while_idle(crm, pg_schema):
+    conn, s, reader = pg_schema
+    conn.execute(f"CREATE TABLE {s}.t (id int PRIMARY KEY)")
+    start = reader.start_position()
+    stop = threading.Event()
+    yields = []
+
+    def consume():
+        yields.extend(reader.stream(start, stop))  # appends as the stream yields
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    while len(yields) < 3 and thread.is_alive():  # idle: empty Changes keep coming
+        threading.Event().wait(0.05)
+    stop.set()
+    thread.join(10)
+    assert not thread.is_alive() and len(yields) >= 3 and not any(c.events for c in yields)
+    assert _slot(conn, s)[1] is None  # the replication connection is closed and the slot released
