@@ -330,11 +330,13 @@ def test_heartbeats_keep_idle_table_lag_true_and_show_a_stall(
             conn.execute(f'DROP SCHEMA IF EXISTS "{source}" CASCADE')
 
 
-def test_prometheus_scrapes_the_branchline_run_command(crm: Any, erp: Any, cloud: Any, tmp_path: Path) -> None:
+def test_prometheus_scrapes_the_branchline_run_command(crm: Any, erp: Any, cloud: Any, tmp_path: Path,
+                                                    cuttable_proxy: Any) -> None:
     """The real command in its own process: `branchline run` serves /metrics on the port of its pipeline
     file with its monitoring beside it (heartbeats, slot WAL, binlog files behind), Prometheus scrapes
     it, and `branchline status` reads lag per table from it. The MariaDB table never changes after its
-    snapshot: its lag is known and stays low on heartbeats alone."""
+    snapshot: its lag is known and stays low on heartbeats alone, rises while the sink is cut, and
+    falls once it returns."""
     import json
     import os
     import signal
@@ -357,6 +359,7 @@ def test_prometheus_scrapes_the_branchline_run_command(crm: Any, erp: Any, cloud
         cur.execute(f"CREATE DATABASE `{erp_db}`")
         cur.execute(f"CREATE TABLE `{erp_db}`.idle (id INT PRIMARY KEY, note TEXT)")
         cur.execute(f"INSERT INTO `{erp_db}`.idle VALUES (1, 'never changes')")
+    proxy = cuttable_proxy(cloud)
     pipeline_file = tmp_path / "pipeline.yaml"
     pipeline_file.write_text(yaml.safe_dump({
         "name": source, "branch": "t1",
@@ -364,8 +367,8 @@ def test_prometheus_scrapes_the_branchline_run_command(crm: Any, erp: Any, cloud
                      "database": "crm", "include": [f"public.{table}"]},
                     {"name": erp_source, "kind": "mariadb", "host": erp.host, "port": erp.port, "user": "root",
                      "databases": [erp_db]}],
-        "sinks": {"cloud": {"kind": "postgres", "host": cloud.host, "port": cloud.port, "user": "postgres",
-                            "database": "cloud"}},
+        "sinks": {"cloud": {"kind": "postgres", "host": "127.0.0.1", "port": proxy.port, "user": "postgres",
+                            "database": "cloud", "max_attempts": 1, "connect_timeout_s": 2}},
         "runtime": {"spool": {"path": str(tmp_path / "spool.sqlite")}},
         "metrics": {"port": metrics_port, "poll_interval_s": 1, "heartbeat": {"interval_s": 1}},
     }))
@@ -417,6 +420,14 @@ def test_prometheus_scrapes_the_branchline_run_command(crm: Any, erp: Any, cloud
                 # the MariaDB table is idle since its snapshot, longer than the bound: heartbeats keep it true
                 wait_for("15 s of an idle table with its lag held low", lambda: time.monotonic() - started > 15
                          and (v := scalar(url, f"branchline_replication_lag_seconds{{{idle_labels}}}")) is not None
+                         and v < 5, failed=alive)
+                # a stall with no user change at all: the idle table's lag rises, and falls when the sink returns
+                idle_lag = f"branchline_replication_lag_seconds{{{idle_labels}}}"
+                proxy.cut()
+                wait_for("the idle table's lag to rise while the sink is cut",
+                         lambda: (scalar(url, idle_lag) or 0) > 8, failed=alive)
+                proxy.restore()
+                wait_for("the idle table's lag to fall after", lambda: (v := scalar(url, idle_lag)) is not None
                          and v < 5, failed=alive)
                 # heartbeat rows are not user rows
                 assert scalar(url, 'sum(branchline_rows_written_total{table="branchline.debezium_heartbeat"})') is None
