@@ -515,41 +515,138 @@ class Runner:
         except BranchlineError:
             return None
 
-    def _finished(self, threads: list[threading.Thread]) -> bool:
+    def _finished(self, threads: list[threading.Thread], unflushed: int = 0) -> bool:
+        """True when the drain should stop. ``unflushed``: spooled batches already written into a buffering
+        sink but not yet flushed; they count as drained here (the caller flushes them before it returns)."""
         if self.stats.error is not None:
             return True
-        if self.stop_after_snapshot and len(self.stats.snapshot_done) == len(self.captures) \
-                and self.spool.batches == 0:
+
+        def drained() -> bool:
+            return self.spool.batches <= unflushed
+
+        if self.stop_after_snapshot and len(self.stats.snapshot_done) == len(self.captures) and drained():
             return True
         if self.exit_when_idle_s is not None and len(self.stats.snapshot_done) == len(self.captures):
             # every reader caught up (it said so, not merely slow) for a while, and the spool drained
             now = time.monotonic()
             caught_up = all(c.idle_since is not None and now - c.idle_since >= self.exit_when_idle_s
                             for c in self.captures)
-            if caught_up and self.spool.batches == 0 and now - self.stats.last_write >= self.exit_when_idle_s:
+            if caught_up and drained() and now - self.stats.last_write >= self.exit_when_idle_s:
                 return True
-        if self.stop.is_set() and (self.spool.batches == 0 or self.stats.sink_down_since is not None):
+        if self.stop.is_set() and (self.stats.sink_down_since is not None or drained()):
             return True
-        return not any(t.is_alive() for t in threads) and self.spool.batches == 0
+        return not any(t.is_alive() for t in threads) and drained()
 
     async def _drain(self, sinks: dict[str, Any], retention: dict[str, float | None],
                      threads: list[threading.Thread]) -> None:
+        """Spool -> transforms -> collapse -> sinks, in spool order; delete from the spool what is durable.
+
+        A sink that is durable on write acknowledges each round. A buffering sink (``durable_on_write``
+        False, e.g. Delta) gets every round written as it comes, but is flushed only every
+        ``commit_interval_s``, when the spool nears its limit, and before the drain stops (idle exit,
+        shutdown); only a successful flush deletes those batches from the spool. After any failed write or
+        flush the unflushed batches are read and written again (the sinks are idempotent), so a sink that
+        lost its buffer in the failure loses nothing.
+        """
         from branchline import metrics
         from branchline.streams.dedupe import collapse
 
         assert self._wake is not None
         attempt = 0
         spool_name = str(self.spool.path)
+        buffering = {name: sink for name, sink in sinks.items()
+                     if getattr(sink.capabilities, "durable_on_write", True) is False}
+        intervals = [s.capabilities.commit_interval_s for s in buffering.values()
+                     if getattr(s.capabilities, "commit_interval_s", None) is not None]
+        commit_every = min(intervals) if intervals else 0.0
+        warn_bytes = self.runtime.spool.max_bytes * self.runtime.spool.warn_fraction
+        read_after = 0  # spool sequence written through (buffering sinks: not yet flushed)
+        unflushed_batches = 0
+        unflushed_changes = 0
+        deferred: list[tuple[TableId, str, Any, float]] = []  # batch metrics of buffering sinks, until flushed
+        last_flush = time.monotonic()
+
+        def failed(exc: BaseException) -> bool:
+            """A write or flush failed: True to stop the drain, False to retry after a pause."""
+            nonlocal read_after, unflushed_batches, unflushed_changes
+            read_after, unflushed_batches, unflushed_changes = 0, 0, 0  # write the unflushed batches again
+            deferred.clear()
+            if not isinstance(exc, BranchlineError):  # a sink bug must stop the run, never spin
+                self.stats.error = exc
+                self.stop.set()
+                log.error("writing into the sink failed", exc_info=exc)
+                return True
+            if not is_retryable(exc):
+                self.stats.error = exc
+                self.stop.set()
+                log.error("sink failed: %s", exc)
+                return True
+            now = time.monotonic()
+            if self.stats.sink_down_since is None:
+                self.stats.sink_down_since = now
+                log.warning("target unreachable; capture continues into the spool: %s", exc)
+            self._warn_outage(now - self.stats.sink_down_since, retention)
+            if self.stop.is_set():
+                log.warning("stopping with %d spooled batches undelivered; they drain on the next run",
+                            self.spool.batches)
+                return True
+            return False
+
+        def reachable_again() -> None:
+            nonlocal attempt
+            if self.stats.sink_down_since is not None:
+                log.info("target reachable again after %.1f s; draining %d spooled batches",
+                         time.monotonic() - self.stats.sink_down_since, self.spool.batches)
+                self.stats.sink_down_since = None
+                self._warned_retention = False
+            attempt = 0
+
+        async def pause() -> None:
+            nonlocal attempt
+            attempt += 1
+            await asyncio.sleep(min(10.0, 0.5 * 2 ** min(attempt, 5)))
+
         while True:
             metrics.set_spool(spool_name, self.spool.size_bytes, self.runtime.spool.max_bytes,
                               self.spool.oldest_spooled_at())
-            if self._finished(threads):
+            finished = self._finished(threads, unflushed_batches)
+            if unflushed_batches and self.stats.error is None and not (
+                    self.stop.is_set() and self.stats.sink_down_since is not None) and (
+                    finished or time.monotonic() - last_flush >= commit_every
+                    or self.spool.size_bytes >= warn_bytes):
+                started = time.monotonic()
+                try:
+                    for sink in buffering.values():
+                        await sink.flush()
+                except Exception as exc:
+                    if failed(exc):
+                        return
+                    await pause()
+                    continue
+                reachable_again()
+                for table, name, events, duration in deferred:
+                    metrics.observe_batch_written(table, name, events, duration)
+                deferred.clear()
+                await asyncio.to_thread(self.spool.delete_through, read_after)
+                self.stats.written += unflushed_changes
+                log.debug("flushed %d changes in %d batches in %.3f s", unflushed_changes, unflushed_batches,
+                          time.monotonic() - started)
+                unflushed_batches = unflushed_changes = 0
+                last_flush = time.monotonic()
+                continue
+            if finished:
+                if unflushed_batches:
+                    log.warning("stopping with %d written but unflushed batches; they are written again on the"
+                                " next run", unflushed_batches)
                 return
-            batches = await asyncio.to_thread(lambda: list(self.spool.read(self.runtime.batch_size)))
+            batches = await asyncio.to_thread(lambda: list(self.spool.read(self.runtime.batch_size, read_after)))
             if not batches:
                 self._wake.clear()
+                timeout = 0.5
+                if unflushed_batches:
+                    timeout = max(0.01, min(timeout, commit_every - (time.monotonic() - last_flush)))
                 try:
-                    await asyncio.wait_for(self._wake.wait(), 0.5)
+                    await asyncio.wait_for(self._wake.wait(), timeout)
                 except TimeoutError:
                     pass
                 continue
@@ -580,42 +677,25 @@ class Runner:
                     for name, sink in sinks.items():
                         began = time.monotonic()
                         await sink.write_batch(segment.schema, segment.events)
-                        if getattr(sink.capabilities, "durable_on_write", True) is False:
-                            await sink.flush()
-                        metrics.observe_batch_written(segment.table, name, segment.events,
-                                                      time.monotonic() - began)
-            except BranchlineError as exc:
-                if not is_retryable(exc):
-                    self.stats.error = exc
-                    self.stop.set()
-                    log.error("sink failed: %s", exc)
+                        if name in buffering:
+                            deferred.append((segment.table, name, segment.events, time.monotonic() - began))
+                        else:
+                            metrics.observe_batch_written(segment.table, name, segment.events,
+                                                          time.monotonic() - began)
+            except Exception as exc:
+                if failed(exc):
                     return
-                now = time.monotonic()
-                if self.stats.sink_down_since is None:
-                    self.stats.sink_down_since = now
-                    log.warning("target unreachable; capture continues into the spool: %s", exc)
-                self._warn_outage(now - self.stats.sink_down_since, retention)
-                if self.stop.is_set():
-                    log.warning("stopping with %d spooled batches undelivered; they drain on the next run",
-                                self.spool.batches)
-                    return
-                attempt += 1
-                await asyncio.sleep(min(10.0, 0.5 * 2 ** min(attempt, 5)))
+                await pause()
                 continue
-            except Exception as exc:  # a sink bug must stop the run, never spin
-                self.stats.error = exc
-                self.stop.set()
-                log.exception("writing into the sink failed")
-                return
-            if self.stats.sink_down_since is not None:
-                log.info("target reachable again after %.1f s; draining %d spooled batches",
-                         time.monotonic() - self.stats.sink_down_since, self.spool.batches)
-                self.stats.sink_down_since = None
-                self._warned_retention = False
-            attempt = 0
-            await asyncio.to_thread(self.spool.delete_through, batches[-1].seq)
-            self.stats.written += count
+            reachable_again()
+            read_after = batches[-1].seq
             self.stats.last_write = time.monotonic()
+            if buffering:
+                unflushed_batches += len(batches)
+                unflushed_changes += count
+            else:
+                await asyncio.to_thread(self.spool.delete_through, read_after)
+                self.stats.written += count
             log.debug("wrote %d changes (%d segments) in %.3f s", count, len(segments), time.monotonic() - started)
 
     def _transform_for(self, schema: TableSchema) -> Any:
