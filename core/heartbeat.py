@@ -31,7 +31,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from branchline.metrics import (
-    is_heartbeat,
     observe_error,
     observe_heartbeat_written,
     observe_source_clock,
@@ -283,33 +282,3 @@ def prepare_heartbeat_capture(source: Any) -> None:
                 sql.Identifier(source.publication), sql.Identifier(namespace, table)))
             log.info("added %s.%s to publication %s so heartbeats reach the sink", namespace, table,
                      source.publication)
-
-
-class HeartbeatSkippingSink:
-    """A sink that does not write heartbeat tables into the target; every other call goes through.
-
-    The runtimes still call `branchline.metrics.observe_batch_written` after each (skipped) heartbeat
-    write, in order with the user batches before it: that is when the heartbeat "reaches the sink"
-    and moves the lag of its whole source. The target keeps only the user's tables.
-    """
-
-    def __init__(self, sink: Any) -> None:
-        self._sink = sink
-
-    @property
-    def inner(self) -> Any:
-        return self._sink
-
-    async def write_batch(self, table: Any, events: Any) -> None:
-        """Skip the heartbeat table (by its `TableId`); write everything else. Idempotent as the inner sink."""
-        if is_heartbeat(getattr(table, "id", table)):
-            return
-        await self._sink.write_batch(table, events)
-
-    def __getattr__(self, name: str) -> Any:  # capabilities, flush, close, ...
-        return getattr(self._sink, name)
-
-
-def skip_heartbeat_writes(sink: Any) -> Any:
-    """Wrap a built sink so heartbeat rows are measured but never written (see `HeartbeatSkippingSink`)."""
-    return sink if isinstance(sink, HeartbeatSkippingSink) else HeartbeatSkippingSink(sink)

@@ -57,8 +57,10 @@ __all__ = [
     "METRIC_NAMES",
     "REGISTRY",
     "HeartbeatConfig",
+    "InstrumentedSink",
     "MetricsConfig",
     "MetricsServer",
+    "instrument_sink",
     "observe_batch_written",
     "observe_changes_read",
     "observe_dead_letter",
@@ -69,6 +71,7 @@ __all__ = [
     "observe_retry",
     "observe_snapshot_rows",
     "observe_source_clock",
+    "register_table_topic",
     "reset",
     "serve_metrics",
     "set_binlog_position",
@@ -193,6 +196,27 @@ class _State:
     last_errors: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     connectors: dict[str, dict[str, Any]] = field(default_factory=dict)
     sources: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    topic_tables: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    """Kafka topic -> (branch, source, table) it carries (the distributed worker registers its topics)."""
+    partition_lag: dict[tuple[str, int], int] = field(default_factory=dict)
+    """(topic, partition) -> consumer lag at the last poll."""
+
+    def backlogged(self) -> set[tuple[str, str, str]]:
+        """(branch, source, table) whose topic had unconsumed messages at the last poll (hold `lock`)."""
+        return {self.topic_tables[topic] for (topic, _), lag in self.partition_lag.items()
+                if lag > 0 and topic in self.topic_tables}
+
+    def replication_mark(self, key: tuple[str, str, str, str], backlog: set[tuple[str, str, str]]) -> float | None:
+        """The source commit time a table's replication lag is measured from (hold `lock`).
+
+        The newer of the table's own watermark and its source's heartbeat watermark; the heartbeat is
+        left out while the table's own topic has a backlog (distributed path: a heartbeat travels its
+        own topic, so it proves nothing about a table whose topic is still behind).
+        """
+        branch, source, table, sink = key
+        mark = self.durable.get(key)
+        beat = None if (branch, source, table) in backlog else self.heartbeat_durable.get((branch, source, sink))
+        return max((m for m in (mark, beat) if m is not None), default=None)
 
 
 _STATE = _State()
@@ -229,11 +253,11 @@ class _LagCollector:
             "branchline_spool_oldest_age_seconds", "Age of the oldest undelivered change in the spool; 0 when empty.",
             labels=("spool",))
         with _STATE.lock:
-            for (branch, source, table, sink), mark in _STATE.durable.items():
-                beat = _STATE.heartbeat_durable.get((branch, source, sink))
-                newest = max((m for m in (mark, beat) if m is not None), default=None)
+            backlog = _STATE.backlogged()
+            for key in _STATE.durable:
+                newest = _STATE.replication_mark(key, backlog)
                 if newest is not None:
-                    replication.add_metric((branch, source, table, sink), now - newest)
+                    replication.add_metric(key, now - newest)
             for (branch, source), mark in _STATE.read.items():
                 capture.add_metric((branch, source), now - mark)
             for spool, oldest in _STATE.spool_oldest.items():
@@ -429,8 +453,10 @@ def observe_heartbeat_durable(branch: str, source: str, sink: str, source_ts: da
 
     That holds when the runtime applies one source's changes in commit order and calls this only after
     the batches before the heartbeat are durable (`branchline run`). On the distributed path each table
-    has its own topic, so a heartbeat proves only that its own topic is drained: there, read replication
-    lag together with ``branchline_kafka_consumer_lag``.
+    has its own topic, so a heartbeat proves only that its own topic is drained: there it counts for a
+    table only while that table's topic had no consumer lag at the last poll (`register_table_topic`,
+    `set_kafka_consumer_lag`); a table whose topic is behind shows its own watermark. Between polls
+    (``metrics.poll_interval_s``) a new backlog can hide behind a fresh heartbeat for that long.
     """
     stamp = _epoch(source_ts)
     assert stamp is not None
@@ -543,8 +569,20 @@ def set_spool(spool: str, size_bytes: int, limit_bytes: int, oldest_spooled_at: 
 
 
 def set_kafka_consumer_lag(group: str, topic: str, partition: int, lag: int) -> None:
-    """Messages the worker has still to process on one partition (high watermark - position)."""
+    """Messages the worker has still to process on one partition (high watermark - position).
+
+    For a registered table topic (`register_table_topic`) a backlog also stops heartbeats from
+    counting for that table until the backlog is gone (see `_State.replication_mark`).
+    """
     KAFKA_CONSUMER_LAG.labels(group, topic, str(partition)).set(max(0, lag))
+    with _STATE.lock:
+        _STATE.partition_lag[(topic, partition)] = max(0, lag)
+
+
+def register_table_topic(topic: str, table: TableId) -> None:
+    """The distributed worker's table topics: which table each carries, for heartbeat-driven lag."""
+    with _STATE.lock:
+        _STATE.topic_tables[topic] = (table.branch, table.source, table.qualified)
 
 
 def set_connector_states(statuses: Mapping[str, Any]) -> None:
@@ -612,6 +650,52 @@ def set_build_info(runtime: str) -> None:
     BUILD_INFO.info({"version": __version__, "runtime": runtime})
 
 
+# -- the sinks, as the runtimes hold them ------------------------------------------------------------
+
+
+class InstrumentedSink:
+    """A built sink as the runtimes hold it: heartbeat tables are not written, failures are counted.
+
+    - Heartbeat tables (`is_heartbeat`) are skipped: the runtime still calls `observe_batch_written`
+      after the (skipped) write, in order after the batches before it, which is when the heartbeat
+      "reaches the sink"; the target keeps only the user's tables.
+    - A failed write counts in ``branchline_errors_total{component="sink", name=<sink>}`` by kind and
+      becomes the sink's last error on `branchline status`; the next write after a retryable failure
+      (the runtime trying again) counts in ``branchline_retries_total{component="sink"}``.
+
+    Everything else (``capabilities``, ``flush``, ``close``) goes to the wrapped sink unchanged.
+    """
+
+    def __init__(self, sink: Any, name: str) -> None:
+        self.inner = sink
+        self.name = name
+        self._failed_retryable = False
+
+    async def write_batch(self, table: Any, events: Any) -> None:
+        """Skip heartbeat tables (by the schema's `TableId`); write and count everything else."""
+        if is_heartbeat(getattr(table, "id", table)):
+            return
+        if self._failed_retryable:
+            observe_retry("sink", self.name)
+        try:
+            await self.inner.write_batch(table, events)
+        except Exception as exc:
+            from branchline.errors import is_retryable
+
+            observe_error("sink", self.name, exc)
+            self._failed_retryable = is_retryable(exc)
+            raise
+        self._failed_retryable = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def instrument_sink(sink: Any, name: str) -> Any:
+    """Wrap a sink built from the pipeline file once, where the runtime builds it (see `InstrumentedSink`)."""
+    return sink if isinstance(sink, InstrumentedSink) else InstrumentedSink(sink, name)
+
+
 # -- reading back (status screen, tests) -----------------------------------------------------------
 
 
@@ -634,8 +718,8 @@ def snapshot() -> dict[str, Any]:
     """The in-process state as JSON-ready data: what `/status.json` serves to `branchline status`."""
     now = _clock()
     with _STATE.lock:
-        durable = dict(_STATE.durable)
-        beats = dict(_STATE.heartbeat_durable)
+        backlog = _STATE.backlogged()
+        marks = {key: _STATE.replication_mark(key, backlog) for key in _STATE.durable}
         read = dict(_STATE.read)
         spool_oldest = dict(_STATE.spool_oldest)
         errors = [dict(e) for e in _STATE.last_errors.values()]
@@ -643,8 +727,7 @@ def snapshot() -> dict[str, Any]:
         sources = {f"{b}/{s}": dict(v, branch=b, source=s) for (b, s), v in _STATE.sources.items()}
     rows = _values(ROWS_WRITTEN, "_total")
     tables = []
-    for (branch, source, table, sink), mark in sorted(durable.items()):
-        newest = max((m for m in (mark, beats.get((branch, source, sink))) if m is not None), default=None)
+    for (branch, source, table, sink), newest in sorted(marks.items()):
         tables.append({"branch": branch, "source": source, "table": table, "sink": sink,
                        "replication_lag_s": None if newest is None else now - newest,
                        "rows_written": rows.get((branch, source, table, sink))})
@@ -673,7 +756,8 @@ def reset() -> None:
     END_TO_END_LATENCY.clear()
     with _STATE.lock:
         for store in (_STATE.durable, _STATE.heartbeat_durable, _STATE.read, _STATE.read_position, _STATE.spool_oldest,
-                      _STATE.last_errors, _STATE.connectors, _STATE.sources):
+                      _STATE.last_errors, _STATE.connectors, _STATE.sources, _STATE.topic_tables,
+                      _STATE.partition_lag):
             store.clear()
 
 

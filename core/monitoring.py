@@ -226,11 +226,11 @@ def track_tables(tables: Iterable[Any], sinks: Iterable[str]) -> int:
     return count
 
 
-def tables_of_topics(topics: Iterable[str], sources: Sequence[Any]) -> list[Any]:
-    """`TableId`s of Debezium table topics ``<branch>.<source>.<namespace>.<table>`` (the worker's)."""
+def tables_of_topics(topics: Iterable[str], sources: Sequence[Any]) -> dict[str, Any]:
+    """Topic -> `TableId` of Debezium table topics ``<branch>.<source>.<namespace>.<table>`` (the worker's)."""
     from branchline.events import TableId
 
-    found = []
+    found = {}
     by_prefix = sorted(sources, key=lambda s: -len(s.topic_prefix))
     for topic in topics:
         source = next((s for s in by_prefix if topic.startswith(s.topic_prefix + ".")), None)
@@ -238,7 +238,7 @@ def tables_of_topics(topics: Iterable[str], sources: Sequence[Any]) -> list[Any]
             continue
         namespace, _, table = topic[len(source.topic_prefix) + 1:].rpartition(".")
         if namespace and table:
-            found.append(TableId(source=source.name, branch=source.branch, database=namespace, table=table))
+            found[topic] = TableId(source=source.name, branch=source.branch, database=namespace, table=table)
     return found
 
 

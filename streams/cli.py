@@ -60,7 +60,8 @@ def _start_monitoring(config: Any, topics: list[str], group: str) -> tuple[threa
     group is the Faust app id), each source's slot WAL / binlog files behind, and reads each source's
     clock for skew; Debezium writes the heartbeat rows (``heartbeat.action.query``). Every table topic
     gets a replication-lag series from start-up, so an idle table's lag shows (driven by heartbeats)
-    before its first change. A port already taken (a second worker on this host) is logged, not fatal.
+    before its first change; a heartbeat counts for a table only while its topic has no consumer lag.
+    A port already taken (a second worker on this host) is logged, not fatal.
     """
     from branchline import metrics
     from branchline.connectors.debezium import is_control_topic
@@ -73,8 +74,10 @@ def _start_monitoring(config: Any, topics: list[str], group: str) -> tuple[threa
         server = metrics.serve_metrics(settings, runtime="worker")
     except OSError as exc:
         log.warning("metrics endpoint not started (set `metrics.port` per worker on one host): %s", exc)
-    if server is not None:
-        track_tables(tables_of_topics([t for t in topics if not is_control_topic(t)], config.sources), config.sinks)
+    tables = tables_of_topics([t for t in topics if not is_control_topic(t)], config.sources)
+    for topic, table in tables.items():  # a heartbeat counts for a table only while its topic is drained
+        metrics.register_table_topic(topic, table)
+    track_tables(tables.values(), config.sinks)
     stop = threading.Event()
     monitor = start_monitoring_thread(config, stop, runtime="worker", consumer_group=group)
     return stop, monitor, server

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from branchline import metrics
 from branchline.config import load_pipeline
+from branchline.errors import FatalSinkError, RetryableSinkError
 from branchline.events import ChangeEvent, Column, ColumnType, Op, TableId, TableSchema
-from branchline.heartbeat import HeartbeatSkippingSink, skip_heartbeat_writes, with_heartbeat_capture
+from branchline.heartbeat import with_heartbeat_capture
 from branchline.monitoring import tables_of_topics, track_tables
 from branchline.runtime.runner import table_filter
 
@@ -79,15 +80,18 @@ def _schema(namespace: str, table: str) -> TableSchema:
 
 
 class _Recorder:
-    """A stand-in sink: remembers what it was asked to write."""
+    """A stand-in sink: remembers what it was asked to write; raises what it is told to."""
 
     capabilities = "caps"
 
     def __init__(self) -> None:
         self.written: list[str] = []
         self.flushed = 0
+        self.fail: list[Exception] = []
 
     async def write_batch(self, table: TableSchema, events: Any) -> None:
+        if self.fail:
+            raise self.fail.pop(0)
         self.written.append(table.id.qualified)
 
     async def flush(self) -> None:
@@ -96,8 +100,8 @@ class _Recorder:
 
 def test_the_heartbeat_table_is_measured_but_never_written() -> None:
     inner = _Recorder()
-    sink = skip_heartbeat_writes(inner)
-    assert isinstance(sink, HeartbeatSkippingSink) and skip_heartbeat_writes(sink) is sink
+    sink = metrics.instrument_sink(inner, "cloud")
+    assert isinstance(sink, metrics.InstrumentedSink) and metrics.instrument_sink(sink, "cloud") is sink
     assert sink.capabilities == "caps"
     beat, user = _schema("branchline", "debezium_heartbeat"), _schema("public", "accounts")
     stamp = datetime(2026, 1, 1, tzinfo=UTC)
@@ -129,9 +133,10 @@ def test_worker_tracks_every_table_topic_but_heartbeats(tmp_path: Path) -> None:
     topics = ["b1.crm.public.accounts", "b1.crm2.public.leads", "b1.crm.branchline.debezium_heartbeat",
               "someone.else.public.x"]
     tables = tables_of_topics(topics, pipeline.sources)
-    assert [(t.source, t.qualified) for t in tables] == [
-        ("crm", "public.accounts"), ("crm2", "public.leads"), ("crm", "branchline.debezium_heartbeat")]
-    assert track_tables(tables, ["cloud", "lake"]) == 4  # heartbeat tables get no series of their own
+    assert {topic: (t.source, t.qualified) for topic, t in tables.items()} == {
+        "b1.crm.public.accounts": ("crm", "public.accounts"), "b1.crm2.public.leads": ("crm2", "public.leads"),
+        "b1.crm.branchline.debezium_heartbeat": ("crm", "branchline.debezium_heartbeat")}
+    assert track_tables(tables.values(), ["cloud", "lake"]) == 4  # heartbeat tables get no series of their own
     snapshot = metrics.snapshot()
     assert {(t["source"], t["table"], t["sink"]) for t in snapshot["tables"]} == {
         ("crm", "public.accounts", "cloud"), ("crm", "public.accounts", "lake"),
@@ -166,3 +171,57 @@ def test_the_worker_reads_source_clocks_and_writes_no_heartbeat() -> None:
     asyncio.run(scenario())
     assert metrics.sample("branchline_source_up", {"branch": "b1", "source": "crm"}) == 0
     assert metrics.sample("branchline_heartbeats_written_total", {"branch": "b1", "source": "crm"}) is None
+
+
+def test_sink_failures_count_as_errors_by_kind_and_the_next_attempt_as_a_retry() -> None:
+    inner = _Recorder()
+    sink = metrics.instrument_sink(inner, "cloud")
+    user = _schema("public", "accounts")
+    inner.fail = [RetryableSinkError("target unreachable"), RetryableSinkError("still unreachable")]
+
+    async def attempt() -> bool:
+        try:
+            await sink.write_batch(user, [])
+        except RetryableSinkError:
+            return False
+        return True
+
+    assert [asyncio.run(attempt()) for _ in range(3)] == [False, False, True]
+    retryable = {"component": "sink", "name": "cloud", "kind": "RetryableSinkError"}
+    assert metrics.sample("branchline_errors_total", retryable) == 2
+    assert metrics.sample("branchline_retries_total", {"component": "sink", "name": "cloud"}) == 2
+    inner.fail = [FatalSinkError("column `x` must exist; got nothing")]
+    with pytest.raises(FatalSinkError):
+        asyncio.run(sink.write_batch(user, []))
+    assert asyncio.run(attempt())  # a fatal failure is not followed by a counted retry
+    assert metrics.sample("branchline_retries_total", {"component": "sink", "name": "cloud"}) == 2
+    assert metrics.snapshot()["errors"][0]["kind"] == "FatalSinkError"
+
+
+def test_a_table_whose_topic_is_behind_ignores_the_heartbeat() -> None:
+    """Distributed path: a heartbeat travels its own topic; a table with a backlog shows its own lag."""
+    busy = TableId(source="crm", branch="b1", database="crm", schema_="public", table="busy")
+    idle = TableId(source="crm", branch="b1", database="crm", schema_="public", table="idle")
+    metrics.register_table_topic("b1.crm.public.busy", busy)
+    metrics.register_table_topic("b1.crm.public.idle", idle)
+    now = metrics._clock()
+    stamp = datetime.fromtimestamp(now - 100, UTC)
+    old = [ChangeEvent.model_construct(op=Op.CREATE, table=busy, key={"id": 1}, before=None, after={"id": 1},
+                                       position=1, source_ts=stamp, txid=None, snapshot=False)]
+    metrics.observe_batch_written(busy, "cloud", old, 0.01)
+    metrics.track_table(idle, "cloud")
+    metrics.observe_heartbeat_durable("b1", "crm", "cloud", now - 1)
+
+    def lag(table: str) -> float | None:
+        return metrics.sample("branchline_replication_lag_seconds",
+                              {"branch": "b1", "source": "crm", "table": table, "sink": "cloud"})
+
+    assert lag("public.busy") == pytest.approx(1, abs=1) and lag("public.idle") == pytest.approx(1, abs=1)
+    metrics.set_kafka_consumer_lag("branchline-p", "b1.crm.public.busy", 0, 5000)
+    metrics.set_kafka_consumer_lag("branchline-p", "b1.crm.public.idle", 0, 0)
+    assert lag("public.busy") == pytest.approx(100, abs=2)  # its own watermark: it is really behind
+    assert lag("public.idle") == pytest.approx(1, abs=1)
+    (busy_row,) = [t for t in metrics.snapshot()["tables"] if t["table"] == "public.busy"]
+    assert busy_row["replication_lag_s"] == pytest.approx(100, abs=2)
+    metrics.set_kafka_consumer_lag("branchline-p", "b1.crm.public.busy", 0, 0)
+    assert lag("public.busy") == pytest.approx(1, abs=1)
