@@ -661,19 +661,24 @@ class InstrumentedSink:
       "reaches the sink"; the target keeps only the user's tables.
     - A failed write counts in ``branchline_errors_total{component="sink", name=<sink>}`` by kind and
       becomes the sink's last error on `branchline status`; the next write after a retryable failure
-      (the runtime trying again) counts in ``branchline_retries_total{component="sink"}``.
+      (the runtime trying again) counts in ``branchline_retries_total{component="sink"}``. A runtime
+      that counts its sink failures itself passes ``count_failures=False``.
 
     Everything else (``capabilities``, ``flush``, ``close``) goes to the wrapped sink unchanged.
     """
 
-    def __init__(self, sink: Any, name: str) -> None:
+    def __init__(self, sink: Any, name: str, *, count_failures: bool = True) -> None:
         self.inner = sink
         self.name = name
+        self.count_failures = count_failures
         self._failed_retryable = False
 
     async def write_batch(self, table: Any, events: Any) -> None:
         """Skip heartbeat tables (by the schema's `TableId`); write and count everything else."""
         if is_heartbeat(getattr(table, "id", table)):
+            return
+        if not self.count_failures:
+            await self.inner.write_batch(table, events)
             return
         if self._failed_retryable:
             observe_retry("sink", self.name)
@@ -691,9 +696,11 @@ class InstrumentedSink:
         return getattr(self.inner, name)
 
 
-def instrument_sink(sink: Any, name: str) -> Any:
+def instrument_sink(sink: Any, name: str, *, count_failures: bool = True) -> Any:
     """Wrap a sink built from the pipeline file once, where the runtime builds it (see `InstrumentedSink`)."""
-    return sink if isinstance(sink, InstrumentedSink) else InstrumentedSink(sink, name)
+    if isinstance(sink, InstrumentedSink):
+        return sink
+    return InstrumentedSink(sink, name, count_failures=count_failures)
 
 
 # -- reading back (status screen, tests) -----------------------------------------------------------

@@ -225,3 +225,17 @@ def test_a_table_whose_topic_is_behind_ignores_the_heartbeat() -> None:
     assert busy_row["replication_lag_s"] == pytest.approx(100, abs=2)
     metrics.set_kafka_consumer_lag("branchline-p", "b1.crm.public.busy", 0, 0)
     assert lag("public.busy") == pytest.approx(1, abs=1)
+
+
+def test_a_runtime_that_counts_its_own_sink_failures_can_leave_counting_out() -> None:
+    inner = _Recorder()
+    sink = metrics.instrument_sink(inner, "cloud", count_failures=False)
+    inner.fail = [RetryableSinkError("target unreachable")]
+    with pytest.raises(RetryableSinkError):
+        asyncio.run(sink.write_batch(_schema("public", "accounts"), []))
+    asyncio.run(sink.write_batch(_schema("public", "accounts"), []))
+    asyncio.run(sink.write_batch(_schema("branchline", "debezium_heartbeat"), []))
+    assert inner.written == ["public.accounts"]  # the heartbeat table is still skipped
+    assert metrics.sample("branchline_errors_total",
+                          {"component": "sink", "name": "cloud", "kind": "RetryableSinkError"}) is None
+    assert metrics.sample("branchline_retries_total", {"component": "sink", "name": "cloud"}) is None
