@@ -123,6 +123,15 @@ class SourceCapture:
         self._warned_full = False
         self.idle_since: float | None = None
         """When the reader last said it had nothing more to send (None: busy); for --exit-when-idle."""
+        self.on_error: Callable[[BaseException, bool], None] = self._observe_error
+        """Called with (error, retrying) on each capture failure; a capture process forwards it to the runner."""
+
+    def _observe_error(self, exc: BaseException, retrying: bool) -> None:
+        from branchline import metrics
+
+        metrics.observe_error("source", self.name, exc)
+        if retrying:
+            metrics.observe_retry("source", self.name)
 
     # -- snapshot --------------------------------------------------------------------------------
 
@@ -273,8 +282,10 @@ class SourceCapture:
                     self.stats.error = exc
                     self.stop.set()
                     log.error("%s: %s", self.name, exc)
+                    self.on_error(exc, False)
                     return
                 attempt += 1
+                self.on_error(exc, True)
                 delay = min(30.0, 0.5 * 2 ** min(attempt, 6))
                 log.warning("%s: source unreachable (attempt %d, retrying in %.1f s): %s", self.name, attempt,
                             delay, exc)
@@ -283,6 +294,7 @@ class SourceCapture:
                 self.stats.error = exc
                 self.stop.set()
                 log.exception("%s: capture failed", self.name)
+                self.on_error(exc, False)
                 return
             finally:
                 try:
@@ -329,6 +341,12 @@ def _capture_main(pipeline: PipelineConfig, source_name: str, spool_path: str, m
                       snapshot))
 
     capture = SourceCapture(source, build_reader(source, runtime), spool, runtime, local_stop, stats, report)
+
+    def forward_error(exc: BaseException, retrying: bool) -> None:  # this process's metrics are not served
+        sent = exc if isinstance(exc, BranchlineError) else RuntimeError(repr(exc))
+        messages.put(("error", sent, retrying))
+
+    capture.on_error = forward_error
     finished = threading.Event()
 
     def heartbeat() -> None:  # idle state and snapshot progress reach the runner even when nothing is spooled
@@ -398,8 +416,15 @@ class RemoteCapture:
                     if stats.error is None and not self._stop.is_set():
                         stats.error = RuntimeError(f"capture process of {self.name} exited with code "
                                                    f"{self._process.exitcode}")
+                        log.error("%s", stats.error)
+                        metrics.observe_error("source", self.name, stats.error)
                     self._wake()
                     return
+                continue
+            if message[0] == "error":
+                metrics.observe_error("source", self.name, message[1])
+                if message[2]:
+                    metrics.observe_retry("source", self.name)
                 continue
             if message[0] == "done":
                 if message[1] is not None and stats.error is None:
@@ -566,11 +591,12 @@ class Runner:
         deferred: list[tuple[TableId, str, Any, float]] = []  # batch metrics of buffering sinks, until flushed
         last_flush = time.monotonic()
 
-        def failed(exc: BaseException) -> bool:
+        def failed(exc: BaseException, sink_name: str) -> bool:
             """A write or flush failed: True to stop the drain, False to retry after a pause."""
             nonlocal read_after, unflushed_batches, unflushed_changes
             read_after, unflushed_batches, unflushed_changes = 0, 0, 0  # write the unflushed batches again
             deferred.clear()
+            metrics.observe_error("sink", sink_name, exc)
             if not isinstance(exc, BranchlineError):  # a sink bug must stop the run, never spin
                 self.stats.error = exc
                 self.stop.set()
@@ -590,6 +616,7 @@ class Runner:
                 log.warning("stopping with %d spooled batches undelivered; they drain on the next run",
                             self.spool.batches)
                 return True
+            metrics.observe_retry("sink", sink_name)
             return False
 
         def reachable_again() -> None:
@@ -615,11 +642,12 @@ class Runner:
                     finished or time.monotonic() - last_flush >= commit_every
                     or self.spool.size_bytes >= warn_bytes):
                 started = time.monotonic()
+                flushing = ""
                 try:
-                    for sink in buffering.values():
+                    for flushing, sink in buffering.items():
                         await sink.flush()
                 except Exception as exc:
-                    if failed(exc):
+                    if failed(exc, flushing):
                         return
                     await pause()
                     continue
@@ -669,9 +697,11 @@ class Runner:
                 self.stats.error = exc
                 self.stop.set()
                 log.error("%s", exc)
+                metrics.observe_error("transform", self.pipeline.name, exc)
                 return
             segments = collapse(pairs)
             started = time.monotonic()
+            name = ""
             try:
                 for segment in segments:
                     for name, sink in sinks.items():
@@ -683,7 +713,7 @@ class Runner:
                             metrics.observe_batch_written(segment.table, name, segment.events,
                                                           time.monotonic() - began)
             except Exception as exc:
-                if failed(exc):
+                if failed(exc, name):
                     return
                 await pause()
                 continue

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from branchline import metrics
 from branchline.config import load_pipeline
 from branchline.errors import RetryableSinkError
 from branchline.events import ChangeEvent, Column, ColumnType, Op, TableId, TableSchema
@@ -169,6 +170,7 @@ def test_buffering_sink_is_flushed_before_an_idle_exit(tmp_path):
 
 
 def test_a_failed_flush_writes_the_unflushed_batches_again_and_acknowledges_nothing_before(tmp_path):
+    metrics.reset()
     runner = make_runner(tmp_path, exit_when_idle_s=0)
     sink = RecordingSink(runner, durable_on_write=False, commit_interval_s=3600, fail_flushes=1)
     spool_three_batches(runner)
@@ -181,6 +183,9 @@ def test_a_failed_flush_writes_the_unflushed_batches_again_and_acknowledges_noth
     assert sink.flushes == [3]  # the failed one left all three in the spool
     assert sorted(sink.durable) == list(range(1, 31))  # written again after the buffer was lost
     assert sink.writes == 2 and runner.spool.batches == 0 and runner.stats.sink_down_since is None
+    labels = {"component": "sink", "name": "lake"}
+    assert metrics.sample("branchline_errors_total", {**labels, "kind": "RetryableSinkError"}) == 1
+    assert metrics.sample("branchline_retries_total", labels) == 1
     runner.spool.close()
 
 
