@@ -23,10 +23,12 @@ down: install
 status: install
 	$(BIN)/branchline infra status
 
-# The main job: bring up the local stack, load the sample ERP and CRM data, show status.
+# The main job: bring up the local stack, load the sample ERP and CRM data, replicate them with
+# `branchline run` while a churn workload runs for a minute (live screen: events/s, lag, position per
+# table), then `branchline verify`: exits non-zero when source and target differ. Re-runnable.
+# DEMO_CHURN_SECONDS=10 shortens the churn; infra/demo.py lists the other knobs.
 demo: up
-	$(BIN)/branchline sample load --rows 10000
-	$(BIN)/branchline infra status
+	$(BIN)/python -m branchline.infra.demo examples/pipeline.yaml
 
 # Installs and starts everything the tests need, then runs unit and integration tests.
 test: up

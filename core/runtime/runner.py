@@ -646,7 +646,7 @@ class Runner:
                 try:
                     for flushing, sink in buffering.items():
                         await sink.flush()
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - `failed` stops on anything not retryable
                     if failed(exc, flushing):
                         return
                     await pause()
@@ -667,7 +667,7 @@ class Runner:
                     log.warning("stopping with %d written but unflushed batches; they are written again on the"
                                 " next run", unflushed_batches)
                 return
-            batches = await asyncio.to_thread(lambda: list(self.spool.read(self.runtime.batch_size, read_after)))
+            batches = await asyncio.to_thread(self._read_spool, read_after)
             if not batches:
                 self._wake.clear()
                 timeout = 0.5
@@ -712,7 +712,7 @@ class Runner:
                         else:
                             metrics.observe_batch_written(segment.table, name, segment.events,
                                                           time.monotonic() - began)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - `failed` stops on anything not retryable
                 if failed(exc, name):
                     return
                 await pause()
@@ -727,6 +727,9 @@ class Runner:
                 await asyncio.to_thread(self.spool.delete_through, read_after)
                 self.stats.written += count
             log.debug("wrote %d changes (%d segments) in %.3f s", count, len(segments), time.monotonic() - started)
+
+    def _read_spool(self, after_seq: int) -> list[Any]:
+        return list(self.spool.read(self.runtime.batch_size, after_seq))
 
     def _transform_for(self, schema: TableSchema) -> Any:
         """The `tables:` transforms of a table, compiled once per schema (the Faust workers' code)."""
