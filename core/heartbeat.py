@@ -99,7 +99,8 @@ def _write_postgres(source: Any, namespace: str, table: str, create: bool, write
     with psycopg.connect(host=source.host, port=source.port, user=source.user, password=_password(source),
                          dbname=source.database, autocommit=True, connect_timeout=10,
                          application_name="branchline-heartbeat") as conn:
-        if create:
+        # the setup SQL creates the table and grants only INSERT/UPDATE on it: create only when missing
+        if create and conn.execute("SELECT to_regclass(%s)", (f'"{namespace}"."{table}"',)).fetchone() == (None,):
             for statement in heartbeat_ddl("postgres", namespace, table):
                 conn.execute(statement)
         conn.execute("SELECT 1")  # warm the connection so the timed round trip is one statement
@@ -120,7 +121,9 @@ def _write_binlog(source: Any, namespace: str, table: str, create: bool, writer_
                            init_command="SET time_zone='+00:00'")
     try:
         with conn.cursor() as cur:
-            if create:
+            # CREATE ... IF NOT EXISTS needs the CREATE grant even when the table exists: check first
+            if create and not cur.execute("SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s"
+                                          " AND TABLE_NAME = %s", (namespace, table)):
                 for statement in heartbeat_ddl("mariadb", namespace, table):
                     cur.execute(statement)
             before = time.time()

@@ -214,3 +214,46 @@ def test_debezium_heartbeat_rows_move_the_lag_of_the_whole_source(cloud: Any) ->
     finally:
         with psycopg.connect(f"host={cloud.host} port={cloud.port} user=postgres dbname=cloud", autocommit=True) as c:
             c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def test_heartbeats_need_only_the_grants_of_the_setup_sql(erp: Any, crm: Any) -> None:
+    """The replication user of `branchline preflight --print-setup-sql` may INSERT/UPDATE the heartbeat
+    table but not CREATE: the writer must not issue DDL when the table is there."""
+    from branchline.heartbeat import write_heartbeat
+
+    role = f"bl_hb_{secrets.token_hex(3)}"
+    dsn = f"host={crm.host} port={crm.port} user=postgres dbname=crm"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        write_heartbeat(SimpleNamespace(kind="postgres", name="crm", branch="t1", host=crm.host, port=crm.port,
+                                        user="postgres", password=SecretStr(""), database="crm"))
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT USAGE ON SCHEMA branchline TO {role}")
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE ON branchline.debezium_heartbeat TO {role}")
+        try:
+            stamp = write_heartbeat(SimpleNamespace(kind="postgres", name="crm", branch="t1", host=crm.host,
+                                                    port=crm.port, user=role, password=SecretStr(""),
+                                                    database="crm"), create=True)
+        finally:
+            conn.execute(f"REVOKE ALL ON branchline.debezium_heartbeat FROM {role}")
+            conn.execute(f"REVOKE ALL ON SCHEMA branchline FROM {role}")
+            conn.execute(f"DROP ROLE {role}")
+    assert metrics.sample("branchline_heartbeats_written_total", {"branch": "t1", "source": "crm"}) == 2
+    assert stamp.tzinfo is not None
+
+    user = f"bl_hb_{secrets.token_hex(3)}"
+    root = pymysql.connect(host=erp.host, port=erp.port, user="root", password="", autocommit=True)
+    try:
+        with root.cursor() as cur:
+            write_heartbeat(SimpleNamespace(kind="mariadb", name="erp", branch="t1", host=erp.host, port=erp.port,
+                                            user="root", password=SecretStr("")))
+            cur.execute(f"CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY 'pw'")
+            cur.execute(f"GRANT SELECT, INSERT, UPDATE ON branchline.debezium_heartbeat TO '{user}'@'127.0.0.1'")
+        try:
+            write_heartbeat(SimpleNamespace(kind="mariadb", name="erp", branch="t1", host=erp.host, port=erp.port,
+                                            user=user, password=SecretStr("pw")), create=True)
+        finally:
+            with root.cursor() as cur:
+                cur.execute(f"DROP USER '{user}'@'127.0.0.1'")
+    finally:
+        root.close()
+    assert metrics.sample("branchline_heartbeats_written_total", {"branch": "t1", "source": "erp"}) == 2
