@@ -246,6 +246,10 @@ def start_monitoring_thread(pipeline: Any, stop: Stop, *, runtime: str,
                             consumer_group: str | None = None) -> threading.Thread:
     """`run_monitoring` on its own event loop in a daemon thread, for runtimes whose loop is not ours
     (Faust owns the worker's). Set ``stop`` (a `threading.Event`) and join the thread to end it."""
+    from branchline.heartbeat import heartbeat_table
+
+    for source in pipeline.sources:  # before the first batch, not when the thread gets to it
+        metrics.register_heartbeat_table(*heartbeat_table(source))
 
     def main() -> None:
         try:
