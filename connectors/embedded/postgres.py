@@ -434,8 +434,9 @@ class PostgresReader:
         wait = select.select
         socket = [conn.fileno()]
         construct = _construct
-        # relid -> (the Relation message it was checked with, its schema or None when not captured)
-        known: dict[int, tuple[Relation, TableSchema | None]] = {}
+        # relid -> (the Relation message it was checked with, its schema or None when not captured,
+        # table id, key columns)
+        known: dict[int, tuple[Relation, TableSchema | None, TableId | None, tuple[str, ...]]] = {}
         events: list[ChangeEvent] = []
         schemas: list[TableSchema] = []
         skip = False
@@ -465,11 +466,21 @@ class PostgresReader:
                 relation = change.relation
                 entry = known.get(relation.relid)
                 if entry is None or entry[0] is not relation:
-                    entry = known[relation.relid] = (relation, self._captured(relation, schemas))
+                    entry = known[relation.relid] = self._known(relation, schemas)
                 schema = entry[1]
                 if schema is None:
                     continue
-                events.extend(_row_events(construct, change, schema, lsn_position(message.data_start, 1), ts, txid))
+                position = message.data_start * _LSN_UNIT | 1  # lsn_position(lsn, 1)
+                if change.kind == "I":  # the common case, inlined: `_row_events` does the same
+                    after = change.new
+                    pk = entry[3]
+                    events.append(new_event({
+                        "op": _CREATE, "table": entry[2],
+                        "key": {pk[0]: after[pk[0]]} if len(pk) == 1 else {k: after[k] for k in pk},
+                        "before": None, "after": after, "position": position, "source_ts": ts, "txid": txid,
+                        "snapshot": False}))
+                else:
+                    events.extend(_row_events(construct, change, schema, position, ts, txid))
                 if len(events) >= held:
                     yield Changes(events, None, schemas)
                     events, schemas = [], []
@@ -494,20 +505,22 @@ class PostgresReader:
                 for relation in change.relations:
                     entry = known.get(relation.relid)
                     if entry is None or entry[0] is not relation:
-                        entry = known[relation.relid] = (relation, self._captured(relation, schemas))
+                        entry = known[relation.relid] = self._known(relation, schemas)
                     if entry[1] is None:
                         continue
                     events.append(construct(op=Op.TRUNCATE, table=entry[1].id, key={}, before=None, after=None,
                                             position=position, source_ts=ts, txid=txid, snapshot=False))
 
-    def _captured(self, relation: Relation, schemas: list[TableSchema]) -> TableSchema | None:
-        """The schema of a table this reader captures (appended to ``schemas`` if new or changed), else None."""
+    def _known(self, relation: Relation, schemas: list[TableSchema]
+               ) -> tuple[Relation, TableSchema | None, TableId | None, tuple[str, ...]]:
+        """What the message loop keeps per relation: (relation, schema, table id, key columns); schema
+        None for a table this reader does not capture. A new or changed schema is appended to ``schemas``."""
         if not self._accept(relation.namespace, relation.name):
-            return None
+            return relation, None, None, ()
         schema, changed = self._schema_for(relation)
         if changed:
             schemas.append(schema)
-        return schema
+        return relation, schema, schema.id, schema.primary_key or tuple(c.name for c in schema.columns)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -519,6 +532,10 @@ class PostgresReader:
         self._query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
                     (self.slot,))
         self._query(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(self.publication)))
+
+
+_LSN_UNIT = lsn_position(1, 0)
+_CREATE = Op.CREATE
 
 
 def _construct(**values: Any) -> ChangeEvent:
