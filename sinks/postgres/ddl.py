@@ -8,6 +8,8 @@ Layout of a target table (``<schema>.<source table>``):
 - ``_bl_position numeric(38,0)`` the source position of the row's last change, ``_bl_op`` its
   operation (c/u/r/d/t), ``_bl_source_ts`` when the source committed it, ``_bl_synced_at`` when the
   sink wrote it, and ``_bl_deleted`` in soft-delete mode;
+- ``_bl_synced_at`` defaults to now(), so a COPY straight into the table (insert-only batches) sets it
+  as the upsert does;
 - primary key: (``_bl_branch``,) source key. A table without a primary key is kept as a change log:
   one row per change, keyed by (``_bl_branch``,) ``_bl_position``; without a key "the row" that an
   update or delete means is ambiguous (duplicate rows are legal there).
@@ -15,7 +17,8 @@ Layout of a target table (``<schema>.<source table>``):
 Beside it, in the same schema: ``_bl_truncations`` (per table and branch, the position of the last
 truncate: older changes are not applied again) and, in hard-delete mode, ``_bl_del_<table>``
 tombstones (key -> position of the delete), so a replayed or late older change cannot bring a
-deleted row back.
+deleted row back; an index on their ``_bl_position`` lets a batch ask cheaply whether any tombstone
+could guard it off.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class TargetColumn:
     type: str
     """As ``format_type()`` prints it."""
     oid: int
+    has_default: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +66,12 @@ def tombstone_name(table: str) -> str:
         return name
     digest = hashlib.sha1(table.encode()).hexdigest()[:10]
     return f"{PREFIX}del_{table.encode()[:40].decode(errors='ignore')}_{digest}"
+
+
+def tombstone_index_name(table: str) -> str:
+    """The tombstone table's index on `_bl_position` (indexes share the schema's namespace)."""
+    digest = hashlib.sha1(table.encode()).hexdigest()[:12]
+    return f"{PREFIX}delpos_{table.encode()[:36].decode(errors='ignore')}_{digest}"
 
 
 def _check_identifier(kind: str, name: str) -> None:
@@ -122,7 +132,7 @@ async def ensure_table(
                 sql.SQL("_bl_position numeric(38,0) NOT NULL"),
                 sql.SQL("_bl_op text NOT NULL"),
                 sql.SQL("_bl_source_ts timestamp(6) with time zone"),
-                sql.SQL("_bl_synced_at timestamp(6) with time zone NOT NULL"),
+                sql.SQL("_bl_synced_at timestamp(6) with time zone NOT NULL DEFAULT now()"),
             ]
             if soft_delete:
                 definitions.append(sql.SQL("_bl_deleted boolean NOT NULL DEFAULT false"))
@@ -163,6 +173,11 @@ async def ensure_table(
                             sql.SQL(merged),
                         )
                     )
+            synced = existing.get("_bl_synced_at")
+            if synced is not None and not synced.has_default:  # tables made before the direct COPY path
+                await conn.execute(
+                    sql.SQL("ALTER TABLE {} ALTER COLUMN _bl_synced_at SET DEFAULT now()").format(ident)
+                )
             if soft_delete and "_bl_deleted" not in existing:
                 await conn.execute(
                     sql.SQL("ALTER TABLE {} ADD COLUMN _bl_deleted boolean NOT NULL DEFAULT false").format(
@@ -181,6 +196,12 @@ async def ensure_table(
                     sql.Identifier(schema, tombstones), sql.SQL(", ").join(side)
                 )
             )
+            # the direct COPY path asks "any tombstone at or above this position?" once per batch
+            await conn.execute(
+                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (_bl_position)").format(
+                    sql.Identifier(tombstone_index_name(name)), sql.Identifier(schema, tombstones)
+                )
+            )
             cursor = await conn.execute(
                 sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(schema, tombstones))
             )
@@ -194,12 +215,12 @@ async def ensure_table(
 
 async def _columns(conn: AsyncConnection, schema: str, name: str) -> dict[str, TargetColumn]:
     cursor = await conn.execute(
-        "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid::int"
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid::int, a.atthasdef"
         " FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped"
         " ORDER BY a.attnum",
         [sql.Identifier(schema, name).as_string(conn)],
     )
-    return {row[0]: TargetColumn(row[0], row[1], row[2]) for row in await cursor.fetchall()}
+    return {row[0]: TargetColumn(row[0], row[1], row[2], row[3]) for row in await cursor.fetchall()}
 
 
 async def _primary_key(conn: AsyncConnection, schema: str, name: str) -> tuple[str, ...]:

@@ -11,6 +11,14 @@ statements, each guarded so that a row's stored position only moves forward:
 3. (only if the batch has deletes, hard-delete mode) delete guarded the same way, and record tombstones.
 
 The fast path — no unchanged values, no deletes — is COPY + one INSERT .. SELECT .. ON CONFLICT.
+One query per batch (`direct_check`) asks whether any truncate mark or tombstone lies at or above the
+batch's first position; when none does, the guards cannot reject a row and the upsert runs without
+them (`upsert_unguarded`). Both read under READ COMMITTED, a few statements apart: a truncate
+committed concurrently by another writer of the same table races with either form alike.
+Faster still, insert-only changes (``c``/``r``) that no truncate mark or tombstone can guard off are
+COPYed straight into the target; a key that exists after all (a replay) fails the COPY on the primary
+key, the transaction rolls back and the batch is written again through staging. This is safe because the target's
+primary key is exactly the upsert's conflict key, so no row that exists can be silently replaced.
 Tombstones (hard-delete mode) stay until a newer change of the key removes them: one small row per
 deleted key, the price of never letting a late older change resurrect a deleted row.
 """
@@ -56,8 +64,16 @@ class TablePlan:
     create_stage: sql.Composed
     clear_stage: sql.Composed
     copy: sql.Composed
+    copy_direct: sql.Composed | None
+    """COPY of insert-only changes straight into the target (None when a column is staged as text)."""
+    direct_types: tuple[int, ...]
+    direct_check: sql.Composed
+    """True when a truncate mark or a tombstone could guard off a change at ``%(position)s`` or later:
+    the batch needs the guarded upsert and must not COPY straight into the target."""
     prefill: sql.Composed | None
     upsert: sql.Composed
+    upsert_unguarded: sql.Composed
+    """The upsert without the truncate-mark and tombstone guards, for a batch `direct_check` cleared."""
     delete: sql.Composed | None
     tombstone: sql.Composed | None
     tombstone_cleanup: sql.Composed | None
@@ -125,6 +141,25 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
     )
     clear_stage = sql.SQL("TRUNCATE {}").format(stage)
     copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, _join(copy_columns))
+    # the same rows minus `_bl_unchanged`; `_bl_synced_at` defaults to now() like the upsert's
+    copy_direct = None
+    if not text_staged:
+        copy_direct = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+            table, _join(copy_columns[:-1])
+        )
+    direct_types = tuple(copy_types[:-1])
+    guards: list[sql.Composable] = [
+        sql.SQL("EXISTS (SELECT 1 FROM {} WHERE table_name = {} AND position >= %(position)s)").format(
+            truncations, sql.Literal(target.name)
+        )
+    ]
+    if target.tombstones is not None:
+        guards.append(
+            sql.SQL("EXISTS (SELECT 1 FROM {} WHERE _bl_position >= %(position)s)").format(
+                sql.Identifier(target.schema, target.tombstones)
+            )
+        )
+    direct_check = sql.SQL("SELECT {}").format(_join(guards, " OR "))
 
     branch_value: sql.Composable = sql.SQL("s._bl_branch") if branch_key else sql.Literal("")
     key_match = _join(
@@ -195,6 +230,11 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
         branch_value,
         _join(conditions, " AND "),
     )
+    unguarded = sql.SQL("SELECT {} FROM {} s WHERE {}").format(
+        _join(select_values),
+        stage,
+        sql.SQL("s._bl_op <> 'd'") if keyed and not soft_delete else sql.SQL("true"),
+    )
     key_list = _join([sql.Identifier(k) for k in target.key])
     if keyed:
         updates = [
@@ -202,12 +242,19 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
             for n in insert_names
             if n not in target.key
         ]
-        upsert = sql.SQL(
-            "INSERT INTO {} AS t ({}) {} ON CONFLICT ({}) DO UPDATE SET {} WHERE t._bl_position < EXCLUDED._bl_position"
-        ).format(table, _join(insert_columns), select, key_list, _join(updates))
+        upsert, upsert_unguarded = (
+            sql.SQL(
+                "INSERT INTO {} AS t ({}) {} ON CONFLICT ({}) DO UPDATE SET {}"
+                " WHERE t._bl_position < EXCLUDED._bl_position"
+            ).format(table, _join(insert_columns), source, key_list, _join(updates))
+            for source in (select, unguarded)
+        )
     else:
-        upsert = sql.SQL("INSERT INTO {} AS t ({}) {} ON CONFLICT ({}) DO NOTHING").format(
-            table, _join(insert_columns), select, key_list
+        upsert, upsert_unguarded = (
+            sql.SQL("INSERT INTO {} AS t ({}) {} ON CONFLICT ({}) DO NOTHING").format(
+                table, _join(insert_columns), source, key_list
+            )
+            for source in (select, unguarded)
         )
 
     # 3. hard deletes and tombstones
@@ -266,8 +313,12 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
         create_stage=create_stage,
         clear_stage=clear_stage,
         copy=copy,
+        copy_direct=copy_direct,
+        direct_types=direct_types,
+        direct_check=direct_check,
         prefill=prefill,
         upsert=upsert,
+        upsert_unguarded=upsert_unguarded,
         delete=delete,
         tombstone=tombstone,
         tombstone_cleanup=tombstone_cleanup,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from datetime import UTC
 from decimal import Decimal
 from operator import itemgetter
-from typing import Any
+from typing import Any, TypeAlias
 
 import orjson
 import psycopg
@@ -25,10 +25,12 @@ from branchline.sinks._batch import collapse, render, split_at_truncates
 from branchline.sinks._retry import retrying
 from branchline.sinks.config import PostgresSinkConfig
 from branchline.sinks.contract import SinkCapabilities
+from branchline.sinks.postgres._copy import FLUSH_AT, BinaryRows
 from branchline.sinks.postgres.ddl import MAX_IDENTIFIER, ensure_table
 from branchline.sinks.postgres.errors import map_error
 from branchline.sinks.postgres.plan import TablePlan, build_plan
-from psycopg import AsyncConnection, sql
+from branchline.sinks.postgres.types import Converter
+from psycopg import AsyncConnection, AsyncCopy, sql
 from psycopg.conninfo import make_conninfo
 from psycopg.types.json import set_json_dumps
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -38,6 +40,7 @@ _DELETE = Op.DELETE
 _OP_CODE = {op: op.value for op in Op}
 _UNCHANGED_ID = id(UNCHANGED)
 _STAGES_PER_CONNECTION = 8
+_INSERTS = frozenset((Op.CREATE, Op.READ))
 
 
 def _json_default(value: Any) -> Any:
@@ -91,6 +94,8 @@ class PostgresSink:
             weakref.WeakKeyDictionary()
         )
         """Per pooled connection: the staging tables it holds, least recently used first."""
+        self._direct_off: set[str] = set()
+        """Tables whose last direct COPY met stored rows (a replay): stage until inserts are new again."""
         self._normalized: set[str] = set()
         """Tables whose values needed the contract-repairing conversions once: always apply them."""
         """Tables whose tombstone table may hold rows (seen at start-up, or deletes written since)."""
@@ -202,38 +207,53 @@ class PostgresSink:
         def describe(line: int) -> str:
             if 1 <= line <= len(current):
                 change = current[line - 1]
-                return f"key {_describe_key(plan, change)} at position {change[2]}"
+                return f"key {_describe_key(plan, change)} at position {change.position}"
             return ""
 
-        async def transaction(normalize: bool) -> None:
+        async def transaction(normalize: bool, direct: bool) -> None:
             async with pool.connection() as conn:
                 try:
                     async with conn.transaction():
                         staged = False
                         for changes, truncate in split_at_truncates(events):
                             net = _net_changes(plan.source, changes, plan.branch_key)
-                            if net:
-                                current[:] = net
+                            current[:] = net
+                            if not net:
+                                pass
+                            elif (guarded := await self._guarded(conn, plan, net, direct, normalize)) is None:
+                                pass  # written straight into the target
+                            else:
                                 if staged:
                                     await conn.execute(plan.clear_stage)
                                 else:
                                     await self._stage(conn, plan)
                                 staged = True
-                                await self._apply(conn, plan, net, normalize)
+                                upserted = await self._apply(conn, plan, net, normalize, guarded)
+                                if upserted == len(net) and _inserts_only(net):
+                                    self._direct_off.discard(plan.table_id)  # new rows again: try COPY
                             if truncate is not None:
                                 await self._truncate(conn, plan, truncate)
                 except BaseException:
                     self._stages.pop(conn, None)  # a rollback may have undone a CREATE or a DROP
                     raise
 
+        normalize = plan.table_id in self._normalized
+        direct = True
         try:
-            try:
-                await transaction(normalize=plan.table_id in self._normalized)
-            except _Renormalize:
-                # a value outside the event contract (aware DATETIME, naive TIMESTAMP): the COPY was
-                # abandoned and rolled back; write the batch again with every conversion on
-                self._normalized.add(plan.table_id)
-                await transaction(normalize=True)
+            while True:
+                try:
+                    await transaction(normalize, direct)
+                    return
+                except _Renormalize:
+                    if normalize:
+                        raise
+                    # a value outside the event contract (aware DATETIME, naive TIMESTAMP): the COPY was
+                    # abandoned and rolled back; write the batch again with every conversion on
+                    self._normalized.add(plan.table_id)
+                    normalize = True
+                except _Restage:
+                    # an insert met a stored row (a replay) or an unchanged value: stage this batch
+                    direct = False
         except SinkError:
             raise
         except KeyError as exc:  # from the collapse: an event without its key
@@ -258,7 +278,69 @@ class PostgresSink:
             oldest, _ = stages.popitem(last=False)
             await conn.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(sql.Identifier(oldest)))
 
-    async def _apply(self, conn: AsyncConnection, plan: TablePlan, net: list[_Net], normalize: bool) -> None:
+    async def _guarded(
+        self, conn: AsyncConnection, plan: TablePlan, net: list[_Net], direct: bool, normalize: bool
+    ) -> bool | None:
+        """Whether ``net`` needs the guarded upsert (a truncate mark or tombstone at or above its first
+        position); None when it was written instead, by COPY straight into the target.
+
+        The direct COPY is for insert-only changes (``c``/``r``) that nothing guards off: it runs at the
+        rate of a plain COPY. A key that exists after all (a replay, a late redelivery) fails it on the
+        primary key: `_Restage` rolls the transaction back, the caller writes the batch again through
+        staging, and this table skips the direct COPY until an insert-only batch is all new again.
+        """
+        first = min([change.position for change in net])
+        cursor = await conn.execute(plan.direct_check, {"position": first})
+        row = await cursor.fetchone()
+        guarded = row is None or bool(row[0])
+        if (
+            guarded
+            or not direct
+            or plan.copy_direct is None
+            or plan.table_id in self._direct_off
+            or not _inserts_only(net)
+        ):
+            return guarded
+        try:
+            async with conn.cursor() as cur, cur.copy(plan.copy_direct) as copy:
+                copy.set_types(plan.direct_types)
+                await self._encode(copy, plan, net, normalize, staged=False)
+        except psycopg.errors.UniqueViolation as exc:
+            self._direct_off.add(plan.table_id)
+            raise _Restage from exc
+        return None
+
+    async def _apply(
+        self, conn: AsyncConnection, plan: TablePlan, net: list[_Net], normalize: bool, guarded: bool
+    ) -> int:
+        """Stage ``net`` and upsert it (then deletes and tombstones); returns the rows the upsert wrote."""
+        async with conn.cursor() as cursor:
+            async with cursor.copy(plan.copy) as copy:
+                copy.set_types(plan.copy_types)
+                has_unchanged, has_delete, has_upsert = await self._encode(
+                    copy, plan, net, normalize, staged=True
+                )
+            if plan.prefill is not None and has_unchanged:
+                await cursor.execute(plan.prefill)
+            await cursor.execute(plan.upsert if guarded else plan.upsert_unguarded)
+            upserted = cursor.rowcount
+            if has_delete and plan.delete is not None and plan.tombstone is not None:
+                await cursor.execute(plan.delete)
+                await cursor.execute(plan.tombstone)
+            if has_delete:
+                self._with_tombstones.add(plan.qualified)
+            if has_upsert and plan.tombstone_cleanup is not None and plan.qualified in self._with_tombstones:
+                await cursor.execute(
+                    plan.tombstone_cleanup
+                )  # space only: stale tombstones never change a result
+            return upserted
+
+    async def _encode(
+        self, copy: AsyncCopy, plan: TablePlan, net: list[_Net], normalize: bool, *, staged: bool
+    ) -> tuple[bool, bool, bool]:
+        """Send ``net`` into an open COPY: the staging layout (``staged``, last column the names of
+        unchanged values) or the target's (`_Restage` on a value that needs the staging path).
+        Returns (has unchanged values, has deletes, has upserts)."""
         has_unchanged = has_delete = has_upsert = False
         names = [c.name for c in plan.columns]
         converters = [
@@ -269,65 +351,95 @@ class PostgresSink:
         soft_delete = plan.soft_delete
         branch_key = plan.branch_key
         pick = itemgetter(*names) if len(names) > 1 else (lambda row: (row[names[0]],))
-        async with conn.cursor() as cursor:
-            async with cursor.copy(plan.copy) as copy:
-                copy.set_types(plan.copy_types)
-                write_row = copy.write_row
-                for change in net:
-                    op, branch, position, source_ts, row = change
-                    try:
-                        values = list(pick(row))
-                    except KeyError:  # a key-only delete image, or a column the source no longer sends
-                        values = [row.get(n) for n in names]
-                    unchanged: list[str] | None = None
-                    if op is _DELETE:
-                        has_delete = True
-                        if soft_delete:  # what a key-only image lacks: keep the stored value
-                            unchanged = [n for n in names if n not in row] or None
-                    else:
-                        has_upsert = True
-                    # by identity: `UNCHANGED in values` would call Decimal.__eq__, which costs an ABC check
-                    if _UNCHANGED_ID in map(id, values):
-                        unchanged = (unchanged or []) + [n for n, v in zip(names, values) if v is UNCHANGED]
-                        values = [None if v is UNCHANGED else v for v in values]
-                    if unchanged is not None:
-                        has_unchanged = True
-                    try:
-                        for index, convert in converters:
-                            value = values[index]
-                            if value is not None:
-                                values[index] = convert(value)
-                    except (ValueError, TypeError) as exc:
-                        raise FatalSinkError(
-                            f"`{plan.qualified}` value at key {_describe_key(plan, change)} position "
-                            f"{position} must match its column type; got {exc}"
-                        ) from exc
-                    if source_ts is not None and source_ts.tzinfo is None:
-                        source_ts = source_ts.replace(tzinfo=UTC)
-                    if branch_key:
-                        values.insert(0, branch)
-                    values += (position, _OP_CODE[op], source_ts, unchanged)
-                    try:
-                        await write_row(values)
-                    except TypeError as exc:
-                        if normalize:
-                            raise FatalSinkError(
-                                f"`{plan.qualified}` row at key {_describe_key(plan, change)} position "
-                                f"{position} must match its column types; got {exc}"
-                            ) from exc
-                        raise _Renormalize from exc
-            if plan.prefill is not None and has_unchanged:
-                await cursor.execute(plan.prefill)
-            await cursor.execute(plan.upsert)
-            if has_delete and plan.delete is not None and plan.tombstone is not None:
-                await cursor.execute(plan.delete)
-                await cursor.execute(plan.tombstone)
-            if has_delete:
-                self._with_tombstones.add(plan.qualified)
-            if has_upsert and plan.tombstone_cleanup is not None and plan.qualified in self._with_tombstones:
-                await cursor.execute(
-                    plan.tombstone_cleanup
-                )  # space only: stale tombstones never change a result
+        rows = BinaryRows(copy)
+        encode, transformer, buffer = rows.encode, rows.transformer, rows.buffer
+        plain = not converters and not branch_key  # no per-row fix-ups: values go out as `pick` made them
+        op_code = _OP_CODE
+        for change in net:
+            op = change.op
+            position = change.position
+            source_ts = change.source_ts
+            if op is _DELETE:
+                has_delete = True
+                row = change.before or change.key
+            else:
+                has_upsert = True
+                row = change.after or change.key
+            if source_ts is not None and source_ts.tzinfo is None:
+                source_ts = source_ts.replace(tzinfo=UTC)
+            try:
+                values = pick(row)
+            except KeyError:  # a key-only delete image, or a column the source no longer sends
+                values = tuple([row.get(n) for n in names])
+            # by identity: `UNCHANGED in values` would call Decimal.__eq__, which costs an ABC check
+            if plain and _UNCHANGED_ID not in map(id, values) and not (soft_delete and op is _DELETE):
+                values += (
+                    (position, op_code[op], source_ts, None) if staged else (position, op_code[op], source_ts)
+                )
+            else:
+                values, unchanged = self._fix(
+                    plan, change, values, names, converters, staged=staged, soft_delete=soft_delete
+                )
+                if unchanged is not None:
+                    has_unchanged = True
+                values += (
+                    (position, op_code[op], source_ts, unchanged)
+                    if staged
+                    else (position, op_code[op], source_ts)
+                )
+            try:
+                encode(values, transformer, buffer)
+            except TypeError as exc:
+                if normalize:
+                    raise FatalSinkError(
+                        f"`{plan.qualified}` row at key {_describe_key(plan, change)} position "
+                        f"{position} must match its column types; got {exc}"
+                    ) from exc
+                raise _Renormalize from exc
+            if len(buffer) >= FLUSH_AT:
+                await rows.drain()
+                buffer = rows.buffer
+        await rows.finish()
+        return has_unchanged, has_delete, has_upsert
+
+    @staticmethod
+    def _fix(
+        plan: TablePlan,
+        change: _Net,
+        values: tuple[Any, ...],
+        names: list[str],
+        converters: list[tuple[int, Converter]],
+        *,
+        staged: bool,
+        soft_delete: bool,
+    ) -> tuple[tuple[Any, ...], list[str] | None]:
+        """The slow path of one row: unchanged values (staged as NULL and named), conversions, the
+        branch column. Returns the values and the names of the unchanged columns (or None)."""
+        row = _row(change)
+        unchanged: list[str] | None = None
+        if soft_delete and change.op is _DELETE:  # what a key-only image lacks: keep the stored value
+            unchanged = [n for n in names if n not in row] or None
+        if _UNCHANGED_ID in map(id, values):
+            if not staged:
+                raise _Restage
+            unchanged = (unchanged or []) + [n for n, v in zip(names, values) if v is UNCHANGED]
+            values = tuple([None if v is UNCHANGED else v for v in values])
+        if converters:
+            fixed = list(values)
+            try:
+                for index, convert in converters:
+                    value = fixed[index]
+                    if value is not None:
+                        fixed[index] = convert(value)
+            except (ValueError, TypeError) as exc:
+                raise FatalSinkError(
+                    f"`{plan.qualified}` value at key {_describe_key(plan, change)} position "
+                    f"{change.position} must match its column type; got {exc}"
+                ) from exc
+            values = tuple(fixed)
+        if plan.branch_key:
+            values = (change.table.branch, *values)
+        return values, unchanged
 
     async def _truncate(self, conn: AsyncConnection, plan: TablePlan, event: ChangeEvent) -> None:
         params = {
@@ -345,8 +457,16 @@ class _Renormalize(Exception):  # control flow only: never leaves the sink
     """The fast path met a value that needs a conversion it skipped."""
 
 
-_Net = tuple[Op, str, int, Any, dict[str, Any]]
-"""(op, branch, position, source_ts, row) of one net change, as the COPY loop reads it."""
+class _Restage(Exception):  # control flow only: never leaves the sink
+    """The direct COPY met a stored row or an unchanged value: only the staging path handles those."""
+
+
+_Net: TypeAlias = ChangeEvent
+"""One net change to write: an event of the batch, or one the collapse made (a key's merged changes)."""
+
+
+def _inserts_only(net: list[_Net]) -> bool:
+    return all(change.op in _INSERTS for change in net)
 
 
 def _net_changes(table: TableSchema, events: Sequence[ChangeEvent], by_branch: bool) -> list[_Net]:
@@ -365,25 +485,35 @@ def _net_changes(table: TableSchema, events: Sequence[ChangeEvent], by_branch: b
     else:
         unique = True  # a keyless table keeps every change
     if unique:
-        return [
-            (
-                e.op,
-                e.table.branch,
-                e.position,
-                e.source_ts,
-                (e.before if e.op is _DELETE else e.after) or e.key,
-            )
-            for e in events
-        ]
-    return [(c.op, c.branch, c.position, c.source_ts, c.row) for c in collapse(table, events, by_branch)]
+        return events if isinstance(events, list) else list(events)
+    tables = {e.table.branch: e.table for e in events}
+    construct = ChangeEvent.model_construct
+    return [
+        construct(
+            op=c.op,
+            table=tables[c.branch],
+            key={},
+            before=c.row if c.op is _DELETE else None,
+            after=None if c.op is _DELETE else c.row,
+            position=c.position,
+            source_ts=c.source_ts,
+            txid=None,
+            snapshot=False,
+        )
+        for c in collapse(table, events, by_branch)
+    ]
+
+
+def _row(change: _Net) -> dict[str, Any]:
+    return (change.before if change.op is _DELETE else change.after) or change.key
 
 
 def _describe_key(plan: TablePlan, change: _Net) -> str:
-    row = change[4]
+    row = _row(change)
     if plan.keyed:
         pairs = ", ".join(f"{k}={row.get(k)!r}" for k in plan.source.primary_key)
     else:
         pairs = "(no primary key)"
     if plan.branch_key:
-        pairs = f"_bl_branch={change[1]!r}, {pairs}"
+        pairs = f"_bl_branch={change.table.branch!r}, {pairs}"
     return f"({pairs})"

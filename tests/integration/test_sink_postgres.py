@@ -407,8 +407,9 @@ def test_a_connection_keeps_few_staging_tables_however_many_tables_it_writes(tar
         try:
             for round_ in (1, 2):
                 for table in tables:
+                    # updates: insert-only batches COPY straight into the target, without staging
                     await sink.write_batch(
-                        table, [change(table, Op.CREATE, round_, item(round_, f"r{round_}"))]
+                        table, [change(table, Op.UPDATE, round_, item(round_, f"r{round_}"))]
                     )
             async with await psycopg.AsyncConnection.connect(target["dsn"]) as admin:
                 cursor = await admin.execute(
@@ -426,3 +427,122 @@ def test_a_connection_keeps_few_staging_tables_however_many_tables_it_writes(tar
     assert asyncio.run(scenario()) == 8
     for table in tables:
         assert fetch(target, f"SELECT id, name FROM {table.id.table} ORDER BY id") == [(1, "r1"), (2, "r2")]
+
+
+def _staging_tables(dsn: str, app: str) -> int:
+    """Staging tables the sink's pooled connection (named by application_name) holds right now."""
+    with psycopg.connect(dsn) as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE c.relname LIKE '\\_bl\\_stage\\_%%' AND n.nspname = (SELECT 'pg_temp_' || b"
+            " FROM pg_stat_get_backend_idset() b JOIN pg_stat_activity a"
+            " ON a.pid = pg_stat_get_backend_pid(b) WHERE a.application_name = %s)",
+            [app],
+        ).fetchone()
+    return int(row[0]) if row else -1
+
+
+def test_new_rows_are_copied_straight_into_the_target_and_a_replay_falls_back_to_the_guarded_upsert(
+    target: dict[str, Any],
+) -> None:
+    """Insert-only batches that no tombstone or truncate mark can guard off skip the staging table; when
+    their keys exist after all (a replay after a crash), the batch is written through the guarded upsert
+    and no newer row moves back."""
+    app = f"bl-direct-{uuid.uuid4().hex[:6]}"
+    inserts = [change(ITEMS, Op.CREATE, i, item(i, f"v{i}")) for i in range(1, 6)]
+
+    async def scenario() -> tuple[int, int]:
+        sink = build_sink(config(target, application_name=app, pool_min_size=1, pool_max_size=1))
+        try:
+            await sink.write_batch(ITEMS, inserts)
+            direct = await asyncio.to_thread(_staging_tables, target["dsn"], app)
+            await sink.write_batch(ITEMS, [change(ITEMS, Op.UPDATE, 10, item(2, "newer"))])
+            await sink.write_batch(ITEMS, inserts)  # the replay: every key is stored
+            await sink.write_batch(ITEMS, [change(ITEMS, Op.CREATE, 11, item(6, "after"))])
+            staged = await asyncio.to_thread(_staging_tables, target["dsn"], app)
+            return direct, staged
+        finally:
+            await sink.close()
+
+    direct, staged = asyncio.run(scenario())
+    assert direct == 0  # the first batch never made a staging table
+    assert staged == 1
+    assert fetch(
+        target, "SELECT id, name, _bl_position, _bl_op, _bl_synced_at IS NOT NULL FROM items ORDER BY id"
+    ) == [
+        (1, "v1", 1, "c", True),
+        (2, "newer", 10, "u", True),
+        (3, "v3", 3, "c", True),
+        (4, "v4", 4, "c", True),
+        (5, "v5", 5, "c", True),
+        (6, "after", 11, "c", True),
+    ]
+
+
+def test_direct_copy_stores_every_type_as_the_staged_upsert_does(target: dict[str, Any]) -> None:
+    """The same rows as inserts (COPY straight into the target) and as updates (staging + upsert) end as
+    identical tables. BIT columns are staged as text, so such tables always take the staging path."""
+    columns = tuple(c for c in ALL_TYPES.columns if c.type is not ColumnType.BITS)
+    direct = TableSchema(id=tid("direct_types"), columns=columns, primary_key=("id",))
+    staged = TableSchema(id=tid("staged_types"), columns=columns, primary_key=("id",))
+    u = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    full = {
+        "id": 1,
+        "flag": False,
+        "small": 7,
+        "big": 2**62,
+        "ubig": 2**64 - 1,
+        "amount": Decimal("-1.5"),
+        "anyscale": Decimal("1e-20"),
+        "f32": -0.25,
+        "f64": 3.5,
+        "txt": "a\tb\nc",
+        "raw": b"\x00\x01",
+        "day": date(2026, 2, 28),
+        "dur": timedelta(hours=30),
+        "local": datetime(2026, 1, 1, 8, 30),
+        "instant": datetime(2026, 1, 1, 8, 30, tzinfo=timezone(timedelta(hours=2))),
+        "span": timedelta(days=-1),
+        "doc": Json([1, {"x": None}]),
+        "uid": u,
+        "state": "open",
+        "tags": ["a"],
+        "yr": 1901,
+        "names": [],
+    }
+    rows = [full, {c.name: None for c in columns} | {"id": 2}]
+    asyncio.run(
+        write(
+            config(target),
+            direct,
+            [change(direct, Op.CREATE, i + 1, r) for i, r in enumerate(rows)],
+        )
+    )
+    asyncio.run(
+        write(
+            config(target),
+            staged,
+            [change(staged, Op.UPDATE, i + 1, r) for i, r in enumerate(rows)],
+        )
+    )
+    names = ", ".join(c.name for c in columns)
+    got_direct = fetch(target, f"SELECT {names}, _bl_position, doc IS NULL FROM direct_types ORDER BY id")
+    got_staged = fetch(target, f"SELECT {names}, _bl_position, doc IS NULL FROM staged_types ORDER BY id")
+    assert got_direct == got_staged
+    first = dict(zip([c.name for c in columns], got_direct[0], strict=False))
+    expected = dict(full, doc=[1, {"x": None}], instant=datetime(2026, 1, 1, 6, 30, tzinfo=UTC))
+    assert first == expected
+    assert got_direct[1][: len(columns)] == (2,) + (None,) * (len(columns) - 1)
+
+
+def test_a_table_made_before_the_direct_copy_gets_its_sync_time_default(target: dict[str, Any]) -> None:
+    """Tables created by an older sink have no DEFAULT on `_bl_synced_at`; the sink adds it, so the
+    direct COPY still stamps every row."""
+    asyncio.run(write(config(target), ITEMS, [change(ITEMS, Op.UPDATE, 1, item(1, "old"))]))
+    with psycopg.connect(target["dsn"], autocommit=True) as conn:
+        conn.execute(f'ALTER TABLE "{target["schema"]}".items ALTER COLUMN _bl_synced_at DROP DEFAULT')
+    asyncio.run(write(config(target), ITEMS, [change(ITEMS, Op.CREATE, 2, item(2, "new"))]))
+    assert fetch(target, "SELECT id, name, _bl_synced_at IS NOT NULL FROM items ORDER BY id") == [
+        (1, "old", True),
+        (2, "new", True),
+    ]
