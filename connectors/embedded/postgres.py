@@ -388,6 +388,12 @@ class PostgresReader:
         carries the checkpoint). Yields an empty `Changes` when no data came for ``idle_after_s``
         (so the runner writes what it holds) and every ``poll_s`` while idle; returns when ``stop``
         is set (checked at least every ``poll_s``).
+
+        Keepalive requests are answered while messages are read: a consumer that holds the stream
+        longer than the server's ``wal_sender_timeout`` (a full spool) gets a retryable error, and the
+        runner resumes from its checkpoint. Not guaranteed: that the slot's ``confirmed_flush_lsn``
+        equals the last acknowledgement (psycopg2 moves it to the server's WAL end on keepalives once
+        everything received is acknowledged, which skips only WAL without captured changes).
         """
         what = f"replication slot {self.slot} of {self.source}"
         start_lsn = parse_lsn(start.data["lsn"])
