@@ -144,6 +144,43 @@ async def poll_kafka_consumer_lag(bootstrap_servers: str, group: str) -> dict[tu
     return lags
 
 
+async def ensure_heartbeat_topics(bootstrap_servers: str, sources: Sequence[Any],
+                                  replication_factor: int = 1) -> list[str]:
+    """Create each source's heartbeat-table topic when Debezium has not yet; returns the topics created.
+
+    Why: a worker subscribes to the table topics that exist when it starts. Debezium creates
+    ``<branch>.<source>.branchline.debezium_heartbeat`` only with its first heartbeat row, so a worker
+    started before that (during the snapshot, say) would never see a heartbeat and idle tables' lag
+    would freeze until it restarts. The topic gets the partition count of the source's table topics
+    (Faust co-partitions them); nothing is created while a source has no table topic, or when its
+    table topics disagree (the worker's start-up check reports that).
+    """
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from branchline.heartbeat import heartbeat_table
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="branchline-monitor")
+    await admin.start()
+    try:
+        names = set(await admin.list_topics())
+        wanted: list[NewTopic] = []
+        for source in sources:
+            topic = source.table_topic(*heartbeat_table(source))
+            if topic in names:
+                continue
+            tables = sorted(t for t in names if t.startswith(source.topic_prefix + ".") and not t.endswith(".transaction"))
+            if not tables:
+                continue
+            counts = {len(d["partitions"]) for d in await admin.describe_topics(tables)}
+            if len(counts) == 1:
+                wanted.append(NewTopic(topic, num_partitions=counts.pop(), replication_factor=replication_factor))
+        if wanted:
+            await admin.create_topics(wanted)
+            log.info("created heartbeat topics %s", ", ".join(t.name for t in wanted))
+        return [t.name for t in wanted]
+    finally:
+        await admin.close()
+
+
 def poll_source(source: Any) -> dict[str, Any] | None:
     """The source-side poll that fits the source kind; errors are recorded and returned as None."""
     try:

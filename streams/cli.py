@@ -33,6 +33,7 @@ def worker(file: str, loglevel: str, no_key_check: bool) -> None:
         settings = settings.model_copy(update={"check_topic_keys": False})
     if not config.sinks:
         raise ConfigError("`sinks` must name at least one target for a worker; got none", file)
+    _ensure_heartbeat_topics(config)
     layout = run_preflight(config, settings)
     log.info(
         "consuming %d topics with %d partitions each: %s", len(layout.topics), layout.partitions,
@@ -51,6 +52,21 @@ def worker(file: str, loglevel: str, no_key_check: bool) -> None:
         monitor.join(15)
         if server is not None:
             server.close()
+
+
+def _ensure_heartbeat_topics(config: Any) -> None:
+    """Subscribe to heartbeat topics even before Debezium's first heartbeat (see `ensure_heartbeat_topics`)."""
+    import asyncio
+
+    from branchline.monitoring import ensure_heartbeat_topics
+
+    if config.kafka is None:
+        return
+    try:
+        asyncio.run(ensure_heartbeat_topics(config.kafka.bootstrap_servers, config.sources,
+                                            config.kafka.replication_factor))
+    except Exception as exc:  # noqa: BLE001 - the worker runs without; idle-table lag waits for a restart
+        log.warning("heartbeat topics not created: %s", exc)
 
 
 def _start_monitoring(config: Any, topics: list[str], group: str) -> tuple[threading.Event, threading.Thread, Any]:

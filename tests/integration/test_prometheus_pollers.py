@@ -257,3 +257,35 @@ def test_heartbeats_need_only_the_grants_of_the_setup_sql(erp: Any, crm: Any) ->
     finally:
         root.close()
     assert metrics.sample("branchline_heartbeats_written_total", {"branch": "t1", "source": "erp"}) == 2
+
+
+def test_heartbeat_topics_exist_before_debeziums_first_heartbeat(kafka: Any) -> None:
+    """A worker subscribes to the topics present at start-up: the heartbeat topic is made ahead of
+    Debezium, with the partitions of the source's table topics; nothing is made for a source with none."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from branchline.monitoring import ensure_heartbeat_topics
+
+    branch = f"mhb{secrets.token_hex(3)}"
+    ready = SimpleNamespace(name="crm", topic_prefix=f"{branch}.crm", heartbeat_table="branchline.debezium_heartbeat",
+                            table_topic=lambda ns, t: f"{branch}.crm.{ns}.{t}")
+    empty = SimpleNamespace(name="erp", topic_prefix=f"{branch}.erp", heartbeat_table="branchline.debezium_heartbeat",
+                            table_topic=lambda ns, t: f"{branch}.erp.{ns}.{t}")
+    heartbeat_topic = f"{branch}.crm.branchline.debezium_heartbeat"
+
+    async def scenario() -> tuple[list[str], list[str], int]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.address)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(f"{branch}.crm.public.accounts", num_partitions=3,
+                                                replication_factor=1)])
+            first = await ensure_heartbeat_topics(kafka.address, [ready, empty])
+            again = await ensure_heartbeat_topics(kafka.address, [ready, empty])
+            (described,) = await admin.describe_topics([heartbeat_topic])
+            return first, again, len(described["partitions"])
+        finally:
+            names = [t for t in await admin.list_topics() if t.startswith(branch + ".")]
+            await admin.delete_topics(names)
+            await admin.close()
+
+    first, again, partitions = asyncio.run(scenario())
+    assert first == [heartbeat_topic] and again == [] and partitions == 3
