@@ -97,6 +97,8 @@ class History:
         self.rng = random.Random(seed)
         self.rows: dict[int, dict[str, Any]] = {}
         self.pos = 4
+        self.last: dict[int, tuple[str, int]] = {}
+        """Per key: the operation and binlog offset of its last change (for failure reports)."""
 
     def changes(self, count: int, keys: int) -> list[tuple[str, bytes | None, bytes | None]]:
         out = []
@@ -105,6 +107,7 @@ class History:
             self.pos += 300
             position = ("erp-bin.000001", self.pos, 0)
             if key in self.rows and self.rng.random() < 0.15:
+                self.last[key] = ("d", self.pos)
                 before = self.rows.pop(key)
                 out.append((self.table.topic, self.table.key_record(before),
                             self.table.value("d", before=before, after=None, position=position)))
@@ -115,6 +118,7 @@ class History:
                    "updated": 1_700_000_000_000_000 + self.rng.randrange(10**12),
                    "note": self.rng.choice([None, "ok", "wide ✓ note"])}
             op = "u" if key in self.rows else "c"
+            self.last[key] = (op, self.pos)
             out.append((self.table.topic, self.table.key_record(row),
                         self.table.value(op, before=self.rows.get(key), after=row, position=position)))
             self.rows[key] = row
@@ -139,6 +143,27 @@ def target_rows(cloud: Any, schema: str) -> list[tuple[Any, ...]] | None:
             return None
         return [tuple(r) for r in conn.execute(
             f'SELECT id, code, amount, updated, note FROM "{schema}"."orders" ORDER BY id').fetchall()]
+
+
+def mismatch_report(cloud: Any, schema: str, history: History) -> str:
+    """Which keys differ, with the position the target holds and the last change the source made."""
+    from aiokafka.partitioner import murmur2
+    from branchline.events import binlog_position
+
+    expected = {row[0]: row for row in history.expected()}
+    with psycopg.connect(host=cloud.host, port=cloud.port, user="postgres", dbname="cloud", autocommit=True) as conn:
+        stored = {r[0]: r for r in conn.execute(
+            f'SELECT id, code, amount, updated, note, _bl_position FROM "{schema}"."orders"').fetchall()}
+    lines = []
+    for key in sorted(set(expected) | set(stored)):
+        have = stored.get(key)
+        if have is not None and expected.get(key) == tuple(have[:5]):
+            continue
+        op, pos = history.last.get(key, ("?", 0))
+        partition = (murmur2(history.table.key_record({"id": key}) or b"") & 0x7FFFFFFF) % PARTITIONS
+        lines.append(f"key {key} (partition {partition}): expected {expected.get(key)!r} (last {op} at {binlog_position('erp-bin.000001', pos)}, "
+                     f"binlog pos {pos}); target {have!r}")
+    return "\n".join(lines[:20])
 
 
 def start_worker(path: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -173,12 +198,15 @@ def batches_in(log: Path) -> int:
     return log.read_text(errors="replace").count("] batch: ") if log.exists() else 0
 
 
-@pytest.mark.xfail(strict=False, reason="known defect, issue 4 open: in about 1 run of 6 two keys keep an "
-                   "older value after the surviving worker takes over the killed worker's partition")
 def test_two_workers_and_a_kill_9_neither_lose_nor_duplicate(kafka: Any, cloud: Any, tmp_path: Path) -> None:
     """Both workers consume their half of the partitions while changes keep arriving; one is killed with
     SIGKILL while it works; the other takes its partitions over and the target ends equal to the changes
-    applied one by one."""
+    applied one by one.
+
+    This test found the worker's one loss: after a rebalance faust-streaming sometimes never delivers
+    a few records (its fetcher's read offset runs ahead of a second seek to the committed offsets); the
+    keys whose last change was among them stayed stale (about 1 run in 6). The worker now reads such
+    holes from the broker (`OffsetTracker`, `read_holes`)."""
     branch = "w" + uuid.uuid4().hex[:8]
     table = env.Table(prefix=f"{branch}.erp", database="erp", table="orders", fields=FIELDS, key=["id"])
     asyncio.run(create_topics(kafka.address, [table.topic]))
@@ -202,7 +230,10 @@ def test_two_workers_and_a_kill_9_neither_lose_nor_duplicate(kafka: Any, cloud: 
         assert not producer.is_alive()
         expected = history.expected()
         schema = f"{branch}_erp"
-        wait_for(lambda: target_rows(cloud, schema) == expected, 240, "the target to match the source", logs)
+        try:
+            wait_for(lambda: target_rows(cloud, schema) == expected, 120, "the target to match the source", logs)
+        except pytest.fail.Exception as exc:
+            raise AssertionError(f"{mismatch_report(cloud, schema, history)}\n{exc}") from None
         assert b.poll() is None, "the surviving worker must still run"
         assert target_rows(cloud, schema) == expected  # row by row: nothing lost, nothing duplicated
     finally:
@@ -292,3 +323,29 @@ async def read_all(bootstrap: str, topic: str) -> list[Any]:
         return out
     finally:
         await consumer.stop()
+
+
+def test_read_holes_reads_exactly_the_missing_offsets(kafka: Any) -> None:
+    """What the worker does when Faust skipped offsets: read them directly, nothing more."""
+    from branchline.streams.app import Hole, read_holes
+
+    topic = "w" + uuid.uuid4().hex[:8] + ".holes"
+    asyncio.run(create_topics(kafka.address, [topic], partitions=2))
+    asyncio.run(produce_to(kafka.address, topic, [(p, f"{p}-{i}".encode()) for p in (0, 1) for i in range(20)]))
+    records = asyncio.run(read_holes(kafka.address, [Hole(topic, 0, 3, 7), Hole(topic, 0, 10, 11),
+                                                     Hole(topic, 1, 18, 20)]))
+    assert [(r.partition, r.offset, r.value) for r in records] == [
+        (0, 3, b"0-3"), (0, 4, b"0-4"), (0, 5, b"0-5"), (0, 6, b"0-6"), (0, 10, b"0-10"),
+        (1, 18, b"1-18"), (1, 19, b"1-19")]
+
+
+async def produce_to(bootstrap: str, topic: str, values: list[tuple[int, bytes]]) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for partition, value in values:
+            await producer.send_and_wait(topic, value=value, partition=partition)
+    finally:
+        await producer.stop()

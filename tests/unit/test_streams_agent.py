@@ -253,3 +253,27 @@ def test_key_check_accepts_primary_key_keys_and_refuses_others():
     foreign = orjson.dumps({"schema": {"type": "struct", "fields": [{"type": "string", "field": "tenant"}]},
                             "payload": {"tenant": "x"}})
     assert "primary-key columns" in _key_problem(decoder, Message(good.topic, foreign, good.value), partitions=4)
+
+
+def test_offset_tracker_finds_offsets_faust_never_delivered():
+    """A rebalance race in faust-streaming drops records below its fetcher's read offset; the
+    tracker sees the jump (from the committed offset at the start of a generation, then between
+    records) and ignores re-deliveries."""
+    from branchline.streams.app import Hole, OffsetTracker
+
+    tracker = OffsetTracker()
+    committed = {("t", 0): 10, ("t", 1): None}
+
+    def batch(*offsets: tuple[int, int]) -> list[Record]:
+        return [Record("t", partition, offset, None, None) for partition, offset in offsets]
+
+    def holes(records: list[Record], generation: int = 1) -> list[Hole]:
+        return tracker.holes(records, generation, lambda topic, partition: committed[(topic, partition)])
+
+    assert holes(batch((0, 10), (0, 11), (1, 5), (1, 6))) == []
+    assert holes(batch((0, 12), (0, 15), (1, 7))) == [Hole("t", 0, 13, 15)]
+    assert holes(batch((0, 15), (0, 16), (1, 3))) == []  # re-delivered: not a hole, nothing moves back
+    assert holes(batch((1, 9))) == [Hole("t", 1, 8, 9)]
+    committed[("t", 0)] = 17
+    assert holes(batch((0, 20)), generation=2) == [Hole("t", 0, 17, 20)]  # a new generation starts afresh
+    assert holes(batch((1, 2), (1, 3)), generation=3) == []  # no committed offset: the first record counts
