@@ -239,3 +239,14 @@ def test_a_runtime_that_counts_its_own_sink_failures_can_leave_counting_out() ->
     assert metrics.sample("branchline_errors_total",
                           {"component": "sink", "name": "cloud", "kind": "RetryableSinkError"}) is None
     assert metrics.sample("branchline_retries_total", {"component": "sink", "name": "cloud"}) is None
+
+
+def test_a_run_that_exits_on_its_own_writes_and_captures_no_heartbeats(tmp_path: Path) -> None:
+    from branchline.runtime.cli import _heartbeats_on
+
+    pipeline = _pipeline(tmp_path, "  - {name: erp, kind: mariadb, user: u, databases: [erp]}\n")
+    for idle_s, after_snapshot in ((3.0, False), (None, True)):
+        run = _heartbeats_on(pipeline, idle_s, after_snapshot)
+        assert run.metrics.heartbeat.enabled is False
+        assert run.sources == pipeline.sources  # nothing extra captured either
+    assert pipeline.metrics.heartbeat.enabled is True  # the file's own model is left alone
