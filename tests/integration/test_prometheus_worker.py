@@ -69,6 +69,7 @@ def test_the_worker_command_serves_connect_states_consumer_lag_and_heartbeat_dri
     from branchline.config import load_pipeline
     from branchline.connectors.connect import ConnectClient
     from branchline.connectors.operate import retire
+    from branchline.connectors.setup_sql import setup_statements
     from branchline.connectors.topics import delete_topics, topic_names
 
     suffix = secrets.token_hex(3)
@@ -95,6 +96,12 @@ def test_the_worker_command_serves_connect_states_consumer_lag_and_heartbeat_dri
     }))
     pipeline = load_pipeline(path, env={})
     (source,) = pipeline.sources
+    # the signal and heartbeat tables must exist before the connector builds its publication (as the
+    # DBA's setup SQL makes them; a fresh stack has none)
+    with psycopg.connect(crm_dsn, autocommit=True) as conn:
+        for statement in setup_statements(source, publication=False):
+            if "ROLE" not in statement:
+                conn.execute(statement)
     connector, prefix = source.connector_name, source.topic_prefix
     live_topic, idle_topic = f"{prefix}.{schema}.live", f"{prefix}.{schema}.idle"
     heartbeat_topic = f"{prefix}.branchline.debezium_heartbeat"
