@@ -14,6 +14,11 @@ Split in two so that the batch logic is testable without a broker:
   acknowledgement: the batch is delivered again to whichever worker owns the partitions next, and
   the sinks' position guard plus the applied-positions table make the replay harmless.
 
+A sink that buffers (``capabilities.durable_on_write`` False, e.g. Delta) is flushed only when its
+``commit_interval_s`` has passed since the last flush, when a rebalance starts, and on shutdown; the
+batches written since the last flush stay unacknowledged, and their positions stay out of the guard,
+until that flush returns.
+
 The applied-positions guard is a Faust table keyed like the source topics' partitions: each key is
 written to the changelog partition of the record it came from, so the worker that owns a partition
 after a rebalance restores exactly the keys it will see.
@@ -74,6 +79,9 @@ class BatchReport:
     skipped: int = 0
     """Records that are not rows: tombstones, heartbeats, transaction markers, DDL."""
     segments: int = 0
+    durable: bool = True
+    """Everything written so far is durable: this batch (and any held before it) may be acknowledged.
+    False while a buffering sink waits for its commit interval."""
     prepare_s: float = 0.0
     """Decode, transform and dedupe."""
     write_s: float = 0.0
@@ -148,7 +156,7 @@ class BatchProcessor:
 
     def __init__(self, routes: Sequence[SourceRoute], tables: Mapping[str, TableTransforms],
                  sinks: Mapping[str, Sink], store: MutableMapping[str, int], settings: WorkerSettings,
-                 dead_letter: DeadLetter | None = None) -> None:
+                 dead_letter: DeadLetter | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         if settings.on_bad_record == "dlq" and dead_letter is None:
             raise ConfigError("`worker.on_bad_record` dlq must have a dead-letter producer; got None")
         self.routes = sorted(routes, key=lambda r: -len(r.topic_prefix))
@@ -161,6 +169,54 @@ class BatchProcessor:
         self._decoders = {r.topic_prefix: EnvelopeDecoder(r.name, r.branch) for r in routes}
         self._topic_routes: dict[str, SourceRoute | None] = {}
         self._compiled: dict[int, tuple[TableSchema, CompiledTransform]] = {}
+        self.buffering = {name: sink for name, sink in self.sinks.items()
+                          if getattr(sink.capabilities, "durable_on_write", True) is False}
+        intervals = [interval for sink in self.buffering.values()
+                     if (interval := getattr(sink.capabilities, "commit_interval_s", None)) is not None]
+        self.flush_interval_s: float | None = min(intervals) if intervals and len(intervals) == len(
+            self.buffering) else None
+        """Seconds between flushes of the buffering sinks; None: flush after every batch."""
+        self.clock = clock
+        self._last_flush = clock()
+        self._unflushed: list[tuple[list[Segment], dict[tuple[TableId, Any], int]]] = []
+
+    @property
+    def unflushed(self) -> int:
+        """Batches written into a buffering sink and not yet flushed (not acknowledged, not guarded)."""
+        return len(self._unflushed)
+
+    def flush_due(self) -> bool:
+        """True when the buffering sinks should be flushed now (their commit interval has passed)."""
+        if not self._unflushed:
+            return False
+        if self.flush_interval_s is None:
+            return True
+        return self.clock() - self._last_flush >= self.flush_interval_s
+
+    async def flush(self) -> None:
+        """Make every batch written so far durable, then store its positions in the guard.
+
+        Called by `process` when `flush_due`, and by the worker on a timer, when a rebalance starts
+        and at shutdown. The guard learns a position only after the sinks made it durable."""
+        if not self._unflushed:
+            self._last_flush = self.clock()
+            return
+        for sink in self.buffering.values():
+            await sink.flush()
+        batches, self._unflushed = self._unflushed, []
+        self._last_flush = self.clock()
+        await self._record(batches)
+
+    async def _record(self, batches: list[tuple[list[Segment], dict[tuple[TableId, Any], int]]]) -> None:
+        mapping: dict[str, int] = {}
+        for segments, partitions in batches:
+            mapping.update(self._partitions_of(segments, partitions))
+        if isinstance(self.store, FaustPositions):
+            self.store.partitions = mapping
+        for segments, _ in batches:
+            self.guard.record(segments)
+        if isinstance(self.store, FaustPositions):
+            await self.store.flush()
 
     def route(self, topic: str) -> SourceRoute | None:
         if topic not in self._topic_routes:
@@ -244,10 +300,13 @@ class BatchProcessor:
         written = time.perf_counter()
         report.prepare_s = written - began
         await self._write(segments)
-        self._remember_partitions(segments, partitions)
-        self.guard.record(segments)
-        if isinstance(self.store, FaustPositions):
-            await self.store.flush()
+        if self.buffering:
+            self._unflushed.append((segments, partitions))
+            if self.flush_due():
+                await self.flush()
+            report.durable = not self._unflushed
+        else:
+            await self._record([(segments, partitions)])
         report.write_s = time.perf_counter() - written
         report.written = sum(len(s.events) for s in segments)
         return report
@@ -259,22 +318,20 @@ class BatchProcessor:
             for name, sink in self.sinks.items():
                 began = time.monotonic()
                 await sink.write_batch(segment.schema, segment.events)
-                if getattr(sink.capabilities, "durable_on_write", True) is False:
-                    await sink.flush()  # durable before the offsets may move
                 metrics.observe_batch_written(segment.table, name, segment.events, time.monotonic() - began)
 
-    def _remember_partitions(self, segments: list[Segment], partitions: dict[tuple[TableId, Any], int]) -> None:
-        """Tell a Faust-backed store which changelog partition each guard key belongs to."""
+    def _partitions_of(self, segments: list[Segment], partitions: dict[tuple[TableId, Any], int]) -> dict[str, int]:
+        """Which changelog partition each guard key of a Faust-backed store belongs to."""
+        mapping: dict[str, int] = {}
         if not isinstance(self.store, FaustPositions):
-            return
-        mapping = {}
+            return mapping
         for segment in segments:
             for event in segment.events:
                 truncate = event.op is Op.TRUNCATE
                 partition = partitions.get((event.table, None if truncate else key_token(event)))
                 if partition is not None:
                     mapping[self.guard._key(event.table, None if truncate else event.key)] = partition
-        self.store.partitions = mapping
+        return mapping
 
 
 @dataclass(frozen=True, slots=True)
@@ -581,6 +638,22 @@ def build_app(config: Any, layout: TopicLayout, *, sinks_factory: Callable[[], M
         return processor
 
     tracker = OffsetTracker()
+    lock = asyncio.Lock()
+    held: list[tuple[Any, Any]] = []
+    """(stream, event) written into a buffering sink, acknowledged after its next flush."""
+
+    pending_gaps: list[Hole] = []
+
+    async def acknowledge() -> None:
+        """Acknowledge what is durable now; Faust may then commit past the holes read directly
+        (its gaps count as acknowledged)."""
+        pending, gaps = held[:], pending_gaps[:]
+        held.clear()
+        pending_gaps.clear()
+        for stream_, event in pending:
+            await stream_.ack(event)
+        for hole in gaps:
+            await mark_gap(app.consumer, hole)
 
     def committed(topic: str, partition: int) -> int | None:
         from faust.types import TP
@@ -601,18 +674,36 @@ def build_app(config: Any, layout: TopicLayout, *, sinks_factory: Callable[[], M
                                 "reading them from the broker", ", ".join(
                                     f"{h.topic}[{h.partition}] {h.start}-{h.end - 1}" for h in holes))
                     records = await read_holes(kafka.bootstrap_servers, holes) + records
-                report = await processor().process(records)
+                async with lock:
+                    report = await processor().process(records)
+                    held.extend((stream, event) for event in events)
+                    pending_gaps.extend(holes)
+                    if report.durable:
+                        await acknowledge()
             except BaseException as exc:
                 failed(exc)
                 raise
-            for event in events:
-                await stream.ack(event)
-            for hole in holes:  # written: Faust may commit past them (its gaps count as acknowledged)
-                await mark_gap(app.consumer, hole)
             log.info("batch: %d records, %d changes, %d written in %d segments, %d duplicates dropped, "
                      "%d dead letters; prepare %.3f s, write %.3f s; offsets %s", report.records, report.changes,
                      report.written, report.segments, report.dropped, report.dead_letters, report.prepare_s,
                      report.write_s, offset_ranges(records))
+
+    @app.timer(interval=0.5)
+    async def flush_buffering_sinks() -> None:
+        """A buffering sink's commit interval passes without new records too; a rebalance or a
+        shutdown waits for every taken record to be acknowledged: flush then, not a minute later."""
+        processor_ = state.get("processor")
+        if processor_ is None or not processor_.unflushed:
+            return
+        if not (processor_.flush_due() or app.rebalancing or app.should_stop):
+            return
+        try:
+            async with lock:
+                await processor_.flush()
+                await acknowledge()
+        except BaseException as exc:
+            failed(exc)
+            raise
 
     async def close_sinks() -> None:
         processor_ = state.get("processor")

@@ -277,3 +277,63 @@ def test_offset_tracker_finds_offsets_faust_never_delivered():
     committed[("t", 0)] = 17
     assert holes(batch((0, 20)), generation=2) == [Hole("t", 0, 17, 20)]  # a new generation starts afresh
     assert holes(batch((1, 2), (1, 3)), generation=3) == []  # no committed offset: the first record counts
+
+
+class BufferingSink(MemorySink):
+    """Like the Delta sink: durable only after `flush`, which the caller owes every `commit_interval_s`."""
+
+    def __init__(self, interval: float | None) -> None:
+        super().__init__(durable=False)
+        self.capabilities = SinkCapabilities(durable_on_write=False, commit_interval_s=interval)
+        self.durable: list[ChangeEvent] = []
+
+    async def flush(self) -> None:
+        await super().flush()
+        self.durable.extend(e for _, events in self.batches for e in events if e not in self.durable)
+
+
+def test_a_buffering_sink_is_flushed_on_its_interval_and_only_then_are_positions_guarded():
+    sink = BufferingSink(interval=60.0)
+    now = [100.0]
+    store: dict[str, int] = {}
+    p = BatchProcessor(ROUTES, {}, {"cloud": sink}, store, WorkerSettings(), clock=lambda: now[0])
+    first = run(p.process(records([("c", 1, "a")])))
+    second = run(p.process(records([("u", 1, "b")], start=1)))
+    assert (first.durable, second.durable, sink.flushes, p.unflushed) == (False, False, 0, 2)
+    assert store == {}  # nothing durable yet: the guard must not know these positions
+    redelivered = run(p.process(records([("c", 1, "a")])))  # not yet guarded: written again, harmless
+    assert redelivered.dropped == 0
+    now[0] += 60.0
+    assert p.flush_due()
+    third = run(p.process(records([("c", 2, "x")], start=2)))
+    assert third.durable and sink.flushes == 1 and p.unflushed == 0
+    from branchline.events import binlog_position
+
+    assert sorted(store.values()) == [binlog_position("erp-bin.000001", 1000 + 10 * n, 0) for n in (1, 2)]
+    assert run(p.process(records([("u", 1, "b")], start=1))).dropped == 1  # now guarded
+
+
+def test_a_buffering_flush_waits_for_the_caller_when_nothing_new_arrives():
+    sink = BufferingSink(interval=5.0)
+    now = [0.0]
+    p = BatchProcessor(ROUTES, {}, {"cloud": sink}, {}, WorkerSettings(), clock=lambda: now[0])
+    run(p.process(records([("c", 1, "a")])))
+    assert not p.flush_due() and sink.flushes == 0
+    now[0] = 5.0
+    assert p.flush_due()
+    run(p.flush())  # what the worker's timer (or a rebalance, or shutdown) does
+    assert sink.flushes == 1 and p.unflushed == 0 and not p.flush_due()
+
+
+def test_a_buffering_sink_without_an_interval_is_flushed_after_every_batch():
+    sink = BufferingSink(interval=None)
+    p = BatchProcessor(ROUTES, {}, {"cloud": sink}, {}, WorkerSettings())
+    assert run(p.process(records([("c", 1, "a")]))).durable and sink.flushes == 1
+
+
+def test_a_durable_sink_next_to_a_buffering_one_waits_for_the_flush_too():
+    durable, buffering = MemorySink(), BufferingSink(interval=30.0)
+    store: dict[str, int] = {}
+    p = BatchProcessor(ROUTES, {}, {"pg": durable, "lake": buffering}, store, WorkerSettings(), clock=lambda: 0.0)
+    report = run(p.process(records([("c", 1, "a")])))
+    assert not report.durable and len(durable.batches) == 1 and store == {}
