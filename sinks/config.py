@@ -42,6 +42,14 @@ class PostgresSinkConfig(_Frozen):
     """Keep deleted rows with `_bl_deleted = true` instead of deleting them."""
     branch_key: bool = False
     """Fan-in: the target key becomes (`_bl_branch`, source key), so branches never collide."""
+    tombstone_retention_h: float | None = Field(default=168.0, gt=0)
+    """Hard-delete mode: a deleted key's tombstone (which stops a replayed older change from bringing
+    the row back) is pruned once it was written this many hours ago; None keeps tombstones forever.
+    Keep it above how far back any replay can reach: the Kafka topics' retention, the binlog/WAL a
+    connector may re-read after a reset, the local spool."""
+    tombstone_prune_interval_s: float = Field(default=3600.0, ge=0)
+    """How often this sink prunes each table's old tombstones (after a batch of that table, never
+    inside it); 0 = after every batch."""
     pool_min_size: int = Field(default=1, ge=0)
     pool_max_size: int = Field(default=4, ge=1)
     connect_timeout_s: float = Field(default=10.0, gt=0)

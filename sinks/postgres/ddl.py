@@ -16,8 +16,9 @@ Layout of a target table (``<schema>.<source table>``):
 
 Beside it, in the same schema: ``_bl_truncations`` (per table and branch, the position of the last
 truncate: older changes are not applied again) and, in hard-delete mode, ``_bl_del_<table>``
-tombstones (key -> position of the delete), so a replayed or late older change cannot bring a
-deleted row back; an index on their ``_bl_position`` lets a batch ask cheaply whether any tombstone
+tombstones (key -> position of the delete, and when it was written), so a replayed or late older
+change cannot bring a deleted row back; the sink prunes those older than its retention
+(`PostgresSinkConfig.tombstone_retention_h`); an index on their ``_bl_position`` lets a batch ask cheaply whether any tombstone
 could guard it off.
 """
 
@@ -190,12 +191,20 @@ async def ensure_table(
                 sql.SQL("{} {} NOT NULL").format(sql.Identifier(k), sql.SQL(key_columns[k].type)) for k in key
             ]
             side.append(sql.SQL("_bl_position numeric(38,0) NOT NULL"))
+            side.append(sql.SQL("_bl_synced_at timestamp(6) with time zone NOT NULL DEFAULT now()"))
             side.append(sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, key))))
             await conn.execute(
                 sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
                     sql.Identifier(schema, tombstones), sql.SQL(", ").join(side)
                 )
             )
+            if "_bl_synced_at" not in await _columns(conn, schema, tombstones):
+                # made by an older sink: existing tombstones count as written now (no table rewrite)
+                await conn.execute(
+                    sql.SQL(
+                        "ALTER TABLE {} ADD COLUMN _bl_synced_at timestamp(6) with time zone NOT NULL DEFAULT now()"
+                    ).format(sql.Identifier(schema, tombstones))
+                )
             # the direct COPY path asks "any tombstone at or above this position?" once per batch
             await conn.execute(
                 sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (_bl_position)").format(

@@ -19,8 +19,11 @@ Faster still, insert-only changes (``c``/``r``) that no truncate mark or tombsto
 COPYed straight into the target; a key that exists after all (a replay) fails the COPY on the primary
 key, the transaction rolls back and the batch is written again through staging. This is safe because the target's
 primary key is exactly the upsert's conflict key, so no row that exists can be silently replaced.
-Tombstones (hard-delete mode) stay until a newer change of the key removes them: one small row per
-deleted key, the price of never letting a late older change resurrect a deleted row.
+Tombstones (hard-delete mode) stay until a newer change of the key removes them or they outlive the
+retention (`prune_tombstones`, run by the sink every `tombstone_prune_interval_s` per table): one small
+row per deleted key, the price of never letting a late older change resurrect a deleted row. Past the
+retention that protection is gone, which is why the retention must exceed how far back any replay
+can reach.
 """
 
 from __future__ import annotations
@@ -79,6 +82,8 @@ class TablePlan:
     tombstone_cleanup: sql.Composed | None
     truncate: sql.Composed
     truncate_tombstones: sql.Composed | None
+    prune_tombstones: sql.Composed | None
+    """Remove up to ``%(limit)s`` tombstones written more than ``%(age_s)s`` seconds ago."""
     truncate_mark: sql.Composed
 
     @property
@@ -258,7 +263,7 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
         )
 
     # 3. hard deletes and tombstones
-    delete = tombstone = tombstone_cleanup = truncate_tombstones = None
+    delete = tombstone = tombstone_cleanup = truncate_tombstones = prune_tombstones = None
     if keyed and not soft_delete:
         assert target.tombstones is not None
         tombs = sql.Identifier(target.schema, target.tombstones)
@@ -268,7 +273,7 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
         tomb_values = [s(k) if k != "_bl_branch" else branch_value for k in target.key]
         tombstone = sql.SQL(
             "INSERT INTO {} AS d ({}, _bl_position) SELECT {}, s._bl_position FROM {} s WHERE s._bl_op = 'd'"
-            " ON CONFLICT ({}) DO UPDATE SET _bl_position = EXCLUDED._bl_position"
+            " ON CONFLICT ({}) DO UPDATE SET _bl_position = EXCLUDED._bl_position, _bl_synced_at = now()"
             " WHERE d._bl_position < EXCLUDED._bl_position"
         ).format(tombs, key_list, _join(tomb_values), stage, key_list)
         tomb_match_cleanup = _join(
@@ -284,6 +289,11 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
         truncate_tombstones = sql.SQL("DELETE FROM {} WHERE _bl_position < %(position)s{}").format(
             tombs, sql.SQL(" AND _bl_branch = %(branch)s") if branch_key else sql.SQL("")
         )
+        # in slices, so pruning a large backlog never holds one long transaction
+        prune_tombstones = sql.SQL(
+            "DELETE FROM {} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {}"
+            " WHERE _bl_synced_at < now() - make_interval(secs => %(age_s)s) LIMIT %(limit)s))"
+        ).format(tombs, tombs)
 
     # truncate: older rows go (or are marked deleted); the mark stops older changes from coming back
     branch_filter = sql.SQL(" AND _bl_branch = %(branch)s") if branch_key else sql.SQL("")
@@ -324,5 +334,6 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
         tombstone_cleanup=tombstone_cleanup,
         truncate=truncate,
         truncate_tombstones=truncate_tombstones,
+        prune_tombstones=prune_tombstones,
         truncate_mark=truncate_mark,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -41,6 +42,7 @@ _OP_CODE = {op: op.value for op in Op}
 _UNCHANGED_ID = id(UNCHANGED)
 _STAGES_PER_CONNECTION = 8
 _INSERTS = frozenset((Op.CREATE, Op.READ))
+_PRUNE_SLICE = 10_000
 
 
 def _json_default(value: Any) -> Any:
@@ -90,15 +92,17 @@ class PostgresSink:
         self._pool_lock = asyncio.Lock()
         self._plans: dict[tuple[str, str], TablePlan] = {}
         self._with_tombstones: set[str] = set()
+        """Tables whose tombstone table may hold rows (seen at start-up, or deletes written since)."""
         self._stages: weakref.WeakKeyDictionary[AsyncConnection, OrderedDict[str, None]] = (
             weakref.WeakKeyDictionary()
         )
         """Per pooled connection: the staging tables it holds, least recently used first."""
+        self._pruned_at: dict[str, float] = {}
+        """Per table: when this sink last pruned its tombstones (monotonic seconds)."""
         self._direct_off: set[str] = set()
         """Tables whose last direct COPY met stored rows (a replay): stage until inserts are new again."""
         self._normalized: set[str] = set()
         """Tables whose values needed the contract-repairing conversions once: always apply them."""
-        """Tables whose tombstone table may hold rows (seen at start-up, or deletes written since)."""
 
     # --- Sink protocol ---------------------------------------------------------------------------
 
@@ -114,6 +118,7 @@ class PostgresSink:
             backoff_s=self.config.retry_backoff_s,
             max_backoff_s=self.config.retry_max_backoff_s,
         )
+        await self._prune_now_and_then(plan)
 
     async def flush(self) -> None:
         """Nothing to do: every `write_batch` commits before it returns."""
@@ -440,6 +445,47 @@ class PostgresSink:
         if plan.branch_key:
             values = (change.table.branch, *values)
         return values, unchanged
+
+    async def _prune_now_and_then(self, plan: TablePlan) -> None:
+        """Remove the table's tombstones older than the retention, at most once per prune interval.
+
+        Housekeeping after the batch, in transactions of its own: a failure is logged and tried again
+        at the next interval, never failing a batch that is already durable.
+        """
+        retention_h = self.config.tombstone_retention_h
+        if (
+            plan.prune_tombstones is None
+            or retention_h is None
+            or plan.qualified not in self._with_tombstones
+        ):
+            return
+        now = time.monotonic()
+        last = self._pruned_at.get(plan.qualified)
+        if last is not None and now - last < self.config.tombstone_prune_interval_s:
+            return
+        self._pruned_at[plan.qualified] = now
+        params = {"age_s": retention_h * 3600.0, "limit": _PRUNE_SLICE}
+        removed = 0
+        try:
+            pool = await self._get_pool()
+            while True:
+                async with pool.connection() as conn, conn.transaction():
+                    cursor = await conn.execute(plan.prune_tombstones, params)
+                    removed += cursor.rowcount
+                if cursor.rowcount < _PRUNE_SLICE:
+                    break
+        except (psycopg.Error, PoolTimeout, OSError, SinkError) as exc:
+            error = map_error(exc, table=plan.qualified, where="(pruning tombstones)")
+            log.warning(
+                "pruning tombstones of %s failed after removing %d; next try in %.0fs: %s",
+                plan.qualified,
+                removed,
+                self.config.tombstone_prune_interval_s,
+                error,
+            )
+            return
+        if removed:
+            log.info("pruned %d tombstones older than %gh from %s", removed, retention_h, plan.qualified)
 
     async def _truncate(self, conn: AsyncConnection, plan: TablePlan, event: ChangeEvent) -> None:
         params = {

@@ -546,3 +546,85 @@ def test_a_table_made_before_the_direct_copy_gets_its_sync_time_default(target: 
         (1, "old", True),
         (2, "new", True),
     ]
+
+
+def _tombstones(target: dict[str, Any]) -> list[tuple[Any, ...]]:
+    return fetch(target, "SELECT id, _bl_position FROM _bl_del_items ORDER BY id")
+
+
+def _age_tombstones(target: dict[str, Any], ids: list[int], hours: float) -> None:
+    with psycopg.connect(target["dsn"], autocommit=True) as conn:
+        conn.execute(
+            f'UPDATE "{target["schema"]}"._bl_del_items'
+            " SET _bl_synced_at = now() - make_interval(secs => %s) WHERE id = ANY(%s)",
+            [hours * 3600, ids],
+        )
+
+
+def test_tombstones_older_than_the_retention_are_pruned_and_newer_ones_still_guard(
+    target: dict[str, Any],
+) -> None:
+    """Pruning removes tombstones written more than `tombstone_retention_h` ago (by sync time) and keeps
+    the rest, which still stop a late older change from resurrecting its row."""
+    cfg = config(target, tombstone_retention_h=24, tombstone_prune_interval_s=0)
+
+    async def scenario() -> list[tuple[Any, ...]]:
+        sink = build_sink(cfg)
+        try:
+            await sink.write_batch(ITEMS, [change(ITEMS, Op.CREATE, i, item(i, f"v{i}")) for i in (1, 2, 3)])
+            await sink.write_batch(ITEMS, [change(ITEMS, Op.DELETE, 10 + i, item(i, "")) for i in (1, 2, 3)])
+            before = await asyncio.to_thread(_tombstones, target)
+            await asyncio.to_thread(_age_tombstones, target, [1, 2], 25)  # past the retention
+            await asyncio.to_thread(_age_tombstones, target, [3], 23)  # not yet
+            await sink.write_batch(ITEMS, [change(ITEMS, Op.CREATE, 20, item(4, "v4"))])  # prunes after it
+            # late older changes: key 3 is still guarded; key 1's protection is gone by design
+            await sink.write_batch(
+                ITEMS,
+                [
+                    change(ITEMS, Op.UPDATE, 5, item(3, "stale")),
+                    change(ITEMS, Op.UPDATE, 5, item(1, "stale")),
+                ],
+            )
+            return before
+        finally:
+            await sink.close()
+
+    before = asyncio.run(scenario())
+    assert before == [(1, 11), (2, 12), (3, 13)]
+    assert _tombstones(target) == [(3, 13)]
+    assert fetch(target, "SELECT id, name FROM items ORDER BY id") == [(1, "stale"), (4, "v4")]
+
+
+def test_tombstones_are_pruned_at_most_once_per_interval_and_never_without_a_retention(
+    target: dict[str, Any],
+) -> None:
+    async def scenario(cfg: PostgresSinkConfig, age_between_batches: bool) -> None:
+        sink = build_sink(cfg)
+        try:
+            await sink.write_batch(ITEMS, [change(ITEMS, Op.DELETE, 1, item(1, ""))])  # prunes (nothing old)
+            if age_between_batches:
+                await asyncio.to_thread(_age_tombstones, target, [1], 1000)
+            await sink.write_batch(ITEMS, [change(ITEMS, Op.CREATE, 2, item(2, "v2"))])
+        finally:
+            await sink.close()
+
+    asyncio.run(scenario(config(target, tombstone_retention_h=1, tombstone_prune_interval_s=3600), True))
+    assert _tombstones(target) == [(1, 1)]  # old now, but the interval has not passed
+    asyncio.run(scenario(config(target, tombstone_retention_h=None, tombstone_prune_interval_s=0), True))
+    assert _tombstones(target) == [(1, 1)]  # no retention: kept forever
+    asyncio.run(scenario(config(target, tombstone_retention_h=1, tombstone_prune_interval_s=0), False))
+    assert _tombstones(target) == []  # a new sink prunes on its first batch of the table
+
+
+def test_a_tombstone_table_made_before_pruning_gets_its_sync_time(target: dict[str, Any]) -> None:
+    """Tombstone tables of an older sink have no `_bl_synced_at`: it is added, existing tombstones count
+    as written at that moment (kept for a full retention), and pruning works from then on."""
+    asyncio.run(write(config(target), ITEMS, [change(ITEMS, Op.DELETE, 1, item(1, ""))]))
+    with psycopg.connect(target["dsn"], autocommit=True) as conn:
+        conn.execute(f'ALTER TABLE "{target["schema"]}"._bl_del_items DROP COLUMN _bl_synced_at')
+    cfg = config(target, tombstone_retention_h=1, tombstone_prune_interval_s=0)
+    asyncio.run(write(cfg, ITEMS, [change(ITEMS, Op.DELETE, 2, item(2, ""))]))
+    assert _tombstones(target) == [(1, 1), (2, 2)]
+    _age_tombstones(target, [1], 2)
+    asyncio.run(write(cfg, ITEMS, [change(ITEMS, Op.CREATE, 3, item(3, "v3"))]))
+    assert _tombstones(target) == [(2, 2)]

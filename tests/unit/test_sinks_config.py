@@ -71,3 +71,13 @@ def test_s3_storage_options_fall_back_to_the_environment_when_unset() -> None:
 
 def test_delta_defaults_commit_every_minute() -> None:
     assert DeltaSinkConfig(uri="/tmp/x").commit_interval_s == 60
+
+
+def test_tombstone_retention_defaults_to_a_week_may_be_off_and_must_be_positive() -> None:
+    config = PostgresSinkConfig()
+    assert config.tombstone_retention_h == 168 and config.tombstone_prune_interval_s == 3600
+    assert PostgresSinkConfig(tombstone_retention_h=None).tombstone_retention_h is None
+    with pytest.raises(ValidationError, match="tombstone_retention_h"):
+        PostgresSinkConfig(tombstone_retention_h=0)
+    with pytest.raises(ValidationError, match="tombstone_prune_interval_s"):
+        PostgresSinkConfig(tombstone_prune_interval_s=-1)
