@@ -91,12 +91,15 @@ def _heartbeats_on(pipeline: Any, idle_s: float | None, stop_after_snapshot: boo
 
 def _track_tables(pipeline: Any, sinks: list[str]) -> None:
     """A lag series for every captured table from start-up, not only after its first change."""
+    from branchline import metrics
+    from branchline.heartbeat import heartbeat_table
     from branchline.monitoring import track_tables
     from branchline.runtime.config import RuntimeConfig
     from branchline.runtime.runner import build_reader
 
     runtime = pipeline.runtime if isinstance(pipeline.runtime, RuntimeConfig) else RuntimeConfig()
     for source in pipeline.sources:
+        metrics.register_heartbeat_table(*heartbeat_table(source))  # no series of its own
         try:
             reader = build_reader(source, runtime)
             try:
