@@ -180,6 +180,7 @@ class DeltaSink:
             max_attempts=self.config.max_attempts,
             backoff_s=self.config.retry_backoff_s,
             max_backoff_s=self.config.retry_max_backoff_s,
+            name=self.name,
         )
         del target.events[: len(events)]
 

@@ -117,6 +117,7 @@ class PostgresSink:
             max_attempts=self.config.max_attempts,
             backoff_s=self.config.retry_backoff_s,
             max_backoff_s=self.config.retry_max_backoff_s,
+            name=self.name,
         )
         await self._prune_now_and_then(plan)
 
@@ -199,6 +200,7 @@ class PostgresSink:
             max_attempts=self.config.max_attempts,
             backoff_s=self.config.retry_backoff_s,
             max_backoff_s=self.config.retry_max_backoff_s,
+            name=self.name,
         )
         if plan.target.tombstones_exist:
             self._with_tombstones.add(plan.qualified)

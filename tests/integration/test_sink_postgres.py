@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from branchline import metrics
 from branchline.errors import FatalSinkError
 from branchline.events import ChangeEvent, Column, ColumnType, Json, Op, TableId, TableSchema
 from branchline.sinks.build import build_sink
@@ -326,10 +327,13 @@ def test_connection_killed_mid_batch_is_retried(
             await locker.close()
             await sink.close()
 
+    labels = {"component": "sink", "name": "default"}  # build_sink's default name
+    retries_before = metrics.sample("branchline_retries_total", labels) or 0.0
     with caplog.at_level(logging.WARNING, logger="branchline.sinks.retry"):
         asyncio.run(scenario())
     assert fetch(target, "SELECT name, _bl_position FROM items") == [("b", 2)]
     assert any("attempt 1 of 5" in r.getMessage() and "57P01" in r.getMessage() for r in caplog.records)
+    assert (metrics.sample("branchline_retries_total", labels) or 0.0) == retries_before + 1
 
 
 def test_soft_delete_keeps_the_row_flagged(target: dict[str, Any]) -> None:

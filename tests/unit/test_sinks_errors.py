@@ -1,12 +1,15 @@
-"""SQLSTATE classes decide retry or stop; the retry loop is bounded and retries only what may succeed."""
+"""SQLSTATE classes decide retry or stop; the retry loop is bounded, retries only what may succeed, and
+feeds the retry and error metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 
 import psycopg
 import pytest
+from branchline import metrics
 from branchline.errors import FatalSinkError, RetryableSinkError
 from branchline.sinks._retry import retrying
 from branchline.sinks.postgres.errors import map_error
@@ -41,7 +44,7 @@ def test_retries_are_bounded_and_logged(caplog: pytest.LogCaptureFixture) -> Non
         raise RetryableSinkError("down")
 
     with caplog.at_level(logging.WARNING), pytest.raises(RetryableSinkError):
-        asyncio.run(retrying(flaky, what="w", max_attempts=3, backoff_s=0, max_backoff_s=0))
+        asyncio.run(retrying(flaky, what="w", max_attempts=3, backoff_s=0, max_backoff_s=0, name="cloud"))
     assert calls == 3
     assert [r.getMessage().split(" (")[1][:17] for r in caplog.records] == [
         "attempt 1 of 3), ",
@@ -58,7 +61,7 @@ def test_fatal_errors_are_not_retried() -> None:
         raise FatalSinkError("no")
 
     with pytest.raises(FatalSinkError):
-        asyncio.run(retrying(broken, what="w", max_attempts=5, backoff_s=0, max_backoff_s=0))
+        asyncio.run(retrying(broken, what="w", max_attempts=5, backoff_s=0, max_backoff_s=0, name="cloud"))
     assert calls == 1
 
 
@@ -69,3 +72,65 @@ def test_refused_by_the_server_is_fatal_not_retried() -> None:
         'connection failed: FATAL:  database "nope" does not exist',
     ):
         assert isinstance(map_error(psycopg.OperationalError(text), table="t"), FatalSinkError)
+
+
+@pytest.fixture
+def fresh_metrics() -> Iterator[None]:
+    metrics.reset()
+    yield
+    metrics.reset()
+
+
+def _count(metric: str, **labels: str) -> float:
+    return metrics.sample(metric, {"component": "sink", **labels}) or 0.0
+
+
+def test_each_retry_is_counted_and_the_final_error_by_kind(fresh_metrics: None) -> None:
+    calls = 0
+
+    async def flaky() -> None:
+        nonlocal calls
+        calls += 1
+        raise RetryableSinkError("down")
+
+    with pytest.raises(RetryableSinkError):
+        asyncio.run(retrying(flaky, what="w", max_attempts=3, backoff_s=0, max_backoff_s=0, name="lake"))
+    assert calls == 3
+    assert _count("branchline_retries_total", name="lake") == 2  # before attempts 2 and 3
+    assert _count("branchline_errors_total", name="lake", kind="RetryableSinkError") == 1  # the final one
+    (last,) = metrics.snapshot()["errors"]
+    assert (last["component"], last["name"], last["kind"], last["message"]) == (
+        "sink",
+        "lake",
+        "RetryableSinkError",
+        "down",
+    )
+
+
+def test_a_fatal_error_is_counted_once_without_retries(fresh_metrics: None) -> None:
+    async def broken() -> None:
+        raise FatalSinkError("no")
+
+    with pytest.raises(FatalSinkError):
+        asyncio.run(retrying(broken, what="w", max_attempts=5, backoff_s=0, max_backoff_s=0, name="cloud"))
+    assert _count("branchline_retries_total", name="cloud") == 0
+    assert _count("branchline_errors_total", name="cloud", kind="FatalSinkError") == 1
+
+
+def test_a_retry_that_succeeds_counts_retries_and_no_error(fresh_metrics: None) -> None:
+    failures = iter([RetryableSinkError("blip")])
+
+    async def recovers() -> str:
+        for exc in failures:
+            raise exc
+        return "ok"
+
+    result = asyncio.run(
+        retrying(
+            recovers, what="w", max_attempts=3, backoff_s=0, max_backoff_s=0, name="cloud", component="sink"
+        )
+    )
+    assert result == "ok"
+    assert _count("branchline_retries_total", name="cloud") == 1
+    assert metrics.snapshot()["errors"] == []
+    assert _count("branchline_errors_total", name="cloud", kind="RetryableSinkError") == 0
