@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,3 +164,70 @@ def cuttable_proxy() -> Iterator[Callable[[Service], CuttableProxy]]:
     yield make
     for proxy in made:
         proxy.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A real S3-compatible HTTP server for the whole session: moto's server mode as a subprocess on a
+    free 127.0.0.1 port, with one bucket, ``lake``. Tests share it, so each writes under its own prefix.
+
+    Yields ``endpoint``, ``bucket``, ``client`` (boto3) and ``storage`` (the sink's `S3Storage` for it).
+    When moto's server is not installed it fails under CI and skips elsewhere; a server that does not
+    start listening always fails the test, pointing at its log.
+    """
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if exe is None:
+        message = "`moto_server` must be installed for the S3 tests (pip install 'moto[server]'); got none"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    import boto3
+    from branchline.sinks.config import S3Storage
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    endpoint = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        pytest.fail(f"`moto_server` must listen on {endpoint}; see {log_path}")
+                    time.sleep(0.1)
+            client = boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name="us-east-1",
+                aws_access_key_id="testing",
+                aws_secret_access_key="testing",
+            )
+            client.create_bucket(Bucket="lake")
+            storage = S3Storage(
+                endpoint_url=endpoint,
+                region="us-east-1",
+                access_key_id="testing",
+                secret_access_key="testing",
+                allow_http=True,
+            )
+            yield {"endpoint": endpoint, "bucket": "lake", "client": client, "storage": storage}
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)

@@ -11,17 +11,10 @@ Python, sharing no code with the sinks.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -198,65 +191,6 @@ class DeltaHarness(Harness):
             row = _normalized(row)
             out[tuple(row[k] for k in table.primary_key)] = row
         return out
-
-
-def start_s3_server(log_dir: Path) -> tuple[subprocess.Popen[bytes], str, Any]:
-    """moto's S3-compatible server on a free loopback port; the S3 that these tests talk HTTP to."""
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-    if exe is None:
-        message = "`moto_server` must be installed for the S3 tests (pip install 'moto[server]'); got none"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = open(log_dir / "moto.log", "wb")  # noqa: SIM115 (kept open for the server's lifetime)
-    process = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                log.close()
-                pytest.fail(f"`moto_server` must listen on {endpoint}; see {log_dir / 'moto.log'}")
-            time.sleep(0.1)
-    return process, endpoint, log
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A real S3-compatible HTTP server (moto server mode) with one bucket, for the whole session."""
-    import boto3
-
-    process, endpoint, log = start_s3_server(tmp_path_factory.mktemp("s3"))
-    storage = S3Storage(
-        endpoint_url=endpoint,
-        region="us-east-1",
-        access_key_id="testing",
-        secret_access_key="testing",
-        allow_http=True,
-    )
-    try:
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-        client.create_bucket(Bucket="lake")
-        yield {"endpoint": endpoint, "bucket": "lake", "storage": storage, "client": client}
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        log.close()
 
 
 HARNESS_KINDS = ["postgres", "postgres-soft", "delta-local", "delta-local-soft", "delta-s3"]

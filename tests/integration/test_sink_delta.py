@@ -4,14 +4,8 @@ interval, partitioning, every column type, branch fan-in, and `branchline lake c
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -228,53 +222,10 @@ def test_lake_compact_and_vacuum(tmp_path: Path) -> None:
 # --- S3 ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """moto's S3-compatible server on a free loopback port (same as tests/conformance's `s3_server`)."""
-    import boto3
-
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-    if exe is None:
-        message = "`moto_server` must be installed for the S3 tests (pip install 'moto[server]'); got none"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if process.poll() is not None or time.monotonic() > deadline:
-                        pytest.fail(f"`moto_server` must listen on 127.0.0.1:{port}; see {log_path}")
-                    time.sleep(0.1)
-            endpoint = f"http://127.0.0.1:{port}"
-            client = boto3.client(
-                "s3",
-                endpoint_url=endpoint,
-                region_name="us-east-1",
-                aws_access_key_id="testing",
-                aws_secret_access_key="testing",
-            )
-            client.create_bucket(Bucket="lake")
-            yield {"endpoint": endpoint, "client": client}
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
-
-
 def test_s3_objects_land_in_the_bucket_and_credentials_may_come_from_env(
-    s3: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    s3_server: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    s3 = s3_server  # the session's moto server (tests/conftest.py)
     prefix = f"p{uuid.uuid4().hex[:8]}"
     # nothing in the pipeline file but the endpoint: region and keys come from the environment
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
