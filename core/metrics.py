@@ -57,10 +57,9 @@ __all__ = [
     "METRIC_NAMES",
     "REGISTRY",
     "HeartbeatConfig",
-    "InstrumentedSink",
+    "HeartbeatSkippingSink",
     "MetricsConfig",
     "MetricsServer",
-    "instrument_sink",
     "observe_batch_written",
     "observe_changes_read",
     "observe_dead_letter",
@@ -80,6 +79,7 @@ __all__ = [
     "set_slot_wal",
     "set_source_up",
     "set_spool",
+    "skip_heartbeat_writes",
     "snapshot",
     "track_table",
 ]
@@ -653,54 +653,32 @@ def set_build_info(runtime: str) -> None:
 # -- the sinks, as the runtimes hold them ------------------------------------------------------------
 
 
-class InstrumentedSink:
-    """A built sink as the runtimes hold it: heartbeat tables are not written, failures are counted.
+class HeartbeatSkippingSink:
+    """A built sink as the runtimes hold it: heartbeat tables are measured, never written.
 
-    - Heartbeat tables (`is_heartbeat`) are skipped: the runtime still calls `observe_batch_written`
-      after the (skipped) write, in order after the batches before it, which is when the heartbeat
-      "reaches the sink"; the target keeps only the user's tables.
-    - A failed write counts in ``branchline_errors_total{component="sink", name=<sink>}`` by kind and
-      becomes the sink's last error on `branchline status`; the next write after a retryable failure
-      (the runtime trying again) counts in ``branchline_retries_total{component="sink"}``. A runtime
-      that counts its sink failures itself passes ``count_failures=False``.
-
-    Everything else (``capabilities``, ``flush``, ``close``) goes to the wrapped sink unchanged.
+    The runtime still calls `observe_batch_written` after the (skipped) write of a heartbeat table
+    (`is_heartbeat`), in order after the batches before it: that is when the heartbeat "reaches the
+    sink" and moves the lag of its source. The target keeps only the user's tables. Everything else
+    (``capabilities``, ``flush``, ``close``; failures, which the sinks' retry helper counts) goes to the
+    wrapped sink unchanged.
     """
 
-    def __init__(self, sink: Any, name: str, *, count_failures: bool = True) -> None:
+    def __init__(self, sink: Any) -> None:
         self.inner = sink
-        self.name = name
-        self.count_failures = count_failures
-        self._failed_retryable = False
 
     async def write_batch(self, table: Any, events: Any) -> None:
-        """Skip heartbeat tables (by the schema's `TableId`); write and count everything else."""
+        """Skip heartbeat tables (by the schema's `TableId`); write everything else."""
         if is_heartbeat(getattr(table, "id", table)):
             return
-        if not self.count_failures:
-            await self.inner.write_batch(table, events)
-            return
-        if self._failed_retryable:
-            observe_retry("sink", self.name)
-        try:
-            await self.inner.write_batch(table, events)
-        except Exception as exc:
-            from branchline.errors import is_retryable
-
-            observe_error("sink", self.name, exc)
-            self._failed_retryable = is_retryable(exc)
-            raise
-        self._failed_retryable = False
+        await self.inner.write_batch(table, events)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
 
-def instrument_sink(sink: Any, name: str, *, count_failures: bool = True) -> Any:
-    """Wrap a sink built from the pipeline file once, where the runtime builds it (see `InstrumentedSink`)."""
-    if isinstance(sink, InstrumentedSink):
-        return sink
-    return InstrumentedSink(sink, name, count_failures=count_failures)
+def skip_heartbeat_writes(sink: Any) -> Any:
+    """Wrap a sink where the runtime builds it from the pipeline file (see `HeartbeatSkippingSink`)."""
+    return sink if isinstance(sink, HeartbeatSkippingSink) else HeartbeatSkippingSink(sink)
 
 
 # -- reading back (status screen, tests) -----------------------------------------------------------

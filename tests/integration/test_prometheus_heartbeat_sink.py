@@ -1,5 +1,5 @@
 """The embedded runtime's heartbeat path as `branchline run` sets it up, with its sinks wrapped in
-`branchline.metrics.instrument_sink` (the one line the runner adds where it builds its sinks): heartbeat
+`branchline.metrics.skip_heartbeat_writes` (the one line the runner adds where it builds its sinks): heartbeat
 rows are captured from the source, measured when they reach the sink, and never written into the target.
 """
 
@@ -51,8 +51,7 @@ def test_heartbeats_are_measured_at_the_sink_and_never_written_into_the_target(
     pipeline = with_heartbeat_capture(original)
     build_sink = sinks_build.build_sink
     monkeypatch.setattr(sinks_build, "build_sink",
-                        lambda config, name: metrics.instrument_sink(build_sink(config, name), name,
-                                                                     count_failures=False))
+                        lambda config, name: metrics.skip_heartbeat_writes(build_sink(config, name)))
     metrics.reset()
     runner = Runner(pipeline)
     errors: list[BaseException] = []

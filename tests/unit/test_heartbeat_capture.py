@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from branchline import metrics
 from branchline.config import load_pipeline
-from branchline.errors import FatalSinkError, RetryableSinkError
 from branchline.events import ChangeEvent, Column, ColumnType, Op, TableId, TableSchema
 from branchline.heartbeat import with_heartbeat_capture
 from branchline.monitoring import tables_of_topics, track_tables
@@ -80,18 +79,15 @@ def _schema(namespace: str, table: str) -> TableSchema:
 
 
 class _Recorder:
-    """A stand-in sink: remembers what it was asked to write; raises what it is told to."""
+    """A stand-in sink: remembers what it was asked to write."""
 
     capabilities = "caps"
 
     def __init__(self) -> None:
         self.written: list[str] = []
         self.flushed = 0
-        self.fail: list[Exception] = []
 
     async def write_batch(self, table: TableSchema, events: Any) -> None:
-        if self.fail:
-            raise self.fail.pop(0)
         self.written.append(table.id.qualified)
 
     async def flush(self) -> None:
@@ -100,8 +96,8 @@ class _Recorder:
 
 def test_the_heartbeat_table_is_measured_but_never_written() -> None:
     inner = _Recorder()
-    sink = metrics.instrument_sink(inner, "cloud")
-    assert isinstance(sink, metrics.InstrumentedSink) and metrics.instrument_sink(sink, "cloud") is sink
+    sink = metrics.skip_heartbeat_writes(inner)
+    assert isinstance(sink, metrics.HeartbeatSkippingSink) and metrics.skip_heartbeat_writes(sink) is sink
     assert sink.capabilities == "caps"
     beat, user = _schema("branchline", "debezium_heartbeat"), _schema("public", "accounts")
     stamp = datetime(2026, 1, 1, tzinfo=UTC)
@@ -173,31 +169,6 @@ def test_the_worker_reads_source_clocks_and_writes_no_heartbeat() -> None:
     assert metrics.sample("branchline_heartbeats_written_total", {"branch": "b1", "source": "crm"}) is None
 
 
-def test_sink_failures_count_as_errors_by_kind_and_the_next_attempt_as_a_retry() -> None:
-    inner = _Recorder()
-    sink = metrics.instrument_sink(inner, "cloud")
-    user = _schema("public", "accounts")
-    inner.fail = [RetryableSinkError("target unreachable"), RetryableSinkError("still unreachable")]
-
-    async def attempt() -> bool:
-        try:
-            await sink.write_batch(user, [])
-        except RetryableSinkError:
-            return False
-        return True
-
-    assert [asyncio.run(attempt()) for _ in range(3)] == [False, False, True]
-    retryable = {"component": "sink", "name": "cloud", "kind": "RetryableSinkError"}
-    assert metrics.sample("branchline_errors_total", retryable) == 2
-    assert metrics.sample("branchline_retries_total", {"component": "sink", "name": "cloud"}) == 2
-    inner.fail = [FatalSinkError("column `x` must exist; got nothing")]
-    with pytest.raises(FatalSinkError):
-        asyncio.run(sink.write_batch(user, []))
-    assert asyncio.run(attempt())  # a fatal failure is not followed by a counted retry
-    assert metrics.sample("branchline_retries_total", {"component": "sink", "name": "cloud"}) == 2
-    assert metrics.snapshot()["errors"][0]["kind"] == "FatalSinkError"
-
-
 def test_a_table_whose_topic_is_behind_ignores_the_heartbeat() -> None:
     """Distributed path: a heartbeat travels its own topic; a table with a backlog shows its own lag."""
     busy = TableId(source="crm", branch="b1", database="crm", schema_="public", table="busy")
@@ -225,20 +196,6 @@ def test_a_table_whose_topic_is_behind_ignores_the_heartbeat() -> None:
     assert busy_row["replication_lag_s"] == pytest.approx(100, abs=2)
     metrics.set_kafka_consumer_lag("branchline-p", "b1.crm.public.busy", 0, 0)
     assert lag("public.busy") == pytest.approx(1, abs=1)
-
-
-def test_a_runtime_that_counts_its_own_sink_failures_can_leave_counting_out() -> None:
-    inner = _Recorder()
-    sink = metrics.instrument_sink(inner, "cloud", count_failures=False)
-    inner.fail = [RetryableSinkError("target unreachable")]
-    with pytest.raises(RetryableSinkError):
-        asyncio.run(sink.write_batch(_schema("public", "accounts"), []))
-    asyncio.run(sink.write_batch(_schema("public", "accounts"), []))
-    asyncio.run(sink.write_batch(_schema("branchline", "debezium_heartbeat"), []))
-    assert inner.written == ["public.accounts"]  # the heartbeat table is still skipped
-    assert metrics.sample("branchline_errors_total",
-                          {"component": "sink", "name": "cloud", "kind": "RetryableSinkError"}) is None
-    assert metrics.sample("branchline_retries_total", {"component": "sink", "name": "cloud"}) is None
 
 
 def test_a_run_that_exits_on_its_own_writes_and_captures_no_heartbeats(tmp_path: Path) -> None:
