@@ -3,7 +3,9 @@
 Why buffered: each Delta commit writes new Parquet files and a log entry, which costs seconds on
 object storage, so `write_batch` only buffers and the sink commits every ``commit_interval_s`` (or when
 ``max_buffered_rows`` wait). ``capabilities.durable_on_write`` is False: the caller acknowledges only
-after `flush` returns. Unflushed changes are lost on a crash and come back by replay.
+after `flush` returns. Unflushed changes are lost on a crash and come back by replay; a commit that
+landed before the crash but was never acknowledged is replayed too, and the position guards make that
+replay change nothing.
 
 Per table, one commit per flush: ``MERGE`` on the key (``_bl_branch`` included with branch keys) with
 ``t._bl_position < s._bl_position`` on every matched clause. Beside each table, a small Delta table
@@ -87,6 +89,9 @@ class _Target:
     loaded: bool = False
     tombstones: dict[tuple[Any, ...], int] = field(default_factory=dict)
     marks: dict[str, int] = field(default_factory=dict)
+    buffered_ids: set[tuple[str, int]] | None = None
+    """After a failed flush: (branch, position) of every buffered change, so that the caller's replay
+    of the unacknowledged batches does not buffer them twice. None while flushes succeed."""
 
 
 class DeltaSink:
@@ -124,6 +129,10 @@ class DeltaSink:
                 async with self._lock:  # columns may differ: never mix two schemas in one merge
                     await self._flush_target(target)
             target.schema = table
+        if target.buffered_ids is not None:  # a flush failed: the caller replays what it had not acknowledged
+            seen = target.buffered_ids
+            events = [e for e in events if (e.table.branch, e.position) not in seen]
+            seen.update((e.table.branch, e.position) for e in events)
         target.events.extend(events)
         self._buffered += len(events)
         due = time.monotonic() - self._last_flush >= self.config.commit_interval_s
@@ -131,13 +140,19 @@ class DeltaSink:
             await self.flush()
 
     async def flush(self) -> None:
-        """Merge every buffered change; when it returns, all of them are committed."""
+        """Merge every buffered change; when it returns, all of them are committed.
+
+        On failure nothing is lost from the buffer: calling `flush` again commits it, and a caller that
+        instead writes its unacknowledged batches again (the runtimes' replay) does not buffer them twice.
+        """
         async with self._lock:
-            for target in list(self._targets.values()):
-                if target.events:
-                    await self._flush_target(target)
-            self._buffered = sum(len(t.events) for t in self._targets.values())
-            self._last_flush = time.monotonic()
+            try:
+                for target in list(self._targets.values()):
+                    if target.events:
+                        await self._flush_target(target)
+                self._last_flush = time.monotonic()
+            finally:
+                self._buffered = sum(len(t.events) for t in self._targets.values())
 
     async def close(self) -> None:
         """Drops unflushed changes (they were never acknowledged and will be replayed)."""
@@ -174,15 +189,23 @@ class DeltaSink:
                 target.loaded = False  # re-read tombstones and marks: a failed commit may have landed
                 raise map_error(exc, target.uri) from exc
 
-        await retrying(
-            attempt,
-            what=f"merging {len(events)} changes into {target.uri}",
-            max_attempts=self.config.max_attempts,
-            backoff_s=self.config.retry_backoff_s,
-            max_backoff_s=self.config.retry_max_backoff_s,
-            name=self.name,
-        )
+        try:
+            await retrying(
+                attempt,
+                what=f"merging {len(events)} changes into {target.uri}",
+                max_attempts=self.config.max_attempts,
+                backoff_s=self.config.retry_backoff_s,
+                max_backoff_s=self.config.retry_max_backoff_s,
+                name=self.name,
+            )
+        except BaseException:
+            # keep the buffer (a later flush alone must still commit it), but recognise a replay of it
+            if target.buffered_ids is None:
+                target.buffered_ids = {(e.table.branch, e.position) for e in target.events}
+            raise
         del target.events[: len(events)]
+        if not target.events:
+            target.buffered_ids = None
 
     # everything below runs in a worker thread: delta-rs calls block
 

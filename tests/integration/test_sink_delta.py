@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import types
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -296,3 +297,99 @@ def test_unreachable_object_store_is_a_bounded_retryable_error() -> None:
     with pytest.raises(RetryableSinkError, match="Connection refused"):
         asyncio.run(scenario())
     assert time.monotonic() - started < 30
+
+
+# --- interval commits: the sink's side of "acknowledge only after flush" ---------------------------
+
+
+def test_commit_landed_but_never_acknowledged_then_replayed_changes_nothing(tmp_path: Path) -> None:
+    """The process dies after `flush` committed but before the runtime acknowledged: a new sink receives
+    the same batches again (plus newer ones) and the table ends as if each change was applied once."""
+    uri = str(tmp_path / "lake")
+    table_uri = f"{uri}/erp/items"
+    batch1 = [item(1, 1), item(2, 2)]
+    batch2 = [item(3, 1, price="3.00", op=Op.UPDATE), item(4, 3)]
+    batch3 = [item(5, 2, price="5.00", op=Op.UPDATE)]
+
+    async def scenario() -> None:
+        first = build_sink(DeltaSinkConfig(uri=uri, commit_interval_s=3600))
+        await first.write_batch(ITEMS, batch1)
+        await first.write_batch(ITEMS, batch2)
+        await first.flush()  # committed; the acknowledgement never happens
+        await first.close()
+        second = build_sink(DeltaSinkConfig(uri=uri, commit_interval_s=3600))
+        for batch in (batch1, batch2, batch3):  # everything after the last acknowledgement, again
+            await second.write_batch(ITEMS, batch)
+        await second.flush()
+        await second.close()
+
+    asyncio.run(scenario())
+    got = [(r["id"], r["price"], int(r["_bl_position"])) for r in rows(table_uri)]
+    assert got == [(1, Decimal("3.00"), 3), (2, Decimal("5.00"), 5), (3, Decimal("1.00"), 4)]
+
+
+def test_many_batches_of_several_tables_make_one_commit_per_table_per_flush(tmp_path: Path) -> None:
+    """What the runtimes do with an interval sink: many `write_batch` calls, then one `flush`."""
+    uri = str(tmp_path / "lake")
+    other = ITEMS.model_copy(update={"id": ITEMS.id.model_copy(update={"table": "other"})})
+
+    async def scenario() -> None:
+        sink = build_sink(DeltaSinkConfig(uri=uri, commit_interval_s=3600))
+        for n in range(1, 11):
+            await sink.write_batch(ITEMS, [item(n, n)])
+            await sink.write_batch(other, [item(n, n).model_copy(update={"table": other.id})])
+        assert not DeltaTable.is_deltatable(f"{uri}/erp/items")
+        await sink.flush()
+        await sink.close()
+
+    asyncio.run(scenario())
+    for name in ("items", "other"):
+        assert DeltaTable(f"{uri}/erp/{name}").version() == 1  # created, then one merge
+        assert [r["id"] for r in rows(f"{uri}/erp/{name}")] == list(range(1, 11))
+
+
+def test_failed_flush_keeps_the_buffer_and_a_replay_does_not_buffer_it_twice(
+    s3_server: dict[str, Any], cuttable_proxy: Any
+) -> None:
+    """The object store goes away during `flush`: the error is retryable, nothing is lost from the buffer,
+    the runtime's replay of the unacknowledged batches is not buffered twice (with room for only one
+    copy, a second copy would force a commit and fail here), and once the store is back one `flush`
+    commits every change exactly once."""
+    upstream = s3_server["endpoint"].rsplit(":", 1)
+    proxy = cuttable_proxy(types.SimpleNamespace(host="127.0.0.1", port=int(upstream[1])))
+    storage = s3_server["storage"].model_copy(
+        update={"endpoint_url": f"http://127.0.0.1:{proxy.port}", "max_retries": 0, "retry_timeout_s": 1}
+    )
+    prefix = f"p{uuid.uuid4().hex[:8]}"
+    config = DeltaSinkConfig(
+        uri=f"s3://lake/{prefix}",
+        s3=storage,
+        commit_interval_s=3600,
+        max_buffered_rows=5,
+        max_attempts=1,
+    )
+    batch1 = [item(1, 1), item(2, 2)]
+    batch2 = [item(3, 1, price="3.00", op=Op.UPDATE), item(4, 3)]
+
+    async def scenario() -> None:
+        sink = build_sink(config)
+        try:
+            await sink.write_batch(ITEMS, batch1)
+            await sink.write_batch(ITEMS, batch2)
+            proxy.cut()
+            with pytest.raises(RetryableSinkError):
+                await sink.flush()
+            for batch in (batch1, batch2):  # the runtime writes what it had not acknowledged again
+                await sink.write_batch(ITEMS, batch)
+            proxy.restore()
+            await sink.flush()
+        finally:
+            await sink.close()
+
+    asyncio.run(scenario())
+    table_uri = f"s3://lake/{prefix}/erp/items"
+    got = [
+        (r["id"], r["price"], int(r["_bl_position"])) for r in rows(table_uri, config.s3.storage_options())
+    ]
+    assert got == [(1, Decimal("3.00"), 3), (2, Decimal("1.00"), 2), (3, Decimal("1.00"), 4)]
+    assert DeltaTable(table_uri, storage_options=config.s3.storage_options()).version() == 1
