@@ -409,6 +409,7 @@ class PostgresReader:
         conn: Any = None
         cursor: Any = None
         pid = 0
+        broken = False  # the connection failed: no last feedback, no waiting on a server that may be gone
         try:
             conn, cursor = self._start_replication(start_lsn, stop)
             pid = conn.get_backend_pid()
@@ -417,19 +418,21 @@ class PostgresReader:
             reported_at = time.monotonic()
             yield from self._messages(conn, cursor, start_lsn, stop, poll_s, idle_after_s, reported, reported_at)
         except psycopg2.Error as exc:
+            broken = True
             raise map_psycopg2_error(exc, what) from exc
         finally:
             with self._ack_lock:
                 self._streaming = False
             if conn is not None:
-                try:
-                    if not conn.closed:
+                if not broken and not conn.closed:
+                    try:  # the last acknowledgement, then wait until the walsender let the slot go
                         ack = self._ack_lsn
                         cursor.send_feedback(write_lsn=ack, flush_lsn=ack, force=True)
-                except psycopg2.Error:  # the connection is gone: the next stream reports it
-                    pass
+                    except psycopg2.Error:  # the connection is gone: the next stream reports it
+                        broken = True
                 conn.close()
-                self._wait_released(pid)
+                if not broken:
+                    self._wait_released(pid)
 
     def _messages(self, conn: Any, cursor: Any, start_lsn: int, stop: threading.Event, poll_s: float,
                   idle_after_s: float, reported: int, reported_at: float) -> Iterator[Changes]:

@@ -396,15 +396,16 @@ def test_postgres_connection_cut_is_retryable_and_resume_loses_nothing(crm, pg_s
     stop = threading.Event()
     stream = reader.stream(start, stop)
     seen = []
+    first = None
     with pytest.raises(RetryableSourceError, match="must be reachable"):
         for changes in stream:
             seen.extend(changes.events)
-            if changes.checkpoint is not None:
+            if changes.checkpoint is not None and first is None:
                 reader.acknowledge(changes.checkpoint)
                 first = changes.checkpoint
-                conn.execute(f"INSERT INTO {s}.t VALUES (2)")
+                conn.execute(f"INSERT INTO {s}.t VALUES (2)")  # may or may not arrive before the cut
                 proxy.cut()
-    assert [e.key for e in seen] == [{"id": 1}]
+    assert first is not None and seen[0].key == {"id": 1}
     proxy.restore()
     events, _, _ = _collect(reader, first, 1)
     assert [e.key for e in events] == [{"id": 2}]
