@@ -52,6 +52,10 @@ class Figures:
     rows: int
     load_s: float = 0.0
     raw_rows_s: float = 0.0
+    raw_cpu_us: float = 0.0
+    """CPU per row of the raw decode (this process): steadier than rows/s on a shared machine."""
+    e2e_cpu_us: float = 0.0
+    """CPU per row of `branchline run` and its capture process over the backlog, start-up included."""
     e2e_rows_s: float = 0.0
     e2e_wall_rows_s: float = 0.0
     churn_rows: int = 0
@@ -97,16 +101,31 @@ class RssWatch:
         return self.peak_kb / 1024
 
 
-def _run(pipeline: Path, spool: Path, idle_s: float) -> subprocess.Popen[bytes]:
-    log = open(pipeline.with_suffix(f".{time.monotonic_ns()}.log"), "w")  # noqa: SIM115 (child owns it)
+def _run(pipeline: Path, spool: Path, idle_s: float) -> tuple[subprocess.Popen[bytes], Path]:
+    path = pipeline.with_suffix(f".{time.monotonic_ns()}.log")
+    log = open(path, "w")  # noqa: SIM115 (child owns it)
     process = subprocess.Popen([sys.executable, "-m", "branchline.cli", "run", str(pipeline), "--spool", str(spool),
                                 "--no-progress", "--no-metrics", "--exit-when-idle", str(idle_s)],
                                stdout=log, stderr=subprocess.STDOUT)
     log.close()
-    return process
+    return process, path
+
+
+def _wait_streaming(process: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
+    """Until the run's reader streams: start-up (imports, the capture process) is not lag."""
+    deadline = time.monotonic() + timeout
+    while ": streaming from " not in log.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise click.ClickException(f"`branchline run` must start streaming; its log:\n{log.read_text()[-2000:]}")
+        time.sleep(0.1)
+
+
+_RUNTIME_EXTRA: dict[str, Any] = {}
+"""Extra `runtime:` settings of the benchmarked pipeline (--batch-interval-ms)."""
 
 
 def _pipeline(path: Path, name: str, source_yaml: str, cloud_port: int, batch_size: int) -> Path:
+    extra = "".join(f"  {key}: {value}\n" for key, value in _RUNTIME_EXTRA.items())
     path.write_text(f"""name: {name}
 branch: hq
 sources:
@@ -121,7 +140,7 @@ sinks:
 runtime:
   batch_size: {batch_size}
   snapshot: never
-metrics:
+{extra}metrics:
   enabled: false
 """)
     return path
@@ -220,19 +239,22 @@ def bench_mariadb(rows: int, rate: float, seconds: float, work: Path, batch_size
         figures.load_s = time.monotonic() - began
 
         # raw decode: the library alone, same backlog
+        # blocking, as the reader streams: non-blocking dumps of MariaDB 10.11 were cut (error 2013) and
+        # restarted from the start position again and again, which understated the raw rate
         stream = BinLogStreamReader(connection_settings={"host": "127.0.0.1", "port": port, "user": "root",
                                                          "password": ""},
-                                    server_id=4_100_000 + random.randint(0, 99_999), blocking=False,
+                                    server_id=4_100_000 + random.randint(0, 99_999), blocking=True,
                                     is_mariadb=True, auto_position=start.data["gtid"], only_schemas=[db],
                                     only_events=[WriteRowsEvent], enable_logging=False,
                                     pymysql_wrapper=_pymysql_connect)
         decoded = 0
-        began = time.monotonic()
+        began, cpu = time.monotonic(), time.process_time()
         for event in stream:
             decoded += len(event.rows)
             if decoded >= rows:
                 break
         figures.raw_rows_s = decoded / (time.monotonic() - began)
+        figures.raw_cpu_us = 1e6 * (time.process_time() - cpu) / decoded
         stream.close()
 
         # end to end: branchline run from the recorded position
@@ -286,7 +308,7 @@ def bench_postgres(rows: int, rate: float, seconds: float, work: Path, batch_siz
         parser = PgOutputParser()
         conn.execute(SESSION_SETTINGS)
         decoded = 0
-        began = time.monotonic()
+        began, cpu = time.monotonic(), time.process_time()
         with conn.cursor(binary=True) as cursor:
             cursor.execute("SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, 'proto_version',"
                            " '1', 'publication_names', %s)", (schema, schema))
@@ -294,6 +316,7 @@ def bench_postgres(rows: int, rate: float, seconds: float, work: Path, batch_siz
                 if isinstance(parser.parse(data), RowChange):
                     decoded += 1
         figures.raw_rows_s = decoded / (time.monotonic() - began)
+        figures.raw_cpu_us = 1e6 * (time.process_time() - cpu) / max(1, decoded)
 
         spool = work / f"{source}.sqlite"
         seeded = Spool(spool)
@@ -329,20 +352,31 @@ def bench_postgres(rows: int, rate: float, seconds: float, work: Path, batch_siz
 
 def _end_to_end(figures: Figures, pipeline: Path, spool: Path, cloud: int, schema: str, rows: int,
                 seconds: float, rate: float, insert: Any) -> None:
+    import resource
+
     began = time.monotonic()
-    process = _run(pipeline, spool, idle_s=2)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    process, _ = _run(pipeline, spool, idle_s=2)
     rss = RssWatch(process.pid)
     done = _wait_rows(cloud, schema, 0, rows - 1, timeout=max(600, rows / 500))
     figures.e2e_wall_rows_s = rows / (done - began)
     process.wait(120)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the run reaped its capture process: both count
+    figures.e2e_cpu_us = 1e6 * (after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime) / rows
     figures.rss_backlog_mb = rss.join()
     count, span, _ = _target_stats(cloud, schema, 0, rows - 1)
     figures.e2e_rows_s = count / span if span else 0.0
     if seconds <= 0:
         return
-    process = _run(pipeline, spool, idle_s=3)
+    process, log = _run(pipeline, spool, idle_s=3)
     rss = RssWatch(process.pid)
-    time.sleep(2)  # connected and idle before the clock starts
+    _wait_streaming(process, log)
+    # warm: one row through reader, spool and sink (target catalog, staging table) before the clock
+    # starts; its t_us is 0, so it is not in the lag figures
+    warm_id = rows + 10_000_000
+    insert([(warm_id, *_sample_row(warm_id, random.Random(3))[1:-1], 0)])
+    _wait_rows(cloud, schema, warm_id, warm_id, timeout=120)
+    time.sleep(0.5)
     churned = _churn(insert, rows, rate, seconds)
     figures.churn_rows = churned
     figures.churn_rate = churned / seconds
@@ -367,6 +401,8 @@ def _print(figures: Figures) -> None:
     click.echo(f"  end to end (first..last row synced) {figures.e2e_rows_s:>10,.0f} rows/s"
                f"  = {100 * ratio:.0f}% of raw decode (target >= 80%)")
     click.echo(f"  end to end (wall, incl. start-up)   {figures.e2e_wall_rows_s:>10,.0f} rows/s")
+    click.echo(f"  CPU per row: raw decode {figures.raw_cpu_us:.0f} us; `branchline run` (both processes, incl."
+               f" start-up) {figures.e2e_cpu_us:.0f} us")
     if figures.churn_rows:
         click.echo(f"  steady churn {figures.churn_rate:,.0f} rows/s for {figures.churn_rows:,} rows: lag p50"
                    f" {figures.lag_p50_ms:.0f} ms, p99 {figures.lag_p99_ms:.0f} ms, max {figures.lag_max_ms:.0f} ms"
@@ -380,10 +416,15 @@ def _print(figures: Figures) -> None:
 @click.option("--churn-rate", type=float, default=1000.0, show_default=True, help="Rows/s of the steady churn.")
 @click.option("--churn-seconds", type=float, default=20.0, show_default=True, help="0 skips the lag phase.")
 @click.option("--batch-size", type=int, default=5000, show_default=True)
+@click.option("--batch-interval-ms", type=int, default=None, help="runtime.batch_interval_ms (default: the default).")
 @click.option("--only", type=click.Choice(["mariadb", "postgres"]), default=None)
-def embedded(rows: int, churn_rate: float, churn_seconds: float, batch_size: int, only: str | None) -> None:
+def embedded(rows: int, churn_rate: float, churn_seconds: float, batch_size: int, batch_interval_ms: int | None,
+             only: str | None) -> None:
     """End-to-end rows/s vs raw decode rate, lag p50/p99 at steady churn, peak RSS of `branchline run`."""
     import tempfile
+
+    if batch_interval_ms is not None:
+        _RUNTIME_EXTRA["batch_interval_ms"] = batch_interval_ms
 
     with tempfile.TemporaryDirectory(prefix="branchline-bench-") as tmp:
         work = Path(os.environ.get("BRANCHLINE_BENCH_DIR") or tmp)

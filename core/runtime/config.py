@@ -30,8 +30,9 @@ class RuntimeConfig(BaseModel):
     """The local spool; capture continues into it while the target is unreachable."""
     batch_size: int = Field(default=5000, gt=0)
     """Changes per sink batch (and per spool transaction)."""
-    batch_interval_ms: int = Field(default=50, ge=0)
-    """Longest wait to fill a batch; bounds the added latency when changes trickle in."""
+    batch_interval_ms: int = Field(default=20, ge=0)
+    """Shortest time between two spooled batches of one source while changes stream in (a commit after a
+    pause is spooled at once); bounds the latency that batching adds."""
     snapshot: Literal["initial", "never"] = "initial"
     """``initial``: read every table once (primary-key chunks) before streaming; ``never``: stream only."""
     snapshot_chunk_rows: int = Field(default=10_000, gt=0)

@@ -22,6 +22,7 @@ from typing import Any
 
 from branchline.connectors.embedded.reader import Checkpoint
 from branchline.events import ChangeEvent, Op, TableSchema
+from branchline.streams._construct import new_event
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -80,9 +81,9 @@ def encode(events: list[ChangeEvent], schemas: dict[Any, TableSchema]) -> bytes:
 
 def decode(data: bytes) -> tuple[list[ChangeEvent], dict[Any, TableSchema]]:
     tables, rows = pickle.loads(data)
-    construct = ChangeEvent.model_construct
-    events = [construct(op=_OPS[op], table=tables[slot].id, key=key, before=before, after=after,
-                        position=position, source_ts=ts, txid=txid, snapshot=snap)
+    ids = [t.id for t in tables]
+    events = [new_event({"op": _OPS[op], "table": ids[slot], "key": key, "before": before, "after": after,
+                         "position": position, "source_ts": ts, "txid": txid, "snapshot": snap})
               for op, slot, key, before, after, position, ts, txid, snap in rows]
     return events, {t.id: t for t in tables}
 
@@ -106,6 +107,7 @@ class Spool:
         self._memory_limit = memory_bytes
         self._memory_lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._synchronous = synchronous
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._writer = self._open(synchronous)
@@ -221,9 +223,18 @@ class Spool:
             yield SpooledBatch(seq, source, events, schemas, size)
 
     def delete_through(self, seq: int) -> None:
-        """The sink has made every batch up to ``seq`` durable."""
+        """The sink has made every batch up to ``seq`` durable.
+
+        Committed without waiting for the disk: a delete lost to a power cut only replays batches the
+        sinks apply idempotently, and the next durable append flushes it anyway."""
         with self._write_lock:
-            self._writer.execute("DELETE FROM batches WHERE seq <= ?", (seq,))
+            if self._synchronous != "NORMAL":
+                self._writer.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._writer.execute("DELETE FROM batches WHERE seq <= ?", (seq,))
+            finally:
+                if self._synchronous != "NORMAL":
+                    self._writer.execute(f"PRAGMA synchronous={self._synchronous}")
             with self._memory_lock:
                 for done in [s for s in self._memory if s <= seq]:
                     del self._memory[done]
