@@ -6,8 +6,11 @@ statements, each guarded so that a row's stored position only moves forward:
 1. (only if the batch has unchanged TOAST values, or deletes in soft-delete mode) fill those staging
    values from the target row, so the upsert keeps what the target has (a target that never had the
    row has no value to keep: the column stays NULL until the source sends it);
-2. upsert: ``INSERT .. SELECT .. ON CONFLICT (key) DO UPDATE .. WHERE t._bl_position < EXCLUDED._bl_position``,
-   skipping changes older than the table's last truncate or than a tombstone;
+2. upsert, in two statements: ``UPDATE .. FROM stage WHERE key matches AND t._bl_position < s._bl_position``
+   for stored rows, then ``INSERT .. SELECT .. WHERE NOT EXISTS (stored row) .. ON CONFLICT (key) DO
+   UPDATE .. WHERE t._bl_position < EXCLUDED._bl_position`` for new keys, skipping changes older than
+   the table's last truncate or than a tombstone (the ON CONFLICT clause only covers a concurrent
+   writer; the split avoids ON CONFLICT's speculative insert and row lock for every stored row);
 3. (only if the batch has deletes, hard-delete mode) delete guarded the same way, and record tombstones.
 
 The fast path — no unchanged values, no deletes — is COPY + one INSERT .. SELECT .. ON CONFLICT.
@@ -34,7 +37,13 @@ from dataclasses import dataclass
 
 from branchline.events import TableSchema
 from branchline.sinks.postgres.ddl import TRUNCATIONS, TargetTable
-from branchline.sinks.postgres.types import Converter, converter, is_normalizer, staged_as_text
+from branchline.sinks.postgres.types import (
+    DUMPS_ANY_OBJECT,
+    Converter,
+    converter,
+    is_normalizer,
+    staged_as_text,
+)
 from psycopg import sql
 
 TEXT_OID = 25
@@ -50,6 +59,8 @@ class StagedColumn:
     normalizer_only: bool = False
     """The converter only fixes values that break the event contract (e.g. an aware DATETIME): the
     fast path skips it and falls back when psycopg rejects a value."""
+    dumps_any: bool = False
+    """psycopg's dumper would accept `UNCHANGED` here (`types.DUMPS_ANY_OBJECT`): check by identity."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,10 @@ class TablePlan:
     """True when a truncate mark or a tombstone could guard off a change at ``%(position)s`` or later:
     the batch needs the guarded upsert and must not COPY straight into the target."""
     prefill: sql.Composed | None
+    update_existing: sql.Composed | None
+    """Keyed tables: update the stored rows the batch has newer changes for (runs before `upsert`)."""
     upsert: sql.Composed
+    """Insert what `update_existing` left (new keys), guarded; ON CONFLICT covers a concurrent insert."""
     upsert_unguarded: sql.Composed
     """The upsert without the truncate-mark and tombstone guards, for a batch `direct_check` cleared."""
     delete: sql.Composed | None
@@ -225,6 +239,14 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
                 sql.Identifier(target.schema, target.tombstones), tomb_match
             )
         )
+    unguarded_conditions: list[sql.Composable] = []
+    if keyed:
+        # rows already stored were handled by `update_existing`; what is left are new keys
+        new_key = sql.SQL("NOT EXISTS (SELECT 1 FROM {} t WHERE {})").format(table, key_match)
+        conditions.append(new_key)
+        unguarded_conditions.append(new_key)
+    if keyed and not soft_delete:
+        unguarded_conditions.append(sql.SQL("s._bl_op <> 'd'"))
     select = sql.SQL(
         "SELECT {} FROM {} s LEFT JOIN {} w ON w.table_name = {} AND w.branch = {} WHERE {}"
     ).format(
@@ -238,8 +260,27 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
     unguarded = sql.SQL("SELECT {} FROM {} s WHERE {}").format(
         _join(select_values),
         stage,
-        sql.SQL("s._bl_op <> 'd'") if keyed and not soft_delete else sql.SQL("true"),
+        _join(unguarded_conditions, " AND ") if unguarded_conditions else sql.SQL("true"),
     )
+    update_existing = None
+    if keyed:
+        # stored rows are updated in place: a plain UPDATE costs less than ON CONFLICT's speculative
+        # insert and row lock. No truncate or tombstone guard is needed here: a stored row is newer than
+        # every truncate mark and tombstone of its key, and the update needs a newer position still.
+        assignments = [
+            sql.SQL("{} = {}").format(sql.Identifier(n), value)
+            for n, value in zip(insert_names, select_values, strict=True)
+            if n not in target.key
+        ]
+        update_existing = sql.SQL(
+            "UPDATE {} AS t SET {} FROM {} s WHERE {} AND t._bl_position < s._bl_position{}"
+        ).format(
+            table,
+            _join(assignments),
+            stage,
+            key_match,
+            sql.SQL(" AND s._bl_op <> 'd'") if not soft_delete else sql.SQL(""),
+        )
     key_list = _join([sql.Identifier(k) for k in target.key])
     if keyed:
         updates = [
@@ -317,7 +358,10 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
         keyed=keyed,
         soft_delete=soft_delete,
         branch_key=branch_key,
-        columns=tuple(StagedColumn(c.name, converter(c), is_normalizer(c)) for c in source.columns),
+        columns=tuple(
+            StagedColumn(c.name, converter(c), is_normalizer(c), c.type in DUMPS_ANY_OBJECT)
+            for c in source.columns
+        ),
         copy_types=tuple(copy_types),
         stage_name=stage_name,
         create_stage=create_stage,
@@ -327,6 +371,7 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
         direct_types=direct_types,
         direct_check=direct_check,
         prefill=prefill,
+        update_existing=update_existing,
         upsert=upsert,
         upsert_unguarded=upsert_unguarded,
         delete=delete,

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC
 from decimal import Decimal
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any, TypeAlias
 
 import orjson
@@ -42,6 +42,9 @@ _OP_CODE = {op: op.value for op in Op}
 _UNCHANGED_ID = id(UNCHANGED)
 _STAGES_PER_CONNECTION = 8
 _INSERTS = frozenset((Op.CREATE, Op.READ))
+_op_of = attrgetter("op")
+_position_of = attrgetter("position")
+_key_of = attrgetter("key")
 _PRUNE_SLICE = 10_000
 
 
@@ -135,6 +138,10 @@ class PostgresSink:
         set_json_dumps(_dumps, context=conn)
         # staging tables live in temp buffers (8 MB by default): keep a 20k-row batch off the disk
         await conn.execute("SET temp_buffers = '64MB'")
+        # every join the sink runs is a staged batch against an index on the same key; without
+        # statistics on the staging table the planner would hash it and scan the whole target
+        await conn.execute("SET enable_hashjoin = off")
+        await conn.execute("SET enable_mergejoin = off")
         await conn.commit()
 
     async def _get_pool(self) -> AsyncConnectionPool:
@@ -296,7 +303,7 @@ class PostgresSink:
         primary key: `_Restage` rolls the transaction back, the caller writes the batch again through
         staging, and this table skips the direct COPY until an insert-only batch is all new again.
         """
-        first = min([change.position for change in net])
+        first = min(map(_position_of, net))
         cursor = await conn.execute(plan.direct_check, {"position": first})
         row = await cursor.fetchone()
         guarded = row is None or bool(row[0])
@@ -329,8 +336,12 @@ class PostgresSink:
                 )
             if plan.prefill is not None and has_unchanged:
                 await cursor.execute(plan.prefill)
+            upserted = 0
+            if plan.update_existing is not None:
+                await cursor.execute(plan.update_existing)
+                upserted = cursor.rowcount
             await cursor.execute(plan.upsert if guarded else plan.upsert_unguarded)
-            upserted = cursor.rowcount
+            upserted += cursor.rowcount
             if has_delete and plan.delete is not None and plan.tombstone is not None:
                 await cursor.execute(plan.delete)
                 await cursor.execute(plan.tombstone)
@@ -360,7 +371,10 @@ class PostgresSink:
         pick = itemgetter(*names) if len(names) > 1 else (lambda row: (row[names[0]],))
         rows = BinaryRows(copy)
         encode, transformer, buffer = rows.encode, rows.transformer, rows.buffer
+        size = len(buffer)
         plain = not converters and not branch_key  # no per-row fix-ups: values go out as `pick` made them
+        # UNCHANGED: found by identity only where a dumper would take it; elsewhere the dumper raises
+        loose = [i for i, c in enumerate(plan.columns) if c.dumps_any]
         op_code = _OP_CODE
         for change in net:
             op = change.op
@@ -375,37 +389,47 @@ class PostgresSink:
             if source_ts is not None and source_ts.tzinfo is None:
                 source_ts = source_ts.replace(tzinfo=UTC)
             try:
-                values = pick(row)
+                picked = pick(row)
             except KeyError:  # a key-only delete image, or a column the source no longer sends
-                values = tuple([row.get(n) for n in names])
-            # by identity: `UNCHANGED in values` would call Decimal.__eq__, which costs an ABC check
-            if plain and _UNCHANGED_ID not in map(id, values) and not (soft_delete and op is _DELETE):
-                values += (
-                    (position, op_code[op], source_ts, None) if staged else (position, op_code[op], source_ts)
-                )
+                picked = tuple([row.get(n) for n in names])
+            unchanged: list[str] | None = None
+            if (
+                plain
+                and not (soft_delete and op is _DELETE)
+                and not (loose and any([picked[i] is UNCHANGED for i in loose]))  # noqa: C419 (no generator)
+            ):
+                values = picked
+                fixed = False
             else:
                 values, unchanged = self._fix(
-                    plan, change, values, names, converters, staged=staged, soft_delete=soft_delete
+                    plan, change, picked, names, converters, staged=staged, soft_delete=soft_delete
                 )
-                if unchanged is not None:
-                    has_unchanged = True
-                values += (
-                    (position, op_code[op], source_ts, unchanged)
-                    if staged
-                    else (position, op_code[op], source_ts)
-                )
+                fixed = True
+            bookkeeping = (position, op_code[op], source_ts)
             try:
-                encode(values, transformer, buffer)
+                encode(values + (bookkeeping + (unchanged,) if staged else bookkeeping), transformer, buffer)
             except TypeError as exc:
-                if normalize:
-                    raise FatalSinkError(
-                        f"`{plan.qualified}` row at key {_describe_key(plan, change)} position "
-                        f"{position} must match its column types; got {exc}"
-                    ) from exc
-                raise _Renormalize from exc
-            if len(buffer) >= FLUSH_AT:
+                del buffer[size:]  # whatever part of the row the encoder wrote
+                # by identity: `UNCHANGED in values` would call Decimal.__eq__, which costs an ABC check
+                if fixed or _UNCHANGED_ID not in map(id, picked):
+                    raise _type_error(plan, change, exc, normalize) from exc
+                values, unchanged = self._fix(
+                    plan, change, picked, names, converters, staged=staged, soft_delete=soft_delete
+                )
+                try:
+                    encode(
+                        values + (bookkeeping + (unchanged,) if staged else bookkeeping), transformer, buffer
+                    )
+                except TypeError as again:
+                    del buffer[size:]
+                    raise _type_error(plan, change, again, normalize) from again
+            if unchanged is not None:
+                has_unchanged = True
+            size = len(buffer)
+            if size >= FLUSH_AT:
                 await rows.drain()
                 buffer = rows.buffer
+                size = 0
         await rows.finish()
         return has_unchanged, has_delete, has_upsert
 
@@ -513,8 +537,18 @@ _Net: TypeAlias = ChangeEvent
 """One net change to write: an event of the batch, or one the collapse made (a key's merged changes)."""
 
 
+def _type_error(plan: TablePlan, change: _Net, exc: TypeError, normalize: bool) -> Exception:
+    """A value psycopg would not encode: fatal once every conversion ran, else rewrite with them on."""
+    if normalize:
+        return FatalSinkError(
+            f"`{plan.qualified}` row at key {_describe_key(plan, change)} position "
+            f"{change.position} must match its column types; got {exc}"
+        )
+    return _Renormalize()
+
+
 def _inserts_only(net: list[_Net]) -> bool:
-    return all(change.op in _INSERTS for change in net)
+    return set(map(_op_of, net)) <= _INSERTS
 
 
 def _net_changes(table: TableSchema, events: Sequence[ChangeEvent], by_branch: bool) -> list[_Net]:
@@ -527,7 +561,7 @@ def _net_changes(table: TableSchema, events: Sequence[ChangeEvent], by_branch: b
             if by_branch:
                 unique = len({(e.table.branch, key_of(e.key)) for e in events}) == len(events)
             else:
-                unique = len({key_of(e.key) for e in events}) == len(events)
+                unique = len(set(map(key_of, map(_key_of, events)))) == len(events)
         except (KeyError, TypeError):  # a key missing from `key`, or an unhashable value
             unique = False
     else:

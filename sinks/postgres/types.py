@@ -205,6 +205,14 @@ def is_normalizer(column: Column) -> bool:
     return column.type in (ColumnType.TIMESTAMP, ColumnType.TIMESTAMPTZ)
 
 
+DUMPS_ANY_OBJECT = frozenset({ColumnType.BOOLEAN, ColumnType.TIME, ColumnType.INTERVAL})
+"""Types whose psycopg binary dumper accepts any object (bool by truthiness, interval by duck typing).
+
+The writer finds `UNCHANGED` in these columns by identity; in every other column without a converter
+psycopg's dumper raises TypeError on it, and the writer looks for it only then. Pinned by
+`tests/unit/test_sinks_postgres_types.py`, so a psycopg upgrade that changes a dumper fails a test."""
+
+
 def staged_as_text(pg_type: str) -> bool:
     """Types psycopg cannot COPY in binary from Python values: staged as text, cast on insert."""
     return pg_type.startswith("bit")

@@ -632,3 +632,56 @@ def test_a_tombstone_table_made_before_pruning_gets_its_sync_time(target: dict[s
     _age_tombstones(target, [1], 2)
     asyncio.run(write(cfg, ITEMS, [change(ITEMS, Op.CREATE, 3, item(3, "v3"))]))
     assert _tombstones(target) == [(2, 2)]
+
+
+PLAIN = TableSchema(
+    id=tid("plain"),
+    columns=(
+        Column(name="id", type=ColumnType.INT32, nullable=False),
+        Column(name="note", type=ColumnType.STRING),
+        Column(name="price", type=ColumnType.DECIMAL, precision=10, scale=2),
+        Column(name="flag", type=ColumnType.BOOLEAN),
+        Column(name="dur", type=ColumnType.TIME),
+        Column(name="raw", type=ColumnType.BYTES),
+    ),
+    primary_key=("id",),
+)
+
+
+@pytest.mark.parametrize("soft_delete", [False, True])
+def test_unchanged_values_in_columns_without_a_converter_keep_the_stored_values(
+    target: dict[str, Any], soft_delete: bool
+) -> None:
+    """Such columns take the fast path: `UNCHANGED` is found by identity where psycopg would accept it
+    (boolean, interval) and through the encoder's refusal elsewhere; either way the stored value stays.
+    An insert carrying one cannot COPY straight into the target and is restaged."""
+    from branchline.events import UNCHANGED
+
+    def row(id_: int, **values: Any) -> dict[str, Any]:
+        base = {
+            "id": id_,
+            "note": "n",
+            "price": Decimal("1.00"),
+            "flag": True,
+            "dur": timedelta(hours=1),
+            "raw": b"r",
+        }
+        return base | values
+
+    # stored values differ from what a dumper would make of the sentinel (a truthy object is True)
+    first = [change(PLAIN, Op.CREATE, i, row(i, note=f"note {i}", flag=False)) for i in (1, 2, 3, 4)]
+    updates = [
+        change(PLAIN, Op.UPDATE, 11, row(1, note=UNCHANGED, price=Decimal("2.00"))),
+        change(PLAIN, Op.UPDATE, 12, row(2, flag=UNCHANGED, dur=UNCHANGED, note="two")),
+        change(PLAIN, Op.UPDATE, 13, row(3, price=UNCHANGED, raw=UNCHANGED, flag=False)),
+        change(PLAIN, Op.UPDATE, 14, row(4, dur=timedelta(hours=4))),
+    ]
+    late_insert = [change(PLAIN, Op.CREATE, 15, row(5, note=UNCHANGED))]  # never stored: NULL
+    asyncio.run(write(config(target, soft_delete=soft_delete), PLAIN, first, updates, late_insert))
+    assert fetch(target, "SELECT id, note, price, flag, dur, raw, _bl_position::int FROM plain ORDER BY id") == [
+        (1, "note 1", Decimal("2.00"), True, timedelta(hours=1), b"r", 11),
+        (2, "two", Decimal("1.00"), False, timedelta(hours=1), b"r", 12),
+        (3, "n", Decimal("1.00"), False, timedelta(hours=1), b"r", 13),
+        (4, "n", Decimal("1.00"), True, timedelta(hours=4), b"r", 14),
+        (5, None, Decimal("1.00"), True, timedelta(hours=1), b"r", 15),
+    ]

@@ -7,7 +7,7 @@ import uuid
 import orjson
 import pytest
 from branchline.events import Column, ColumnType, Json
-from branchline.sinks.postgres.types import converter, merge_types, target_type
+from branchline.sinks.postgres.types import converter, is_normalizer, merge_types, target_type
 
 
 @pytest.mark.parametrize(
@@ -84,3 +84,43 @@ def test_uuid_from_text_and_bytes() -> None:
     convert = converter(Column(name="c", type=ColumnType.UUID))
     u = uuid.uuid4()
     assert convert is not None and convert(str(u)) == u and convert(u.bytes) == u
+
+
+def _base_type(pg_type: str) -> str:
+    """`numeric(20,0)` -> `numeric`, `timestamp(6) with time zone` -> `timestamptz`, as psycopg names them."""
+    base = pg_type.split("(")[0].strip()
+    if pg_type.startswith("timestamp"):
+        return "timestamptz" if "with time zone" in pg_type else "timestamp"
+    return {"double precision": "float8", "real": "float4", "bit varying": "varbit"}.get(base, base)
+
+
+def _fast_path(kind: ColumnType) -> bool:
+    """Columns whose values reach psycopg unconverted when the event contract holds."""
+    column = Column(name="c", type=kind, precision=10, scale=2, length=8)
+    return converter(column) is None or is_normalizer(column)
+
+
+@pytest.mark.parametrize("kind", [k for k in ColumnType if _fast_path(k)])
+def test_unchanged_is_refused_by_the_dumper_of_every_fast_path_type_but_the_listed_ones(
+    kind: ColumnType,
+) -> None:
+    """The writer looks for `UNCHANGED` by identity only in `DUMPS_ANY_OBJECT` columns (and in columns
+    with a converter, which always take the careful path); everywhere else it relies on psycopg's binary
+    dumper raising TypeError. A psycopg upgrade that loosens a dumper must fail here, not store garbage."""
+    from branchline.events import UNCHANGED
+    from branchline.sinks.postgres.types import DUMPS_ANY_OBJECT
+    from psycopg import postgres
+    from psycopg._copy_base import format_row_binary
+    from psycopg.adapt import Transformer
+    from psycopg.pq import Format
+
+    pg_type = target_type(Column(name="c", type=kind, precision=10, scale=2, length=8))
+    transformer = Transformer()
+    transformer.set_dumper_types([postgres.types.get_oid(_base_type(pg_type))], Format.BINARY)
+    out = bytearray()
+    if kind in DUMPS_ANY_OBJECT:
+        format_row_binary([UNCHANGED], transformer, out)  # accepted: hence the identity check
+        assert out
+    else:
+        with pytest.raises(TypeError):
+            format_row_binary([UNCHANGED], transformer, out)
