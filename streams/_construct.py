@@ -13,6 +13,9 @@ from typing import Any
 from branchline.events import ChangeEvent
 
 _FIELDS = frozenset(ChangeEvent.model_fields)
+_ALL_SET = set(_FIELDS)
+"""One fields-set object shared by every event built here: the model is frozen, so pydantic never
+adds to it, and `model_copy` copies it before changing it."""
 _new = object.__new__
 _set = object.__setattr__
 
@@ -22,7 +25,7 @@ def new_event(values: dict[str, Any]) -> ChangeEvent:
     source_ts, txid, snapshot). The dict becomes the event's own: do not reuse it."""
     event = _new(ChangeEvent)
     _set(event, "__dict__", values)
-    _set(event, "__pydantic_fields_set__", set(_FIELDS))
+    _set(event, "__pydantic_fields_set__", _ALL_SET)
     _set(event, "__pydantic_extra__", None)
     _set(event, "__pydantic_private__", None)
     return event

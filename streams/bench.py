@@ -120,7 +120,7 @@ def run_stages(batch: list[tuple[str, bytes, bytes]], decoder: EnvelopeDecoder,
             compiled = transforms.get(id(result.schema))  # by identity, as the worker does: hashing a
             if compiled is None:                          # TableSchema costs more than the transform
                 compiled = transforms[id(result.schema)] = compile_transforms(result.schema, TRANSFORMS)
-            event = compiled.apply(result.event)
+            event = compiled.apply_owned(result.event)
             if event is not None:
                 changes.append((event, compiled.schema))
     t2 = clock()

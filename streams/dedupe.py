@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -69,28 +70,37 @@ def collapse(changes: Iterable[tuple[ChangeEvent, TableSchema]]) -> list[Segment
     """Collapse one batch to segments (see module doc). Segments of one table come out in position
     order and must be written in that order; segments of different tables are independent."""
     per_table: dict[TableId, list[tuple[ChangeEvent, TableSchema]]] = {}
+    by_id: dict[int, list[tuple[ChangeEvent, TableSchema]]] = {}
     for pair in changes:
-        bucket = per_table.get(pair[0].table)
+        table = pair[0].table
+        bucket = by_id.get(id(table))  # hashing a TableId (pydantic, five fields) once per object, not per event
         if bucket is None:
-            per_table[pair[0].table] = bucket = []
+            bucket = per_table.get(table)
+            if bucket is None:
+                per_table[table] = bucket = []
+            by_id[id(table)] = bucket
         bucket.append(pair)
 
     segments: list[Segment] = []
     for bucket in per_table.values():
-        bucket.sort(key=lambda pair: pair[0].position)
+        # sort indexes by a list of positions: a C-level key (list.__getitem__) instead of a Python
+        # function call per change
+        positions = [pair[0].position for pair in bucket]
+        order = sorted(range(len(bucket)), key=positions.__getitem__)
         pending: dict[Any, ChangeEvent] = {}
         schema: TableSchema | None = None
-        for event, event_schema in bucket:
+        for index in order:
+            event, event_schema = bucket[index]
             if event.op is Op.TRUNCATE:
                 if pending and schema is not None:
-                    segments.append(Segment(schema, sorted(pending.values(), key=_position)))
+                    segments.append(Segment(schema, sorted(pending.values(), key=_POSITION)))
                 pending = {}
                 segments.append(Segment(event_schema, [event]))
                 schema = event_schema
                 continue
             if schema is not None and event_schema is not schema and event_schema != schema:
                 if pending:
-                    segments.append(Segment(schema, sorted(pending.values(), key=_position)))
+                    segments.append(Segment(schema, sorted(pending.values(), key=_POSITION)))
                 pending = {}
             schema = event_schema
             token = key_token(event)
@@ -99,12 +109,15 @@ def collapse(changes: Iterable[tuple[ChangeEvent, TableSchema]]) -> list[Segment
                 event = _merge_unchanged(event, older)
             pending[token] = event
         if pending and schema is not None:
-            segments.append(Segment(schema, sorted(pending.values(), key=_position)))
+            segments.append(Segment(schema, sorted(pending.values(), key=_POSITION)))
     return segments
 
 
 def _position(event: ChangeEvent) -> int:
     return event.position
+
+
+_POSITION = attrgetter("position")
 
 
 # -- across batches ---------------------------------------------------------------------------------
@@ -126,6 +139,10 @@ def guard_key(table: TableId, key: dict[str, Any] | None) -> str:
 def _key_json(key: dict[str, Any] | None) -> str:
     if key is None:
         return '"' + _TRUNCATE_KEY + '"'
+    if len(key) == 1:
+        (value,) = key.values()
+        if value.__class__ is int:  # the common key, written as orjson writes it (not bool: a subclass)
+            return f"[{value}]"
     return orjson.dumps(list(key.values()), default=str).decode()
 
 
@@ -149,6 +166,9 @@ class AppliedPositions:
     def __init__(self, store: MutableMapping[str, int]) -> None:
         self.store = store
         self._prefixes: dict[int, tuple[TableId, str]] = {}
+        self._names: dict[int, tuple[ChangeEvent, str]] = {}
+        """Store keys that `admit` computed, for `record` (by event identity, the event held so
+        that its id cannot be reused): building a key is most of the guard's cost."""
 
     def _key(self, table: TableId, key: dict[str, Any] | None) -> str:
         cached = self._prefixes.get(id(table))
@@ -167,21 +187,28 @@ class AppliedPositions:
         """The changes newer than the last applied change of their key and their table's last truncate."""
         stats = stats if stats is not None else GuardStats()
         kept = []
-        truncated: dict[TableId, int | None] = {}
+        truncated: dict[int, tuple[TableId, int | None]] = {}
         store = self.store
+        names = self._names
+        names.clear()
+        key_of = self._key
         for event, schema in changes:
             table = event.table
-            if table not in truncated:
-                truncated[table] = store.get(self._key(table, None))
-            floor = truncated[table]
-            if floor is not None and event.position <= floor:
+            floor_of = truncated.get(id(table))
+            if floor_of is None or floor_of[0] is not table:
+                floor_of = truncated[id(table)] = (table, store.get(key_of(table, None)))
+            floor = floor_of[1]
+            position = event.position
+            if floor is not None and position <= floor:
                 stats.dropped += 1
                 continue
             if event.op is not Op.TRUNCATE:
-                last = store.get(self._key(table, event.key))
-                if last is not None and event.position <= last:
+                name = key_of(table, event.key)
+                last = store.get(name)
+                if last is not None and position <= last:
                     stats.dropped += 1
                     continue
+                names[id(event)] = (event, name)
             kept.append((event, schema))
             stats.admitted += 1
         return kept
@@ -189,9 +216,15 @@ class AppliedPositions:
     def record(self, segments: Iterable[Segment]) -> None:
         """Store the positions of a batch the sink has made durable."""
         store = self.store
+        names = self._names
         for segment in segments:
             for event in segment.events:
-                name = self._key(event.table, None if event.op is Op.TRUNCATE else event.key)
+                cached = names.get(id(event))
+                if cached is not None and cached[0] is event:
+                    name = cached[1]
+                else:
+                    name = self._key(event.table, None if event.op is Op.TRUNCATE else event.key)
                 last = store.get(name)
                 if last is None or event.position > last:
                     store[name] = event.position
+        names.clear()

@@ -343,6 +343,51 @@ class CompiledTransform:
         })
 
 
+    def apply_owned(self, event: ChangeEvent) -> ChangeEvent | None:
+        """`apply` for an event that nobody else holds (just built by the decoder): changes the event
+        and its row dicts in place instead of copying them.
+
+        Why: the copies (a new event, a new dict per row image) were a third of the transform stage's
+        cost in `branchline.streams.bench`. Truncates and tables with filters take the copying path."""
+        if self.identity:
+            return event
+        if self._predicates or event.op is Op.TRUNCATE:
+            return self.apply(event)
+        values = event.__dict__  # the model is frozen for its users; its builder may still fill it
+        try:
+            after = values["after"]
+            if after is not None:
+                values["after"] = after = self._row_in_place(after)
+            before = values["before"]
+            if before is not None:
+                values["before"] = before = self._row_in_place(before)
+            if self.source.primary_key:
+                values["key"] = self._key(values["key"])
+            else:
+                values["key"] = dict(after or before or {})
+        except Exception as exc:
+            raise BadRecordError(
+                f"`{self.source.id.qualified}` change must transform (key {event.key!r}, position "
+                f"{event.position}); got {type(exc).__name__}: {exc}"
+            ) from exc
+        values["table"] = self._table
+        return event
+
+    def _row_in_place(self, row: dict[str, Any]) -> dict[str, Any]:
+        for name in self._drop:
+            row.pop(name, None)
+        for name, fn in self._fns:
+            value = row.get(name)
+            if value is not None and value is not UNCHANGED:
+                row[name] = fn(value)
+        if self._renames:
+            renames = self._renames
+            row = {renames.get(k, k): v for k, v in row.items()}
+        if self._constants:
+            row.update(self._constants)
+        return row
+
+
 def identity(schema: TableSchema) -> CompiledTransform:
     """The transform of a table without a ``tables:`` entry: changes pass unchanged."""
     return CompiledTransform(schema, schema, identity=True)
