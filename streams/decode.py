@@ -668,8 +668,7 @@ class EnvelopeDecoder:
             if last is not None and _same_schema(value, last[0]):
                 # the schema of this topic's last record: compare bytes, parse the payload only
                 plan = last[1]
-                # a bytes slice, not a memoryview: orjson parses a 1 kB payload ~30% slower from a buffer
-                payload = orjson.loads(value[_HEAD + len(last[0]) + _SEP:-1])
+                payload = orjson.loads(memoryview(value)[_HEAD + len(last[0]) + _SEP:-1])
             else:
                 schema_bytes, payload = self._split(value)
                 plan = self._plan(topic, schema_bytes, None)
