@@ -331,17 +331,20 @@ class PostgresSink:
         async with conn.cursor() as cursor:
             async with cursor.copy(plan.copy) as copy:
                 copy.set_types(plan.copy_types)
-                has_unchanged, has_delete, has_upsert = await self._encode(
+                has_unchanged, deletes, has_upsert = await self._encode(
                     copy, plan, net, normalize, staged=True
                 )
+            has_delete = deletes > 0
             if plan.prefill is not None and has_unchanged:
                 await cursor.execute(plan.prefill)
             upserted = 0
             if plan.update_existing is not None:
                 await cursor.execute(plan.update_existing)
                 upserted = cursor.rowcount
-            await cursor.execute(plan.upsert if guarded else plan.upsert_unguarded)
-            upserted += cursor.rowcount
+            candidates = len(net) if plan.soft_delete else len(net) - deletes
+            if plan.update_existing is None or upserted < candidates:  # new keys (or older changes) left
+                await cursor.execute(plan.upsert if guarded else plan.upsert_unguarded)
+                upserted += cursor.rowcount
             if has_delete and plan.delete is not None and plan.tombstone is not None:
                 await cursor.execute(plan.delete)
                 await cursor.execute(plan.tombstone)
@@ -355,11 +358,12 @@ class PostgresSink:
 
     async def _encode(
         self, copy: AsyncCopy, plan: TablePlan, net: list[_Net], normalize: bool, *, staged: bool
-    ) -> tuple[bool, bool, bool]:
+    ) -> tuple[bool, int, bool]:
         """Send ``net`` into an open COPY: the staging layout (``staged``, last column the names of
         unchanged values) or the target's (`_Restage` on a value that needs the staging path).
-        Returns (has unchanged values, has deletes, has upserts)."""
-        has_unchanged = has_delete = has_upsert = False
+        Returns (has unchanged values, number of deletes, has upserts)."""
+        has_unchanged = has_upsert = False
+        deletes = 0
         names = [c.name for c in plan.columns]
         converters = [
             (i, c.converter)
@@ -381,7 +385,7 @@ class PostgresSink:
             position = change.position
             source_ts = change.source_ts
             if op is _DELETE:
-                has_delete = True
+                deletes += 1
                 row = change.before or change.key
             else:
                 has_upsert = True
@@ -431,7 +435,7 @@ class PostgresSink:
                 buffer = rows.buffer
                 size = 0
         await rows.finish()
-        return has_unchanged, has_delete, has_upsert
+        return has_unchanged, deletes, has_upsert
 
     @staticmethod
     def _fix(

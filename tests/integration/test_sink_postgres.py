@@ -210,11 +210,13 @@ def test_table_without_primary_key_is_kept_as_a_change_log(target: dict[str, Any
         change(log_table, Op.CREATE, 2, item(1, "a")),  # a duplicate row is legal without a key
         change(log_table, Op.DELETE, 3, item(1, "a")),
     ]
-    asyncio.run(write(config(target), log_table, batch, batch))
+    deletes_only = [change(log_table, Op.DELETE, 4, item(2, "b"))]
+    asyncio.run(write(config(target), log_table, batch, batch, deletes_only))
     assert fetch(target, "SELECT _bl_position, _bl_op, id, name FROM audit ORDER BY 1") == [
         (1, "c", 1, "a"),
         (2, "c", 1, "a"),
         (3, "d", 1, "a"),
+        (4, "d", 2, "b"),
     ]
 
 
