@@ -3,8 +3,9 @@ protocol (``START_REPLICATION SLOT ... LOGICAL``, psycopg2's replication connect
 snapshot over psycopg 3.
 
 Why streaming and not ``pg_logical_slot_peek_binary_changes``: each peek re-decodes the WAL from the
-slot's restart point, so a large backlog (one bulk transaction) costs nearly quadratic time; a
-walsender decodes each record once and sends the changes as it goes. Nothing is lost on a crash:
+slot's restart point (which moves only at the server's running-transactions records), so reading a
+large backlog in chunks costs nearly quadratic time, and a bulk transaction comes back whole from
+one call; a walsender decodes each record once and sends the changes as it goes. Nothing is lost on a crash:
 the server is told a flush position (standby status update) only for what the runner acknowledged,
 i.e. after the spool write is durable, and a restart streams again from the spooled checkpoint.
 
