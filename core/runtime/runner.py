@@ -320,8 +320,11 @@ def tune_gc() -> None:
     gc.set_threshold(100_000, 50, 1000)
 
 
-def _die_with_parent() -> None:
-    """Linux: the capture process gets SIGKILL when the runner dies (kill -9 leaves no orphan reader)."""
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: the capture process gets SIGKILL when the runner dies (kill -9 leaves no orphan reader).
+
+    A runner killed while this process was still starting (imports take seconds on a busy machine) sent
+    no signal: then the parent is already another process, and this one leaves at once."""
     try:
         import ctypes
         import signal
@@ -329,11 +332,14 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the stop event still ends it
         pass
+    if os.getppid() != parent_pid:  # checked after the prctl, so no death falls between the two
+        os._exit(0)
 
 
-def _capture_main(pipeline: PipelineConfig, source_name: str, spool_path: str, messages: Any, stop: Any) -> None:
+def _capture_main(pipeline: PipelineConfig, source_name: str, spool_path: str, messages: Any, stop: Any,
+                  parent_pid: int) -> None:
     """A capture process: one source's reader -> the shared spool. Reports progress to the runner."""
-    _die_with_parent()
+    _die_with_parent(parent_pid)
     tune_gc()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import signal
@@ -405,7 +411,8 @@ class RemoteCapture:
         self._messages = self._context.Queue()
         self._stop = self._context.Event()
         self._process = self._context.Process(
-            target=_capture_main, args=(pipeline, source.name, str(spool_path), self._messages, self._stop),
+            target=_capture_main, args=(pipeline, source.name, str(spool_path), self._messages, self._stop,
+                                        os.getpid()),
             name=f"branchline-capture-{source.name}", daemon=True)
         self._listener = threading.Thread(target=self._listen, name=f"capture-{source.name}-messages", daemon=True)
         self._snapshot_rows: dict[str, int] = {}
@@ -502,6 +509,8 @@ class Runner:
         self.captures: list[SourceCapture] = []
         self._warned_retention = False
         self._compiled: dict[TableSchema, Any] = {}
+        self._prefetch: tuple[int, Any] | None = None
+        """(sequence read after, future of the next round's spool read) while a backlog drains."""
 
     def _wake_drain(self) -> None:
         loop, wake = self._loop, self._wake
@@ -588,6 +597,25 @@ class Runner:
 
     async def _drain(self, sinks: dict[str, Any], retention: dict[str, float | None],
                      threads: list[threading.Thread]) -> None:
+        try:
+            await self._drain_rounds(sinks, retention, threads)
+        finally:
+            if self._prefetch is not None:  # never leave a spool read running past the spool's close
+                await asyncio.gather(self._prefetch[1], return_exceptions=True)
+                self._prefetch = None
+
+    async def _next_round(self, after_seq: int) -> list[Any]:
+        """The spool's batches after ``after_seq``: the read started while the last round was written,
+        when it was for this sequence number, else a new read."""
+        prefetched, self._prefetch = self._prefetch, None
+        if prefetched is not None:
+            batches = await prefetched[1]
+            if prefetched[0] == after_seq:
+                return list(batches)
+        return await asyncio.to_thread(self._read_spool, after_seq)
+
+    async def _drain_rounds(self, sinks: dict[str, Any], retention: dict[str, float | None],
+                            threads: list[threading.Thread]) -> None:
         """Spool -> transforms -> collapse -> sinks, in spool order; delete from the spool what is durable.
 
         A sink that is durable on write acknowledges each round. A buffering sink (``durable_on_write``
@@ -691,7 +719,7 @@ class Runner:
                     log.warning("stopping with %d written but unflushed batches; they are written again on the"
                                 " next run", unflushed_batches)
                 return
-            batches = await asyncio.to_thread(self._read_spool, read_after)
+            batches = await self._next_round(read_after)
             if not batches:
                 self._wake.clear()
                 timeout = 0.5
@@ -724,6 +752,9 @@ class Runner:
                 metrics.observe_error("transform", self.pipeline.name, exc)
                 return
             segments = collapse(pairs)
+            if count >= self.runtime.batch_size or len(batches) >= 64:  # a backlog: read on while the sinks write
+                self._prefetch = (batches[-1].seq,
+                                  asyncio.ensure_future(asyncio.to_thread(self._read_spool, batches[-1].seq)))
             started = time.monotonic()
             name = ""
             try:

@@ -43,9 +43,13 @@ class RecordingSink:
         self.flushes: list[int] = []
         """Spooled batches still held when each successful flush began."""
         self.fail_flushes = fail_flushes
+        self.fail_writes: set[int] = set()
+        """Numbers of the write_batch calls (1-based) that fail with a retryable error."""
 
     async def write_batch(self, table: TableSchema, batch: Sequence[ChangeEvent]) -> None:
         self.writes += 1
+        if self.writes in self.fail_writes:
+            raise RetryableSinkError("`target` must be reachable; got a refused connection")
         self.buffer.extend(e.key["id"] for e in batch)
 
     async def flush(self) -> None:
@@ -74,7 +78,7 @@ class Capture:
         pass
 
 
-def make_runner(tmp_path: Path, exit_when_idle_s: float | None = None) -> Runner:
+def make_runner(tmp_path: Path, exit_when_idle_s: float | None = None, batch_size: int = 5000) -> Runner:
     path = tmp_path / "pipeline.yaml"
     path.write_text(f"""
 name: unit
@@ -93,6 +97,7 @@ sinks:
     uri: {tmp_path / 'lake'}
 runtime:
   capture_processes: false
+  batch_size: {batch_size}
 """)
     return Runner(load_pipeline(path), spool_path=tmp_path / "spool.sqlite", exit_when_idle_s=exit_when_idle_s)
 
@@ -206,4 +211,21 @@ def test_durable_on_write_sink_is_never_flushed_and_acknowledged_each_round(tmp_
 
     asyncio.run(scenario())
     assert sink.flushes == [] and sorted(sink.buffer) == list(range(1, 31))
+    runner.spool.close()
+
+
+def test_a_backlog_is_read_ahead_in_order_and_a_failed_round_is_read_again(tmp_path):
+    runner = make_runner(tmp_path, exit_when_idle_s=0, batch_size=10)  # every round is full: read-ahead on
+    sink = RecordingSink(runner, durable_on_write=True, commit_interval_s=None)
+    sink.fail_writes = {2}
+    for first in range(1, 60, 10):
+        runner.spool.append("erp", events(first, 10), {TABLE: SCHEMA})
+
+    async def scenario() -> None:
+        runner._loop, runner._wake = asyncio.get_running_loop(), asyncio.Event()
+        await asyncio.wait_for(runner._drain({"pg": sink}, {}, []), 20)
+
+    asyncio.run(scenario())
+    assert sink.buffer == list(range(1, 61))  # in spool order, the failed round once
+    assert runner.spool.batches == 0 and runner.stats.written == 60 and runner._prefetch is None
     runner.spool.close()
