@@ -113,4 +113,6 @@ def verify(file: Path, tables: tuple[str, ...], sources: tuple[str, ...], sink_n
     if differing:
         console.print(f"{differing} of {len(reports)} tables differ")
         sys.exit(1)
-    console.print(f"all {len(reports)} tables identical")
+    skipped = sum(1 for r in reports if r.skipped is not None)
+    compared = len(reports) - skipped
+    console.print(f"all {compared} compared tables identical" + (f" ({skipped} skipped, see above)" if skipped else ""))
