@@ -88,6 +88,15 @@ class BatchReport:
     """Sink writes, flushes and the guard's changelog."""
 
 
+@dataclass
+class PreparedBatch:
+    """A batch decoded, transformed and collapsed, waiting for `BatchProcessor.write`."""
+
+    report: BatchReport
+    segments: list[Segment]
+    partitions: dict[tuple[TableId, Any], int]
+
+
 class FaustPositions(MutableMapping[str, int]):
     """`AppliedPositions`' store on a Faust table: reads the table's local data; each write goes to the
     changelog partition of the source record it came from (``partitions``, filled per batch).
@@ -253,6 +262,14 @@ class BatchProcessor:
     async def process(self, records: Sequence[Record]) -> BatchReport:
         """Make one batch durable in every sink. Raises (and acknowledges nothing) on a bad record
         when ``on_bad_record`` is ``stop``, on a config error, or when a sink gives up."""
+        return await self.write(await self.prepare(records))
+
+    async def prepare(self, records: Sequence[Record]) -> PreparedBatch:
+        """Decode, transform and deduplicate one batch; nothing is written yet.
+
+        The worker prepares the next batch while the previous one is being written: the guard may
+        then admit a change that the batch in flight also holds; the sinks' position guard keeps
+        such a repeat harmless, and the guard only learns positions once they are durable."""
         from branchline import metrics
 
         report = BatchReport(records=len(records))
@@ -272,7 +289,7 @@ class BatchProcessor:
                     report.skipped += 1
                     continue
                 compiled = self.transform_for(result.schema)
-                event = compiled.apply(result.event)
+                event = compiled.apply_owned(result.event)
             except BadRecordError as exc:
                 await self._bad(record, exc, report)
                 continue
@@ -297,8 +314,13 @@ class BatchProcessor:
                 metrics.observe_duplicates_dropped(table, count)
         segments = collapse(admitted)
         report.segments = len(segments)
+        report.prepare_s = time.perf_counter() - began
+        return PreparedBatch(report, segments, partitions)
+
+    async def write(self, prepared: PreparedBatch) -> BatchReport:
+        """Write a prepared batch into every sink (in the order batches were prepared); see `process`."""
+        report, segments, partitions = prepared.report, prepared.segments, prepared.partitions
         written = time.perf_counter()
-        report.prepare_s = written - began
         await self._write(segments)
         if self.buffering:
             self._unflushed.append((segments, partitions))
@@ -558,6 +580,12 @@ def _key_problem(decoder: EnvelopeDecoder, message: Any, partitions: int) -> str
 # -- the Faust app ---------------------------------------------------------------------------------
 
 
+FETCH_BYTES_PER_PARTITION = 16 << 20
+"""Bytes one fetch may return per partition. Faust's default (1 MiB) holds only ~120 Debezium
+envelopes (each carries its schema, ~8 kB), so a 5,000-record batch needed a dozen fetch round
+trips through Faust's consumer thread."""
+
+
 def routes_of(config: Any) -> list[SourceRoute]:
     """The routes of a `PipelineConfig`'s sources."""
     return [SourceRoute(s.name, s.branch, s.topic_prefix) for s in config.sources]
@@ -607,6 +635,7 @@ def build_app(config: Any, layout: TopicLayout, *, sinks_factory: Callable[[], M
         stream_buffer_maxsize=max(4096, settings.batch_size * 2),
         table_standby_replicas=0,
         broker_max_poll_records=max(500, settings.batch_size),
+        consumer_max_fetch_size=FETCH_BYTES_PER_PARTITION,
         monitor=PerBatchMonitor(),
     )
     source = app.topic(*layout.topics, key_type=bytes, value_type=bytes, key_serializer="raw",
@@ -640,7 +669,7 @@ def build_app(config: Any, layout: TopicLayout, *, sinks_factory: Callable[[], M
     tracker = OffsetTracker()
     lock = asyncio.Lock()
     held: list[tuple[Any, Any]] = []
-    """(stream, event) written into a buffering sink, acknowledged after its next flush."""
+    """(stream, event) written but not yet durable (a buffering sink), acknowledged after its flush."""
 
     pending_gaps: list[Hole] = []
 
@@ -662,31 +691,49 @@ def build_app(config: Any, layout: TopicLayout, *, sinks_factory: Callable[[], M
         value = offsets.get(TP(topic, partition)) if offsets is not None else None
         return value if isinstance(value, int) else None
 
+    async def write(prepared: PreparedBatch, events: list[Any], holes: list[Hole], stream: Any, ranges: str) -> None:
+        try:
+            async with lock:
+                report = await processor().write(prepared)
+                held.extend((stream, event) for event in events)
+                pending_gaps.extend(holes)
+                if report.durable:
+                    await acknowledge()
+        except BaseException as exc:
+            failed(exc)
+            raise
+        log.info("batch: %d records, %d changes, %d written in %d segments, %d duplicates dropped, "
+                 "%d dead letters; prepare %.3f s, write %.3f s; offsets %s", report.records, report.changes,
+                 report.written, report.segments, report.dropped, report.dead_letters, report.prepare_s,
+                 report.write_s, ranges)
+
     @app.agent(source)
     async def replicate(stream: Any) -> None:
-        async for events in stream.noack_take(settings.batch_size, settings.batch_within_s):
-            records = [Record(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value)
-                       for e in events]
-            try:
-                holes = tracker.holes(records, app.consumer_generation_id, committed)
-                if holes:
-                    log.warning("offsets %s never reached this worker (faust's rebalance seek race); "
-                                "reading them from the broker", ", ".join(
-                                    f"{h.topic}[{h.partition}] {h.start}-{h.end - 1}" for h in holes))
-                    records = await read_holes(kafka.bootstrap_servers, holes) + records
-                async with lock:
-                    report = await processor().process(records)
-                    held.extend((stream, event) for event in events)
-                    pending_gaps.extend(holes)
-                    if report.durable:
-                        await acknowledge()
-            except BaseException as exc:
-                failed(exc)
-                raise
-            log.info("batch: %d records, %d changes, %d written in %d segments, %d duplicates dropped, "
-                     "%d dead letters; prepare %.3f s, write %.3f s; offsets %s", report.records, report.changes,
-                     report.written, report.segments, report.dropped, report.dead_letters, report.prepare_s,
-                     report.write_s, offset_ranges(records))
+        """Take a batch, prepare it, and start writing it; while it is written, Faust delivers the
+        next batch (noack_take delivers nothing while its batch is held), which is prepared in turn.
+        One write at a time, in batch order; each batch is acknowledged after its write."""
+        in_flight: asyncio.Future[None] | None = None
+        try:
+            async for events in stream.noack_take(settings.batch_size, settings.batch_within_s):
+                records = [Record(e.message.topic, e.message.partition, e.message.offset, e.message.key,
+                                  e.message.value) for e in events]
+                try:
+                    holes = tracker.holes(records, app.consumer_generation_id, committed)
+                    if holes:
+                        log.warning("offsets %s never reached this worker (faust's rebalance seek race); "
+                                    "reading them from the broker", ", ".join(
+                                        f"{h.topic}[{h.partition}] {h.start}-{h.end - 1}" for h in holes))
+                        records = await read_holes(kafka.bootstrap_servers, holes) + records
+                    prepared = await processor().prepare(records)
+                except BaseException as exc:
+                    failed(exc)
+                    raise
+                if in_flight is not None:
+                    await in_flight
+                in_flight = asyncio.ensure_future(write(prepared, events, holes, stream, offset_ranges(records)))
+        finally:
+            if in_flight is not None and not in_flight.done():
+                await asyncio.shield(in_flight)
 
     @app.timer(interval=0.5)
     async def flush_buffering_sinks() -> None:
