@@ -530,7 +530,9 @@ def position_of(source: dict[str, Any], snapshot_kind: str | None) -> int:
     commit order: a second writer of a row waits for the first to commit. Rows of an initial (or
     blocking) snapshot get position 0: every streamed change of the slot committed after the
     snapshot, but a transaction that was open while the slot was created can carry a WAL LSN below
-    the snapshot's, so the snapshot's LSN would wrongly win over it. Rows of an incremental
+    the snapshot's, so the snapshot's LSN would wrongly win over it (Debezium itself stopped
+    filtering streamed events by the snapshot LSN for this reason: DBZ-2288, debezium/debezium#1697).
+    The embedded runtime gives its snapshot rows position 0 too (connectors/embedded/postgres.py). Rows of an incremental
     snapshot (``snapshot=incremental``) get the streaming LSN they were read at (index 0).
     """
     connector = source.get("connector")
