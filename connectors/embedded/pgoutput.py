@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 import orjson
@@ -66,20 +66,25 @@ _ISO_INTERVAL = re.compile(
     r"(?:T(?:(?P<h>-?\d+)H)?(?:(?P<mi>-?\d+)M)?(?:(?P<s>-?\d+(?:\.\d+)?)S)?)?$")
 
 
-def _interval(text: str) -> str:
-    """An ISO 8601 interval (IntervalStyle=iso_8601) -> Debezium's ``interval.handling.mode=string`` text.
+def iso_interval(text: str) -> str:
+    """An ISO 8601 interval -> Debezium's ``interval.handling.mode=string`` spelling, exact to the microsecond.
 
     Debezium spells every field (``P1Y2M3DT4H5M6.5S``, ``P0Y0M-3DT2H0M0S``) with the seconds' trailing
-    zeros stripped; months stay months (a timedelta could not hold them exactly).
+    zeros stripped; months stay months (a timedelta could not hold them exactly). Debezium passes the
+    seconds through a double and cuts them to nine digits (``11.743671`` arrives as ``11.743670999``):
+    PostgreSQL keeps microseconds, so rounding to six digits gives back the stored value on both paths.
     """
     match = _ISO_INTERVAL.match(text)
     if not match:
         raise ValueError(f"interval must be ISO 8601; got {text!r}")
     part = {k: v or "0" for k, v in match.groupdict().items()}
-    seconds = Decimal(part["s"])
+    seconds = Decimal(part["s"]).quantize(_MICROSECOND, ROUND_HALF_EVEN)
     seconds_text = "0" if seconds == 0 else format(seconds.normalize(), "f")
     return (f"P{int(part['y'])}Y{int(part['mo'])}M{int(part['d'])}DT{int(part['h'])}H{int(part['mi'])}M"
             f"{seconds_text}S")
+
+
+_MICROSECOND = Decimal("0.000001")
 
 
 def _json(text: str) -> Json:
@@ -131,7 +136,7 @@ TYPES: dict[int, tuple[ColumnType, Callable[[str], Any]]] = {
     1083: (ColumnType.TIME, _time),
     1114: (ColumnType.TIMESTAMP, _timestamp),
     1184: (ColumnType.TIMESTAMPTZ, _timestamptz),
-    1186: (ColumnType.STRING, _interval),  # as Debezium's interval.handling.mode=string
+    1186: (ColumnType.STRING, iso_interval),  # as Debezium's interval.handling.mode=string
     1560: (ColumnType.BITS, _str),
     1562: (ColumnType.BITS, _str),
     1700: (ColumnType.DECIMAL, Decimal),

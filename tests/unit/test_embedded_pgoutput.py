@@ -17,6 +17,7 @@ from branchline.connectors.embedded.pgoutput import (
     RowChange,
     Truncate,
     decoder_for,
+    iso_interval,
     text_array,
 )
 from branchline.connectors.embedded.postgres import _row_events
@@ -197,3 +198,20 @@ def test_rows_of_an_unannounced_relation_are_refused():
 def test_bit1_is_a_boolean_like_debezium_and_longer_bits_a_bit_string():
     assert decoder_for(1560, 1)("1") is True
     assert decoder_for(1560, 5)("00101") == "00101"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("P1Y2M3DT4H5M6.5S", "P1Y2M3DT4H5M6.5S"),
+    ("P-1Y0M-3DT-2H0M0S", "P-1Y0M-3DT-2H0M0S"),
+    ("P3D", "P0Y0M3DT0H0M0S"),
+    # what Debezium sends for 11.743671 s: the seconds went through a double and were cut to 9 digits
+    ("P0Y0M346DT18H8M11.743670999S", "P0Y0M346DT18H8M11.743671S"),
+    ("P0Y0M0DT0H0M0.000001S", "P0Y0M0DT0H0M0.000001S"),
+])
+def test_intervals_are_spelled_as_debezium_does_exact_to_the_microsecond(text: str, expected: str) -> None:
+    assert iso_interval(text) == expected
+
+
+def test_an_interval_that_is_not_iso_8601_is_refused() -> None:
+    with pytest.raises(ValueError, match="interval must be ISO 8601"):
+        iso_interval("3 days 04:05:06")
