@@ -13,15 +13,18 @@ statements, each guarded so that a row's stored position only moves forward:
    writer; the split avoids ON CONFLICT's speculative insert and row lock for every stored row);
 3. (only if the batch has deletes, hard-delete mode) delete guarded the same way, and record tombstones.
 
-The fast path — no unchanged values, no deletes — is COPY + one INSERT .. SELECT .. ON CONFLICT.
-One query per batch (`direct_check`) asks whether any truncate mark or tombstone lies at or above the
-batch's first position; when none does, the guards cannot reject a row and the upsert runs without
-them (`upsert_unguarded`). Both read under READ COMMITTED, a few statements apart: a truncate
-committed concurrently by another writer of the same table races with either form alike.
+The common path — no unchanged values, no deletes — is COPY + the UPDATE, and the INSERT only when
+the UPDATE left some staged change unwritten. One query per batch (`direct_check`) asks whether any
+truncate mark or tombstone lies at or above the batch's first position; when none does, the guards
+cannot reject a row and the INSERT runs without them (`upsert_unguarded`). Both read under READ
+COMMITTED, a few statements apart: a truncate committed concurrently by another writer of the same
+table races with either form alike.
+
 Faster still, insert-only changes (``c``/``r``) that no truncate mark or tombstone can guard off are
 COPYed straight into the target; a key that exists after all (a replay) fails the COPY on the primary
-key, the transaction rolls back and the batch is written again through staging. This is safe because the target's
-primary key is exactly the upsert's conflict key, so no row that exists can be silently replaced.
+key, the transaction rolls back and the batch is written again through staging. This is safe because
+the target's primary key is exactly the conflict key, so no stored row can be silently replaced.
+
 Tombstones (hard-delete mode) stay until a newer change of the key removes them or they outlive the
 retention (`prune_tombstones`, run by the sink every `tombstone_prune_interval_s` per table): one small
 row per deleted key, the price of never letting a late older change resurrect a deleted row. Past the

@@ -680,10 +680,57 @@ def test_unchanged_values_in_columns_without_a_converter_keep_the_stored_values(
     ]
     late_insert = [change(PLAIN, Op.CREATE, 15, row(5, note=UNCHANGED))]  # never stored: NULL
     asyncio.run(write(config(target, soft_delete=soft_delete), PLAIN, first, updates, late_insert))
-    assert fetch(target, "SELECT id, note, price, flag, dur, raw, _bl_position::int FROM plain ORDER BY id") == [
+    assert fetch(
+        target, "SELECT id, note, price, flag, dur, raw, _bl_position::int FROM plain ORDER BY id"
+    ) == [
         (1, "note 1", Decimal("2.00"), True, timedelta(hours=1), b"r", 11),
         (2, "two", Decimal("1.00"), False, timedelta(hours=1), b"r", 12),
         (3, "n", Decimal("1.00"), False, timedelta(hours=1), b"r", 13),
         (4, "n", Decimal("1.00"), True, timedelta(hours=4), b"r", 14),
         (5, None, Decimal("1.00"), True, timedelta(hours=1), b"r", 15),
     ]
+
+
+def test_a_large_mixed_batch_written_in_pipelined_chunks_matches_the_history(target: dict[str, Any]) -> None:
+    """Batches of several thousand staged changes are written chunk by chunk (the next chunk encoded while
+    the server applies the current one): updates, unchanged values, deletes and new keys spread over
+    every chunk end as applying the changes one by one would leave them."""
+    from branchline.events import UNCHANGED
+
+    first = [change(ITEMS, Op.CREATE, i, item(i, f"n{i}", "1.00")) for i in range(1, 5001)]
+    mixed: list[ChangeEvent] = []
+    expected = {i: (f"n{i}", Decimal("1.00")) for i in range(1, 5001)}
+    position = 10_000
+    for i in range(1, 9001):
+        position += 1
+        if i <= 5000 and i % 5 == 0:
+            mixed.append(change(ITEMS, Op.DELETE, position, item(i, "")))
+            del expected[i]
+        elif i <= 5000 and i % 7 == 0:
+            mixed.append(
+                change(
+                    ITEMS, Op.UPDATE, position, item(i, "x") | {"name": UNCHANGED, "price": Decimal("7.00")}
+                )
+            )
+            expected[i] = (f"n{i}", Decimal("7.00"))
+        elif i <= 5000:
+            mixed.append(change(ITEMS, Op.UPDATE, position, item(i, f"u{i}", "2.00")))
+            expected[i] = (f"u{i}", Decimal("2.00"))
+        else:
+            mixed.append(change(ITEMS, Op.CREATE, position, item(i, f"c{i}", "3.00")))
+            expected[i] = (f"c{i}", Decimal("3.00"))
+    late = [change(ITEMS, Op.UPDATE, 100, item(i, "too old")) for i in range(1, 5001)]  # older than stored
+    asyncio.run(write(config(target), ITEMS, first, mixed, late))
+    got = {row[0]: (row[1], row[2]) for row in fetch(target, "SELECT id, name, price FROM items")}
+    assert got == expected
+    assert fetch(target, "SELECT count(*) FROM _bl_del_items")[0][0] == 1000
+
+
+def test_a_bad_value_in_a_later_chunk_names_its_own_key(target: dict[str, Any]) -> None:
+    batch = [change(ITEMS, Op.UPDATE, i, item(i, f"v{i}")) for i in range(1, 6001)]
+    batch[4499] = change(ITEMS, Op.UPDATE, 4500, item(4500, "x", "123456789012.5"))  # numeric(10,2) overflow
+    with pytest.raises(FatalSinkError) as raised:
+        asyncio.run(write(config(target), ITEMS, batch))
+    message = str(raised.value)
+    assert "22003" in message and "id=4500" in message and "position 4500" in message
+    assert fetch(target, "SELECT count(*) FROM items") == [(0,)]  # the batch is atomic
