@@ -756,7 +756,7 @@ class EnvelopeDecoder:
             elif image is None:
                 raise ValueError(f"`{payload['op']}` change must carry a row image")
             elif pk:
-                key_values = {name: image[name] for name in pk}
+                key_values = {pk[0]: image[pk[0]]} if len(pk) == 1 else {name: image[name] for name in pk}
             else:
                 key_values = dict(image)
             last_schema = self._last_schema

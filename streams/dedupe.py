@@ -210,7 +210,7 @@ class AppliedPositions:
                     continue
                 names[id(event)] = (event, name)
             kept.append((event, schema))
-            stats.admitted += 1
+        stats.admitted += len(kept)
         return kept
 
     def record(self, segments: Iterable[Segment]) -> None:
