@@ -251,8 +251,7 @@ class Screen:
                           f"{entry.get('rows_written') or 0:,.0f}")
         spools = self.last.get("spools", [])
         spooled = sum(s.get("bytes") or 0 for s in spools)
-        table.caption = (f"lag: now - source commit time of the newest change applied | spool {spooled / 1e6:,.1f} MB"
-                         f" | {self.url}/status.json")
+        table.caption = f"lag: now - commit time of the newest change applied | spool {spooled / 1e6:,.1f} MB"
         return table
 
     def close(self) -> None:
@@ -344,8 +343,8 @@ def _replicate(file: Path, pipeline: PipelineConfig, port: int, run_log: Path, c
     from rich.console import Console
     from rich.live import Live
 
-    _step(f"branchline run {file} --exit-when-idle 10 (log: {run_log})")
     url = f"http://127.0.0.1:{port}"
+    _step(f"branchline run {file} --exit-when-idle 10 (log: {run_log}, metrics: {url}/metrics)")
     runner: subprocess.Popen[bytes] | None = None
     churn: subprocess.Popen[bytes] | None = None
     screen = Screen(pipeline, url)
