@@ -22,6 +22,7 @@ import orjson
 from branchline.events import UNCHANGED, ChangeEvent, Op, TableId, TableSchema
 
 _UPSERTS = (Op.CREATE, Op.UPDATE, Op.READ)
+_UNCHANGED_ID = id(UNCHANGED)
 
 
 @dataclass(slots=True)
@@ -56,6 +57,8 @@ def _merge_unchanged(newer: ChangeEvent, older: ChangeEvent) -> ChangeEvent:
     collapsing never forgets a value the older change wrote (PostgreSQL TOAST)."""
     after = newer.after
     if after is None or older.op not in _UPSERTS or older.after is None:
+        return newer
+    if _UNCHANGED_ID not in map(id, after.values()):  # by identity, in C: the common case, nothing to fill
         return newer
     missing = [name for name, value in after.items() if value is UNCHANGED]
     if not missing:
