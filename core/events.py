@@ -11,7 +11,9 @@ included), ``str``, ``list[str]`` for SET and arrays, parsed JSON wrapped in `Js
 from __future__ import annotations
 
 import enum
+import re
 from datetime import datetime
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -202,3 +204,32 @@ def parse_lsn(text: str) -> int:
 def format_lsn(lsn: int) -> str:
     """Integer LSN -> ``'16/B374D848'``."""
     return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+# -- value conventions shared by both runtimes ---------------------------------------------------
+
+_ISO_INTERVAL = re.compile(
+    r"P(?:(?P<y>-?\d+)Y)?(?:(?P<mo>-?\d+)M)?(?:(?P<d>-?\d+)D)?"
+    r"(?:T(?:(?P<h>-?\d+)H)?(?:(?P<mi>-?\d+)M)?(?:(?P<s>-?\d+(?:\.\d+)?)S)?)?$")
+
+
+def iso_interval(text: str) -> str:
+    """An ISO 8601 interval -> the spelling both runtimes give an INTERVAL value: Debezium's
+    ``interval.handling.mode=string`` text, exact to the microsecond.
+
+    Debezium spells every field (``P1Y2M3DT4H5M6.5S``, ``P0Y0M-3DT2H0M0S``) with the seconds' trailing
+    zeros stripped; months stay months (a timedelta could not hold them exactly). Debezium passes the
+    seconds through a double and cuts them to nine digits (``11.743671`` arrives as ``11.743670999``):
+    PostgreSQL keeps microseconds, so rounding to six digits gives back the stored value on both paths.
+    """
+    match = _ISO_INTERVAL.match(text)
+    if not match:
+        raise ValueError(f"interval must be ISO 8601; got {text!r}")
+    part = {k: v or "0" for k, v in match.groupdict().items()}
+    seconds = Decimal(part["s"]).quantize(_MICROSECOND, ROUND_HALF_EVEN)
+    seconds_text = "0" if seconds == 0 else format(seconds.normalize(), "f")
+    return (f"P{int(part['y'])}Y{int(part['mo'])}M{int(part['d'])}DT{int(part['h'])}H{int(part['mi'])}M"
+            f"{seconds_text}S")
+
+
+_MICROSECOND = Decimal("0.000001")

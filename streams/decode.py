@@ -34,6 +34,7 @@ from branchline.events import (
     TableId,
     TableSchema,
     binlog_position,
+    iso_interval,
     lsn_position,
 )
 from branchline.streams._construct import new_event
@@ -328,7 +329,8 @@ def column_plan(field: dict[str, Any]) -> tuple[Column, Converter | None]:
     elif logical == "io.debezium.time.MicroDuration":
         column_type, converter = ColumnType.INTERVAL, _time_micros
     elif logical == "io.debezium.time.Interval":
-        column_type = ColumnType.STRING  # ISO-8601 duration text; months do not fit a timedelta
+        # ISO-8601 duration text (months do not fit a timedelta), its seconds rounded back to microseconds
+        column_type, converter = ColumnType.STRING, iso_interval
     elif logical == "io.debezium.data.Json":
         column_type, converter = ColumnType.JSON, _json
     elif logical == "io.debezium.data.Enum":

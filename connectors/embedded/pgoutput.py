@@ -15,12 +15,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 from typing import Any
 
 import orjson
 from branchline.errors import BadRecordError
-from branchline.events import UNCHANGED, ColumnType, Json
+from branchline.events import UNCHANGED, ColumnType, Json, iso_interval
 
 PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in microseconds since 1970-01-01
 
@@ -59,32 +59,6 @@ def _timestamptz(text: str) -> datetime:
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value.astimezone(UTC)
-
-
-_ISO_INTERVAL = re.compile(
-    r"P(?:(?P<y>-?\d+)Y)?(?:(?P<mo>-?\d+)M)?(?:(?P<d>-?\d+)D)?"
-    r"(?:T(?:(?P<h>-?\d+)H)?(?:(?P<mi>-?\d+)M)?(?:(?P<s>-?\d+(?:\.\d+)?)S)?)?$")
-
-
-def iso_interval(text: str) -> str:
-    """An ISO 8601 interval -> Debezium's ``interval.handling.mode=string`` spelling, exact to the microsecond.
-
-    Debezium spells every field (``P1Y2M3DT4H5M6.5S``, ``P0Y0M-3DT2H0M0S``) with the seconds' trailing
-    zeros stripped; months stay months (a timedelta could not hold them exactly). Debezium passes the
-    seconds through a double and cuts them to nine digits (``11.743671`` arrives as ``11.743670999``):
-    PostgreSQL keeps microseconds, so rounding to six digits gives back the stored value on both paths.
-    """
-    match = _ISO_INTERVAL.match(text)
-    if not match:
-        raise ValueError(f"interval must be ISO 8601; got {text!r}")
-    part = {k: v or "0" for k, v in match.groupdict().items()}
-    seconds = Decimal(part["s"]).quantize(_MICROSECOND, ROUND_HALF_EVEN)
-    seconds_text = "0" if seconds == 0 else format(seconds.normalize(), "f")
-    return (f"P{int(part['y'])}Y{int(part['mo'])}M{int(part['d'])}DT{int(part['h'])}H{int(part['mi'])}M"
-            f"{seconds_text}S")
-
-
-_MICROSECOND = Decimal("0.000001")
 
 
 def _json(text: str) -> Json:
