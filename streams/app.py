@@ -662,6 +662,10 @@ def build_app(config: Any, layout: TopicLayout, *, sinks_factory: Callable[[], M
                 from branchline.sinks.build import build_sink
 
                 sinks = {name: build_sink(sink_config, name) for name, sink_config in config.sinks.items()}
+            from branchline import metrics
+
+            # heartbeat rows are measured when they reach a sink, never written into the target
+            sinks = {name: metrics.skip_heartbeat_writes(sink) for name, sink in sinks.items()}
             state["processor"] = BatchProcessor(routes_of(config), config.tables, sinks, FaustPositions(applied),
                                                 settings, dead_letter)
         processor: BatchProcessor = state["processor"]

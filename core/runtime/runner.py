@@ -527,7 +527,9 @@ class Runner:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         tune_gc()
-        sinks = {name: build_sink(self.pipeline.sinks[name], name) for name in self.sink_names}
+        # heartbeat rows are measured when they reach a sink, never written into the target
+        sinks = {name: metrics.skip_heartbeat_writes(build_sink(self.pipeline.sinks[name], name))
+                 for name in self.sink_names}
         threads: list[Any] = []
         retention: dict[str, float | None] = {}
         for source in self.pipeline.sources:
@@ -648,8 +650,8 @@ class Runner:
             nonlocal read_after, unflushed_batches, unflushed_changes
             read_after, unflushed_batches, unflushed_changes = 0, 0, 0  # write the unflushed batches again
             deferred.clear()
-            metrics.observe_error("sink", sink_name, exc)
             if not isinstance(exc, BranchlineError):  # a sink bug must stop the run, never spin
+                metrics.observe_error("sink", sink_name, exc)  # sinks count their own errors (sinks/_retry.py)
                 self.stats.error = exc
                 self.stop.set()
                 log.error("writing into the sink failed", exc_info=exc)
