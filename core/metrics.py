@@ -667,8 +667,13 @@ class HeartbeatSkippingSink:
         self.inner = sink
 
     async def write_batch(self, table: Any, events: Any) -> None:
-        """Skip heartbeat tables (by the schema's `TableId`); write everything else."""
+        """Skip heartbeat tables (by the schema's `TableId`), but still reach the store when the sink can
+        probe it (an unreachable store must stop heartbeats, or idle tables' lag would stay low through an
+        outage); write everything else. A buffering sink needs no probe: its flush is the measure."""
         if is_heartbeat(getattr(table, "id", table)):
+            probe = getattr(self.inner, "probe", None)
+            if probe is not None:
+                await probe()
             return
         await self.inner.write_batch(table, events)
 

@@ -30,7 +30,12 @@ class SinkCapabilities(BaseModel):
 
 @runtime_checkable
 class Sink(Protocol):
-    """A writer into one target store."""
+    """A writer into one target store.
+
+    A sink that is durable on write may also offer ``async probe()``: one round trip to the store, with
+    its retries and errors. The runtimes call it instead of writing a heartbeat row, so an unreachable
+    store stops heartbeats and lag rises on idle tables too.
+    """
 
     capabilities: SinkCapabilities
 

@@ -132,6 +132,31 @@ class PostgresSink:
     async def flush(self) -> None:
         """Nothing to do: every `write_batch` commits before it returns."""
 
+    async def probe(self) -> None:
+        """One round trip to the store, with the write path's retries and errors.
+
+        Why: heartbeat rows are measured at the sink but never written (`metrics.HeartbeatSkippingSink`);
+        the probe is what makes an unreachable store stop them, so lag rises on idle tables too.
+        """
+        async def select_one() -> None:
+            try:
+                pool = await self._get_pool()
+                async with pool.connection() as conn:
+                    await conn.execute("SELECT 1")
+            except SinkError:
+                raise
+            except (psycopg.Error, PoolTimeout, OSError) as exc:
+                raise map_error(exc, table="(heartbeat probe)") from exc
+
+        await retrying(
+            select_one,
+            what="reaching the store",
+            max_attempts=self.config.max_attempts,
+            backoff_s=self.config.retry_backoff_s,
+            max_backoff_s=self.config.retry_max_backoff_s,
+            name=self.name,
+        )
+
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()

@@ -207,3 +207,26 @@ def test_a_run_that_exits_on_its_own_writes_and_captures_no_heartbeats(tmp_path:
         assert run.metrics.heartbeat.enabled is False
         assert run.sources == pipeline.sources  # nothing extra captured either
     assert pipeline.metrics.heartbeat.enabled is True  # the file's own model is left alone
+
+
+def test_a_skipped_heartbeat_still_reaches_a_store_that_can_be_probed() -> None:
+    """An unreachable store must stop heartbeats (their write fails), or idle tables' lag would stay low."""
+    from branchline.errors import RetryableSinkError
+
+    class _Probed(_Recorder):
+        def __init__(self, reachable: bool) -> None:
+            super().__init__()
+            self.reachable, self.probes = reachable, 0
+
+        async def probe(self) -> None:
+            self.probes += 1
+            if not self.reachable:
+                raise RetryableSinkError("`cloud` must answer; got connection refused")
+
+    beat = _schema("branchline", "debezium_heartbeat")
+    up, down = _Probed(True), _Probed(False)
+    asyncio.run(metrics.skip_heartbeat_writes(up).write_batch(beat, []))
+    assert up.probes == 1 and up.written == []
+    with pytest.raises(RetryableSinkError):
+        asyncio.run(metrics.skip_heartbeat_writes(down).write_batch(beat, []))
+    assert down.written == []
