@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
+import subprocess
 import threading
+import time
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import yaml
 
 STACK_TOML = Path(__file__).resolve().parents[1] / "infra" / "stack.toml"
 PORTS: dict[str, int] = tomllib.loads(STACK_TOML.read_text())["ports"]
@@ -231,3 +236,85 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
+
+
+# -- watching a running pipeline: polling, free ports, a real Prometheus ------------------------------
+# Fixtures, because test modules cannot import each other under --import-mode=importlib.
+
+PROMETHEUS_DIR = STACK_TOML.parent / "prometheus"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _poll_until(what: str, check: Callable[[], Any], timeout_s: float = 120.0,
+                failed: Callable[[], BaseException | None] = lambda: None) -> Any:
+    """Poll ``check`` until truthy; fail naming ``what`` after ``timeout_s``, or at once when ``failed``
+    reports an error (the pipeline under test died)."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        if (error := failed()) is not None:
+            pytest.fail(f"the pipeline stopped while waiting for {what}: {error!r}")
+        try:
+            last = check()
+            if last:
+                return last
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.25)
+    pytest.fail(f"{what} must happen within {timeout_s} s; last saw {last!r}")
+
+
+@contextlib.contextmanager
+def _running_prometheus(tmp_path: Path, targets: list[str]) -> Iterator[str]:
+    """Prometheus from apt scraping ``targets`` every second with Branchline's alert rules; yields its URL."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        message = "`prometheus` must be installed (apt-get install prometheus); got nothing on PATH"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["scrape_configs"][0]["static_configs"] = [{"targets": targets}]
+    config["rule_files"] = [str(PROMETHEUS_DIR / "alerts.yml")]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    with (tmp_path / "prometheus.log").open("w") as log:
+        process = subprocess.Popen(
+            [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
+            stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _poll_until("Prometheus to be ready", lambda: httpx.get(f"{url}/-/ready", timeout=2).status_code == 200)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def wait_for() -> Callable[..., Any]:
+    """``wait_for(what, check, timeout_s=120, failed=...)``: poll until ``check()`` is truthy."""
+    return _poll_until
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """``free_port()``: a TCP port on 127.0.0.1 nothing listens on now."""
+    return _free_port
+
+
+@pytest.fixture
+def prometheus() -> Callable[[Path, list[str]], contextlib.AbstractContextManager[str]]:
+    """``with prometheus(tmp_path, ["127.0.0.1:9464"]) as url``: a real Prometheus scraping the targets."""
+    return _running_prometheus

@@ -6,14 +6,11 @@ lag falls, and the target matches the source row by row.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
-import shutil
-import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,66 +23,6 @@ from branchline.metrics_config import MetricsConfig
 
 pytestmark = pytest.mark.integration
 
-PROMETHEUS_DIR = Path(__file__).resolve().parents[2] / "infra" / "prometheus"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 90.0,
-             failed: Callable[[], BaseException | None] = lambda: None) -> Any:
-    """Poll ``check`` until truthy; fail at once when ``failed`` reports an error (the pipeline died)."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        if (error := failed()) is not None:
-            pytest.fail(f"the pipeline stopped while waiting for {what}: {error!r}")
-        try:
-            last = check()
-            if last:
-                return last
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.25)
-    pytest.fail(f"{what} must happen within {timeout_s} s; last saw {last!r}")
-
-
-@contextlib.contextmanager
-def prometheus(tmp_path: Path, target: str) -> Iterator[str]:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        import os
-
-        message = "`prometheus` must be installed (apt-get install prometheus); got nothing on PATH"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
-    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
-    config["scrape_configs"][0]["static_configs"] = [{"targets": [target]}]
-    config["rule_files"] = [str(PROMETHEUS_DIR / "alerts.yml")]
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    with (tmp_path / "prometheus.log").open("w") as log:
-        process = subprocess.Popen(
-            [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_for("Prometheus to be ready", lambda: httpx.get(f"{url}/-/ready", timeout=2).status_code == 200)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
 def scalar(url: str, promql: str) -> float | None:
     answer = httpx.get(f"{url}/api/v1/query", params={"query": promql}, timeout=5).json()
     assert answer["status"] == "success", answer
@@ -94,7 +31,7 @@ def scalar(url: str, promql: str) -> float | None:
 
 
 def test_lag_rises_while_the_sink_is_cut_and_falls_after_it_returns(
-    crm: Any, cloud: Any, tmp_path: Path, cuttable_proxy: Any
+    crm: Any, cloud: Any, tmp_path: Path, cuttable_proxy: Any, wait_for: Any, prometheus: Any
 ) -> None:
     from branchline.config import load_pipeline
     from branchline.runtime.runner import Runner
@@ -193,7 +130,7 @@ def test_lag_rises_while_the_sink_is_cut_and_falls_after_it_returns(
     try:
         thread.start()
         try:
-            with prometheus(tmp_path, f"127.0.0.1:{server.port}") as url:
+            with prometheus(tmp_path, [f"127.0.0.1:{server.port}"]) as url:
                 watch_lag_through_an_outage(url)
         finally:
             runner.stop.set()
@@ -229,7 +166,7 @@ def _drop_source_objects(crm_dsn: str, slot: str, table: str) -> None:
 
 
 def test_heartbeats_keep_idle_table_lag_true_and_show_a_stall(
-    crm: Any, cloud: Any, tmp_path: Path, cuttable_proxy: Any
+    crm: Any, cloud: Any, tmp_path: Path, cuttable_proxy: Any, wait_for: Any, prometheus: Any
 ) -> None:
     """No user table changes at all: heartbeat rows alone keep the idle table's lag low while healthy,
     let it rise while the sink is cut, and bring it back down once the sink returns."""
@@ -330,8 +267,10 @@ def test_heartbeats_keep_idle_table_lag_true_and_show_a_stall(
             conn.execute(f'DROP SCHEMA IF EXISTS "{source}" CASCADE')
 
 
-def test_prometheus_scrapes_the_branchline_run_command(crm: Any, erp: Any, cloud: Any, tmp_path: Path,
-                                                    cuttable_proxy: Any) -> None:
+def test_prometheus_scrapes_the_branchline_run_command(
+    crm: Any, erp: Any, cloud: Any, tmp_path: Path, cuttable_proxy: Any, wait_for: Any, free_port: Any,
+    prometheus: Any,
+) -> None:
     """The real command in its own process: `branchline run` serves /metrics on the port of its pipeline
     file with its monitoring beside it (heartbeats, slot WAL, binlog files behind), Prometheus scrapes
     it, and `branchline status` reads lag per table from it. The MariaDB table never changes after its
@@ -386,7 +325,7 @@ def test_prometheus_scrapes_the_branchline_run_command(crm: Any, erp: Any, cloud
                 return None if code is None else RuntimeError(
                     f"branchline run exited {code}: {(tmp_path / 'run.log').read_text()[-2000:]}")
 
-            with prometheus(tmp_path, f"127.0.0.1:{metrics_port}") as url:
+            with prometheus(tmp_path, [f"127.0.0.1:{metrics_port}"]) as url:
                 started = time.monotonic()
                 # rows inserted after the snapshot are streamed changes, which carry commit times
                 wait_for("the snapshot to be read", lambda: scalar(

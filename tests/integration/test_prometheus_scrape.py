@@ -6,21 +6,14 @@ service. When ``CI`` is set a missing `prometheus` binary is a failure, never a 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 from branchline import metrics
 from branchline.events import ChangeEvent, Op, TableId
 from branchline.metrics_config import MetricsConfig
@@ -28,61 +21,6 @@ from branchline.metrics_config import MetricsConfig
 pytestmark = pytest.mark.integration
 
 PROMETHEUS_DIR = Path(__file__).resolve().parents[2] / "infra" / "prometheus"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.25)
-    pytest.fail(f"{what} must happen within {timeout_s} s; last saw {last!r}")
-
-
-@contextlib.contextmanager
-def start_prometheus(tmp_path: Path, targets: list[str]) -> Iterator[str]:
-    """Run Prometheus scraping ``targets`` every second with Branchline's rules; yields its base URL."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        message = "`prometheus` must be installed (apt-get install prometheus); got nothing on PATH"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
-    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
-    config["scrape_configs"][0]["static_configs"] = [{"targets": targets}]
-    config["rule_files"] = [str(PROMETHEUS_DIR / "alerts.yml")]
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = (tmp_path / "prometheus.log").open("w")
-    process = subprocess.Popen(
-        [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
-        stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for("Prometheus to be ready", lambda: httpx.get(f"{url}/-/ready", timeout=2).status_code == 200)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
 
 
 def query(url: str, promql: str) -> list[dict[str, Any]]:
@@ -102,14 +40,16 @@ def branchline_metrics() -> Iterator[metrics.MetricsServer]:
     metrics.reset()
 
 
-def test_prometheus_scrapes_lag_and_answers_a_query(tmp_path: Path, branchline_metrics: metrics.MetricsServer) -> None:
+def test_prometheus_scrapes_lag_and_answers_a_query(
+    tmp_path: Path, branchline_metrics: metrics.MetricsServer, wait_for: Any, prometheus: Any
+) -> None:
     table = TableId(source="erp", branch="b1", database="erp", table="orders")
     committed = datetime.now(UTC) - timedelta(seconds=30)
     events = [ChangeEvent.model_construct(op=Op.CREATE, table=table, key={"id": 1}, before=None, after={"id": 1},
                                           position=1, source_ts=committed, txid=None, snapshot=False)]
     metrics.observe_batch_written(table, "cloud", events, 0.05)
 
-    with start_prometheus(tmp_path, [f"127.0.0.1:{branchline_metrics.port}"]) as url:
+    with prometheus(tmp_path, [f"127.0.0.1:{branchline_metrics.port}"]) as url:
         promql = 'branchline_replication_lag_seconds{branch="b1",source="erp",table="erp.orders",sink="cloud"}'
         first = wait_for("the lag series to be scraped", lambda: query(url, promql))
         (series,) = first

@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,29 +23,6 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 120.0,
-             failed: Callable[[], BaseException | None] = lambda: None) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        if (error := failed()) is not None:
-            pytest.fail(f"the worker stopped while waiting for {what}: {error!r}")
-        try:
-            last = check()
-            if last:
-                return last
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.5)
-    pytest.fail(f"{what} must happen within {timeout_s} s; last saw {last!r}")
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -64,7 +39,7 @@ def value(url: str, name: str, **labels: str) -> float | None:
 
 
 def test_the_worker_command_serves_connect_states_consumer_lag_and_heartbeat_driven_lag(
-    crm: Any, cloud: Any, kafka: Any, connect: Any, tmp_path: Path
+    crm: Any, cloud: Any, kafka: Any, connect: Any, tmp_path: Path, wait_for: Any, free_port: Any
 ) -> None:
     from branchline.config import load_pipeline
     from branchline.connectors.connect import ConnectClient
