@@ -38,6 +38,7 @@ from typing import Any
 import orjson
 from branchline.errors import BadRecordError, BranchlineError, ConfigError, FatalSourceError
 from branchline.events import ChangeEvent, Op, TableId, TableSchema
+from branchline.paths import state_dir
 from branchline.sinks.contract import Sink
 from branchline.streams.config import TableTransforms, WorkerSettings
 from branchline.streams.decode import EnvelopeDecoder, RowChange, Tombstone
@@ -625,6 +626,7 @@ def build_app(config: Any, layout: TopicLayout, *, sinks_factory: Callable[[], M
         f"branchline-{config.name}",
         broker=f"kafka://{kafka.bootstrap_servers}",
         store="memory://",
+        datadir=str(state_dir() / "faust" / config.name),
         topic_partitions=layout.partitions,
         topic_replication_factor=kafka.replication_factor,
         web_enabled=False,
