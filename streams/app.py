@@ -793,19 +793,6 @@ async def mark_gap(consumer: Any, hole: Hole) -> None:
     await add_gap(TP(hole.topic, hole.partition), hole.start, hole.end - 1)
 
 
-def tune_gc() -> None:
-    """Collect young objects every 100,000 allocations instead of 700.
-
-    Why: a batch allocates ~30 short-lived objects per event (row dicts, decimals, datetimes); with
-    the default threshold the cyclic collector ran every ~25 events and cost about a quarter of the
-    decode/transform/dedupe time in `branchline.streams.bench`. The objects die with their batch, so
-    collecting rarely frees the same memory."""
-    import gc
-
-    gc.freeze()
-    gc.set_threshold(100_000, 50, 1000)
-
-
 def fail_stop(exc: BaseException) -> None:
     """Stop the worker at once, acknowledging nothing: the batch is redelivered to the next owner of
     its partitions. Exit code 2 for Branchline errors (config, bad record, sink), 70 otherwise."""

@@ -182,9 +182,9 @@ def print_figures(figures: StageFigures, echo: Callable[[str], None] = print) ->
 @click.option("--repeat", default=3, show_default=True, help="Runs; the fastest is shown (others' load is noise).")
 def streams(events: int, batch_size: int, keys: int, repeat: int) -> None:
     """Decode + transform + dedupe rate of realistic ERP envelopes on one core."""
-    from branchline.streams.app import tune_gc
+    from branchline.gc_tuning import tune_for_throughput
 
-    tune_gc()  # as the worker does
+    tune_for_throughput()  # as the worker does
     runs = [bench_streams(events, batch_size, keys) for _ in range(max(1, repeat))]
     print_figures(min(runs, key=lambda f: f.total_s), click.echo)
 

@@ -24,7 +24,8 @@ log = logging.getLogger("branchline.streams")
 def worker(file: str, loglevel: str, no_key_check: bool) -> None:
     """Consume the pipeline's Debezium topics and write them into its sinks."""
     from branchline.config import load_pipeline
-    from branchline.streams.app import build_app, run_preflight, tune_gc
+    from branchline.gc_tuning import tune_for_throughput
+    from branchline.streams.app import build_app, run_preflight
     from branchline.streams.config import WorkerSettings
 
     config = load_pipeline(file)
@@ -39,7 +40,7 @@ def worker(file: str, loglevel: str, no_key_check: bool) -> None:
         "consuming %d topics with %d partitions each: %s", len(layout.topics), layout.partitions,
         ", ".join(layout.topics))
     app = build_app(config, layout, settings=settings)
-    tune_gc()
+    tune_for_throughput()
     stop, monitor, server = _start_monitoring(config, layout.topics, app.conf.id)
 
     import faust

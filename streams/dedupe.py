@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -96,31 +95,29 @@ def collapse(changes: Iterable[tuple[ChangeEvent, TableSchema]]) -> list[Segment
             event, event_schema = bucket[index]
             if event.op is Op.TRUNCATE:
                 if pending and schema is not None:
-                    segments.append(Segment(schema, sorted(pending.values(), key=_POSITION)))
+                    segments.append(Segment(schema, list(pending.values())))
                 pending = {}
                 segments.append(Segment(event_schema, [event]))
                 schema = event_schema
                 continue
             if schema is not None and event_schema is not schema and event_schema != schema:
                 if pending:
-                    segments.append(Segment(schema, sorted(pending.values(), key=_POSITION)))
+                    segments.append(Segment(schema, list(pending.values())))
                 pending = {}
             schema = event_schema
-            token = key_token(event)
-            older = pending.get(token)
+            token = tuple(event.key.values())
+            try:
+                older = pending.pop(token, None)
+            except TypeError:  # a list or dict in the key (a keyless table's row)
+                token = key_token(event)
+                older = pending.pop(token, None)
             if older is not None and event.op is Op.UPDATE:
                 event = _merge_unchanged(event, older)
-            pending[token] = event
+            pending[token] = event  # popped and re-added: the dict stays in position order
         if pending and schema is not None:
-            segments.append(Segment(schema, sorted(pending.values(), key=_POSITION)))
+            segments.append(Segment(schema, list(pending.values())))
     return segments
 
-
-def _position(event: ChangeEvent) -> int:
-    return event.position
-
-
-_POSITION = attrgetter("position")
 
 
 # -- across batches ---------------------------------------------------------------------------------
@@ -173,14 +170,17 @@ class AppliedPositions:
         """Store keys that `admit` computed, for `record` (by event identity, the event held so
         that its id cannot be reused): building a key is most of the guard's cost."""
 
-    def _key(self, table: TableId, key: dict[str, Any] | None) -> str:
+    def _prefix(self, table: TableId) -> str:
         cached = self._prefixes.get(id(table))
         if cached is None or cached[0] is not table:
-            cached = (table, _table_prefix(table))
+            cached = (table, _table_prefix(table) + ",")
             if len(self._prefixes) > 10_000:
                 self._prefixes.clear()
             self._prefixes[id(table)] = cached
-        return cached[1] + "," + _key_json(key) + "]"
+        return cached[1]
+
+    def _key(self, table: TableId, key: dict[str, Any] | None) -> str:
+        return self._prefix(table) + _key_json(key) + "]"
 
     def applied(self, table: TableId, key: dict[str, Any] | None) -> int | None:
         return self.store.get(self._key(table, key))
@@ -190,7 +190,7 @@ class AppliedPositions:
         """The changes newer than the last applied change of their key and their table's last truncate."""
         stats = stats if stats is not None else GuardStats()
         kept = []
-        truncated: dict[int, tuple[TableId, int | None]] = {}
+        truncated: dict[int, tuple[TableId, int | None, str]] = {}
         store = self.store
         names = self._names
         names.clear()
@@ -199,14 +199,15 @@ class AppliedPositions:
             table = event.table
             floor_of = truncated.get(id(table))
             if floor_of is None or floor_of[0] is not table:
-                floor_of = truncated[id(table)] = (table, store.get(key_of(table, None)))
+                # (table, its last truncate, its key prefix): per table, not per change
+                floor_of = truncated[id(table)] = (table, store.get(key_of(table, None)), self._prefix(table))
             floor = floor_of[1]
             position = event.position
             if floor is not None and position <= floor:
                 stats.dropped += 1
                 continue
             if event.op is not Op.TRUNCATE:
-                name = key_of(table, event.key)
+                name = floor_of[2] + _key_json(event.key) + "]"
                 last = store.get(name)
                 if last is not None and position <= last:
                     stats.dropped += 1
