@@ -60,9 +60,11 @@ Converter = Callable[[Any], Any]
 # -- results ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RowChange:
-    """A change of rows (or a truncate) with the schema of its table at that change."""
+    """A change of rows (or a truncate) with the schema of its table at that change.
+
+    Not frozen: a frozen dataclass's ``__init__`` costs four times as much, once per change."""
 
     event: ChangeEvent
     schema: TableSchema
@@ -592,9 +594,10 @@ class EnvelopeDecoder:
         self._files: dict[str, int] = {}
         self._last_ts: tuple[Any, datetime | None] = (None, None)
         self._plans: dict[bytes, _RowPlan] = {}
-        self._last: dict[str, tuple[bytes, _RowPlan]] = {}
+        self._last: dict[str, tuple[bytes, _RowPlan, bytes]] = {}
+        """Per topic: (schema bytes, plan, the record prefix up to the payload) of its last record."""
         self._keys: dict[bytes, tuple[str, ...]] = {}
-        self._last_key: dict[str, tuple[bytes, tuple[str, ...]]] = {}
+        self._last_key: dict[str, tuple[bytes, tuple[str, ...], bytes]] = {}
         self._max_plans = max_plans
 
     # -- splitting -----------------------------------------------------------------------------
@@ -628,7 +631,7 @@ class EnvelopeDecoder:
             if len(self._plans) >= self._max_plans:
                 self._plans.clear()
             self._plans[schema_bytes] = plan
-        self._last[topic] = (schema_bytes, plan)
+        self._last[topic] = (schema_bytes, plan, _prefix(schema_bytes))
         return plan
 
     def _key_names(self, topic: str, key: bytes | None, parse: bool = True) -> tuple[tuple[str, ...], Any]:
@@ -637,7 +640,7 @@ class EnvelopeDecoder:
             return (), None
         if not parse:
             last_key = self._last_key.get(topic)
-            if last_key is not None and _same_schema(key, last_key[0]):
+            if last_key is not None and key.startswith(last_key[2]) and key.endswith(b"}"):
                 return last_key[1], None
         if not parse and key.startswith(_SCHEMA_HEAD) and (index := key.find(_PAYLOAD_SEP)) > 0:
             schema_bytes, payload = key[len(_SCHEMA_HEAD):index], None
@@ -656,7 +659,7 @@ class EnvelopeDecoder:
             else:
                 names = ()
             self._keys[schema_bytes] = names
-        self._last_key[topic] = (schema_bytes, names)
+        self._last_key[topic] = (schema_bytes, names, _prefix(schema_bytes))
         return names, payload
 
     # -- decoding ------------------------------------------------------------------------------
@@ -669,10 +672,10 @@ class EnvelopeDecoder:
                 _, key_payload = self._key_names(topic, key)
                 return Tombstone(topic, key_payload if isinstance(key_payload, dict) else None)
             last = self._last.get(topic)
-            if last is not None and _same_schema(value, last[0]):
+            if last is not None and value.startswith(last[2]) and value.endswith(b"}"):
                 # the schema of this topic's last record: compare bytes, parse the payload only
                 plan = last[1]
-                payload = orjson.loads(memoryview(value)[_HEAD + len(last[0]) + _SEP:-1])
+                payload = orjson.loads(memoryview(value)[len(last[2]):-1])
             else:
                 schema_bytes, payload = self._split(value)
                 plan = self._plan(topic, schema_bytes, None)
@@ -737,7 +740,11 @@ class EnvelopeDecoder:
                     raise ValueError(f"`source.pos` must fit 40 bits; got {source.get('pos')!r}")
             else:
                 position = position_of(source, snapshot_kind if op is Op.READ else None)
-            pk = self._key_names(topic, key, parse=False)[0]
+            last_key = self._last_key.get(topic)
+            if last_key is not None and key is not None and key.startswith(last_key[2]) and key.endswith(b"}"):
+                pk = last_key[1]  # this topic's key schema again: compared as bytes, nothing parsed
+            else:
+                pk = self._key_names(topic, key, parse=False)[0]
             before = payload.get("before")
             after = payload.get("after")
             converters = plan.converters
@@ -786,14 +793,10 @@ class EnvelopeDecoder:
         return RowChange(event, schema)
 
 
-_HEAD = len(_SCHEMA_HEAD)
-_SEP = len(_PAYLOAD_SEP)
-
-
-def _same_schema(raw: bytes, schema_bytes: bytes) -> bool:
-    """True when `raw` is ``{"schema":<schema_bytes>,"payload":...}`` (a memory compare, no scan)."""
-    return (raw.startswith(schema_bytes, _HEAD) and raw.startswith(_PAYLOAD_SEP, _HEAD + len(schema_bytes))
-            and raw.startswith(_SCHEMA_HEAD) and raw.endswith(b"}"))
+def _prefix(schema_bytes: bytes) -> bytes:
+    """``{"schema":<schema_bytes>,"payload":``: a record that starts with it (and ends with ``}``) has
+    that schema, found with one memory compare instead of a parse."""
+    return _SCHEMA_HEAD + schema_bytes + _PAYLOAD_SEP
 
 
 def _raw_key(key: bytes) -> Any:
