@@ -10,7 +10,12 @@ database/schema of the local stack:
    rows/s from the first to the last row's ``_bl_synced_at`` and over the wall clock;
 4. lag at a steady churn (default 1,000 rows/s): each row carries its insert time (``t_us``); lag =
    ``_bl_synced_at`` (the sink transaction's time) - insert time, p50/p99;
-5. peak RSS of the `branchline run` process (VmHWM), both phases.
+5. peak RSS of the `branchline run` process (VmHWM), both phases;
+6. the ceiling this machine allows: a plain binary COPY of the same rows into the cloud PostgreSQL
+   (rows/s), and decode + COPY alone on every core (cores / their CPU per row: the capture library,
+   the source server's decoding backend, this process's COPY encoding and the cloud server's backend).
+   Next to it, the CPU per row of `branchline run`'s runner and capture processes and of the server
+   backends serving it (walsender, sink connections): where the machine's time goes.
 
 Run: ``python -m branchline.runtime.bench --rows 500000`` (or ``branchline bench embedded`` once
 registered).
@@ -26,7 +31,7 @@ import threading
 import time
 import tomllib
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -65,6 +70,17 @@ class Figures:
     lag_max_ms: float = 0.0
     rss_backlog_mb: float = 0.0
     rss_churn_mb: float = 0.0
+    raw_server_cpu_us: float = 0.0
+    """CPU per row of the source server's backend that decoded the WAL for the raw decode (PostgreSQL)."""
+    copy_rows_s: float = 0.0
+    """A plain binary COPY of the same rows into the cloud PostgreSQL (same batches, one transaction each)."""
+    copy_cpu_us: float = 0.0
+    """CPU per row of that COPY: this process (encoding) plus the cloud server's backend."""
+    e2e_server_cpu_us: dict[str, float] = field(default_factory=dict)
+    """CPU per row of the servers' backends serving `branchline run` (walsender, sink connections)."""
+    runner_cpu_us: float = 0.0
+    """Of `e2e_cpu_us`: the runner process (spool read, transforms, dedupe, sink); the rest is capture."""
+    capture_cpu_us: float = 0.0
 
 
 def _sample_row(i: int, rng: random.Random) -> tuple[Any, ...]:
@@ -75,26 +91,87 @@ def _sample_row(i: int, rng: random.Random) -> tuple[Any, ...]:
 
 # -- process helpers ------------------------------------------------------------------------------
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process (a local server's backend too); None once it exited."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+class BackendCpu:
+    """Polls the CPU of a local server's backends (found by a query) while `branchline run` works.
+
+    Why: on this 2-core machine the source's walsender and the cloud server's sink connections share the
+    cores with the run's two processes; their CPU per row says how much of the machine is left for ours.
+    Each backend's last reading counts (it may exit before the end); from its first reading on."""
+
+    def __init__(self, port: int, dbname: str, where: str) -> None:
+        self.port, self.dbname, self.where = port, dbname, where
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=self.dbname,
+                                 autocommit=True) as conn:
+                while True:
+                    pids = [r[0] for r in conn.execute(f"SELECT pid FROM pg_stat_activity WHERE {self.where}")]
+                    for pid in pids + list(self.last):
+                        cpu = _cpu_s(pid)
+                        if cpu is not None:
+                            self.first.setdefault(pid, cpu)
+                            self.last[pid] = cpu
+                    if self._stop.wait(0.25):
+                        return
+        except psycopg.Error:
+            return
+
+    def stop(self) -> float:
+        """CPU seconds the matched backends used while watched."""
+        self._stop.set()
+        self._thread.join(5)
+        return sum(self.last[p] - self.first[p] for p in self.last)
+
 
 class RssWatch:
-    """Polls a process's VmHWM (peak resident set) until it exits."""
+    """Polls a process's VmHWM (peak resident set) until it exits, and the CPU of it and its children (the
+    capture processes), each process's last reading, so the CPU per row splits between runner and capture."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.peak_kb = 0
+        self.cpu_s: dict[int, float] = {}
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         path = Path(f"/proc/{self.pid}/status")
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
         while True:
             try:
                 for line in path.read_text().splitlines():
                     if line.startswith("VmHWM:"):
                         self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+                for pid in [self.pid, *(int(c) for c in children.read_text().split())]:
+                    cpu = _cpu_s(pid)
+                    if cpu is not None:
+                        self.cpu_s[pid] = cpu
             except OSError:
                 return
             time.sleep(0.2)
+
+    def split_cpu_s(self) -> tuple[float, float]:
+        """(CPU seconds of the process, of its children) at their last readings (up to 0.2 s short)."""
+        own = self.cpu_s.get(self.pid, 0.0)
+        return own, sum(cpu for pid, cpu in self.cpu_s.items() if pid != self.pid)
 
     def join(self) -> float:
         self._thread.join(5)
@@ -121,7 +198,7 @@ def _wait_streaming(process: subprocess.Popen[bytes], log: Path, timeout: float 
 
 
 _RUNTIME_EXTRA: dict[str, Any] = {}
-"""Extra `runtime:` settings of the benchmarked pipeline (--batch-interval-ms)."""
+"""Extra `runtime:` settings of the benchmarked pipeline (--batch-interval-ms, --capture-threads)."""
 
 
 def _pipeline(path: Path, name: str, source_yaml: str, cloud_port: int, batch_size: int) -> Path:
@@ -134,6 +211,7 @@ sinks:
   cloud:
     kind: postgres
     port: {cloud_port}
+    application_name: bench-{name}
     user: postgres
     database: cloud
     schema: "{{source}}"
@@ -206,6 +284,49 @@ def _churn(insert: Any, first_id: int, rate: float, seconds: float) -> int:
     return next_id - first_id
 
 
+def plain_copy(cloud_port: int, rows: int, batch_size: int) -> tuple[float, float]:
+    """The ceiling of any writer into the cloud PostgreSQL: the same rows (same generator and seed as the
+    backlog) COPYed in binary into a plain table with the same primary key, one transaction per batch, with
+    the sink's C row encoder. No staging, upsert, bookkeeping, spool or dedupe.
+
+    Returns (rows/s, CPU per row in µs of this process plus the server's backend). Generating the rows is
+    outside the clock."""
+    from branchline.sinks.postgres._copy import FLUSH_AT, SIGNATURE, TRAILER
+    from psycopg._copy_base import format_row_binary
+
+    table = "bench_copy_" + uuid.uuid4().hex[:8]
+    rng = random.Random(1)
+    elapsed = cpu = 0.0
+    with psycopg.connect(host="127.0.0.1", port=cloud_port, user="postgres", dbname="cloud", autocommit=True) as conn:
+        conn.execute(f"""CREATE TABLE public.{table} (id bigint PRIMARY KEY, customer_id int NOT NULL,
+            amount numeric(12,2) NOT NULL, note varchar(60), ordered_at timestamp NOT NULL,
+            status varchar(10) NOT NULL, t_us bigint NOT NULL)""")
+        backend = conn.info.backend_pid
+        server_before = _cpu_s(backend) or 0.0
+        try:
+            for offset in range(0, rows, batch_size):
+                batch = [_sample_row(i, rng) for i in range(offset, min(rows, offset + batch_size))]
+                began, cpu_began = time.perf_counter(), time.process_time()
+                with conn.transaction(), conn.cursor() as cursor, \
+                        cursor.copy(f"COPY public.{table} FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.set_types(["int8", "int4", "numeric", "text", "timestamp", "text", "int8"])
+                    transformer = copy.formatter.transformer
+                    buffer = bytearray(SIGNATURE)
+                    for row in batch:
+                        format_row_binary(row, transformer, buffer)
+                        if len(buffer) >= FLUSH_AT:
+                            copy.write(buffer)
+                            buffer = bytearray()
+                    buffer += TRAILER
+                    copy.write(buffer)
+                elapsed += time.perf_counter() - began
+                cpu += time.process_time() - cpu_began
+            cpu += (_cpu_s(backend) or server_before) - server_before
+        finally:
+            conn.execute(f"DROP TABLE IF EXISTS public.{table}")
+    return rows / elapsed, 1e6 * cpu / rows
+
+
 # -- MariaDB --------------------------------------------------------------------------------------
 
 
@@ -256,6 +377,7 @@ def bench_mariadb(rows: int, rate: float, seconds: float, work: Path, batch_size
         figures.raw_rows_s = decoded / (time.monotonic() - began)
         figures.raw_cpu_us = 1e6 * (time.process_time() - cpu) / decoded
         stream.close()
+        figures.copy_rows_s, figures.copy_cpu_us = plain_copy(cloud, rows, batch_size)
 
         # end to end: branchline run from the recorded position
         spool = work / f"{source}.sqlite"
@@ -268,7 +390,7 @@ def bench_mariadb(rows: int, rate: float, seconds: float, work: Path, batch_size
     user: root
     databases: [{db}]""", cloud, batch_size)
         _end_to_end(figures, pipeline, spool, cloud, source, rows, seconds, rate,
-                    lambda batch: cur.executemany(insert_sql, batch))
+                    lambda batch: cur.executemany(insert_sql, batch), {})
     finally:
         cur.execute(f"DROP DATABASE IF EXISTS {db}")
         conn.close()
@@ -308,6 +430,8 @@ def bench_postgres(rows: int, rate: float, seconds: float, work: Path, batch_siz
         parser = PgOutputParser()
         conn.execute(SESSION_SETTINGS)
         decoded = 0
+        backend = conn.info.backend_pid
+        server_cpu = _cpu_s(backend) or 0.0
         began, cpu = time.monotonic(), time.process_time()
         with conn.cursor(binary=True) as cursor:
             cursor.execute("SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, 'proto_version',"
@@ -317,6 +441,8 @@ def bench_postgres(rows: int, rate: float, seconds: float, work: Path, batch_siz
                     decoded += 1
         figures.raw_rows_s = decoded / (time.monotonic() - began)
         figures.raw_cpu_us = 1e6 * (time.process_time() - cpu) / max(1, decoded)
+        figures.raw_server_cpu_us = 1e6 * ((_cpu_s(backend) or server_cpu) - server_cpu) / max(1, decoded)
+        figures.copy_rows_s, figures.copy_cpu_us = plain_copy(cloud, rows, batch_size)
 
         spool = work / f"{source}.sqlite"
         seeded = Spool(spool)
@@ -335,7 +461,8 @@ def bench_postgres(rows: int, rate: float, seconds: float, work: Path, batch_siz
             with conn.cursor() as cursor:
                 cursor.executemany(f"INSERT INTO {schema}.orders VALUES (%s, %s, %s, %s, %s, %s, %s)", batch)
 
-        _end_to_end(figures, pipeline, spool, cloud, source, rows, seconds, rate, insert)
+        _end_to_end(figures, pipeline, spool, cloud, source, rows, seconds, rate, insert,
+                    {"source walsender": (port, "crm", f"application_name = 'branchline-{source}'")})
     finally:
         reader.close()
         conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
@@ -351,9 +478,12 @@ def bench_postgres(rows: int, rate: float, seconds: float, work: Path, batch_siz
 
 
 def _end_to_end(figures: Figures, pipeline: Path, spool: Path, cloud: int, schema: str, rows: int,
-                seconds: float, rate: float, insert: Any) -> None:
+                seconds: float, rate: float, insert: Any, servers: dict[str, tuple[int, str, str]]) -> None:
+    """``servers``: name -> (port, database, pg_stat_activity condition) of backends whose CPU is counted."""
     import resource
 
+    watched = {"cloud sink connections": (cloud, "cloud", f"application_name = 'bench-{schema}'"), **servers}
+    watches = {name: BackendCpu(*where) for name, where in watched.items()}
     began = time.monotonic()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     process, _ = _run(pipeline, spool, idle_s=2)
@@ -361,9 +491,12 @@ def _end_to_end(figures: Figures, pipeline: Path, spool: Path, cloud: int, schem
     done = _wait_rows(cloud, schema, 0, rows - 1, timeout=max(600, rows / 500))
     figures.e2e_wall_rows_s = rows / (done - began)
     process.wait(120)
+    figures.e2e_server_cpu_us = {name: 1e6 * watch.stop() / rows for name, watch in watches.items()}
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the run reaped its capture process: both count
     figures.e2e_cpu_us = 1e6 * (after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime) / rows
     figures.rss_backlog_mb = rss.join()
+    runner_s, capture_s = rss.split_cpu_s()
+    figures.runner_cpu_us, figures.capture_cpu_us = 1e6 * runner_s / rows, 1e6 * capture_s / rows
     count, span, _ = _target_stats(cloud, schema, 0, rows - 1)
     figures.e2e_rows_s = count / span if span else 0.0
     if seconds <= 0:
@@ -401,8 +534,23 @@ def _print(figures: Figures) -> None:
     click.echo(f"  end to end (first..last row synced) {figures.e2e_rows_s:>10,.0f} rows/s"
                f"  = {100 * ratio:.0f}% of raw decode (target >= 80%)")
     click.echo(f"  end to end (wall, incl. start-up)   {figures.e2e_wall_rows_s:>10,.0f} rows/s")
-    click.echo(f"  CPU per row: raw decode {figures.raw_cpu_us:.0f} us; `branchline run` (both processes, incl."
-               f" start-up) {figures.e2e_cpu_us:.0f} us")
+    click.echo(f"  CPU per row: raw decode {figures.raw_cpu_us:.1f} us"
+               + (f" (+ source server {figures.raw_server_cpu_us:.1f} us)" if figures.raw_server_cpu_us else "")
+               + f"; `branchline run` (both processes, incl. start-up) {figures.e2e_cpu_us:.1f} us"
+               f" (runner {figures.runner_cpu_us:.1f}, capture {figures.capture_cpu_us:.1f})"
+               + "".join(f"; {name} {cpu:.1f} us" for name, cpu in figures.e2e_server_cpu_us.items()))
+    cores = os.cpu_count() or 1
+    copy_ratio = figures.copy_rows_s / figures.raw_rows_s if figures.raw_rows_s else 0.0
+    click.echo(f"  ceiling: plain COPY of the same rows   {figures.copy_rows_s:>10,.0f} rows/s  = {100 * copy_ratio:.0f}%"
+               f" of raw decode ({figures.copy_cpu_us:.1f} us CPU per row, client + server)")
+    # decoding and COPYing each row once with every core busy: no pipeline on this machine does better
+    floor = figures.raw_cpu_us + figures.raw_server_cpu_us + figures.copy_cpu_us
+    if floor:
+        ceiling = cores * 1e6 / floor
+        ceiling_ratio = ceiling / figures.raw_rows_s if figures.raw_rows_s else 0.0
+        uncounted = "" if figures.raw_server_cpu_us else ", the source server's share not counted"
+        click.echo(f"  ceiling: decode + COPY on {cores} cores      {ceiling:>10,.0f} rows/s  = {100 * ceiling_ratio:.0f}%"
+                   f" of raw decode ({floor:.1f} us CPU per row{uncounted})")
     if figures.churn_rows:
         click.echo(f"  steady churn {figures.churn_rate:,.0f} rows/s for {figures.churn_rows:,} rows: lag p50"
                    f" {figures.lag_p50_ms:.0f} ms, p99 {figures.lag_p99_ms:.0f} ms, max {figures.lag_max_ms:.0f} ms"
@@ -418,13 +566,17 @@ def _print(figures: Figures) -> None:
 @click.option("--batch-size", type=int, default=5000, show_default=True)
 @click.option("--batch-interval-ms", type=int, default=None, help="runtime.batch_interval_ms (default: the default).")
 @click.option("--only", type=click.Choice(["mariadb", "postgres"]), default=None)
+@click.option("--capture-processes/--capture-threads", default=None,
+              help="runtime.capture_processes (default: the default, processes).")
 def embedded(rows: int, churn_rate: float, churn_seconds: float, batch_size: int, batch_interval_ms: int | None,
-             only: str | None) -> None:
+             only: str | None, capture_processes: bool | None) -> None:
     """End-to-end rows/s vs raw decode rate, lag p50/p99 at steady churn, peak RSS of `branchline run`."""
     import tempfile
 
     if batch_interval_ms is not None:
         _RUNTIME_EXTRA["batch_interval_ms"] = batch_interval_ms
+    if capture_processes is not None:
+        _RUNTIME_EXTRA["capture_processes"] = str(capture_processes).lower()
 
     with tempfile.TemporaryDirectory(prefix="branchline-bench-") as tmp:
         work = Path(os.environ.get("BRANCHLINE_BENCH_DIR") or tmp)
