@@ -31,9 +31,10 @@ from branchline.config import BinlogSourceConfig, PipelineConfig, PostgresSource
 from branchline.connectors.embedded.reader import Changes, Checkpoint, EmbeddedReader
 from branchline.errors import BranchlineError, ConfigError, is_retryable
 from branchline.events import ChangeEvent, TableId, TableSchema
+from branchline.gc_tuning import tune_for_throughput
 from branchline.paths import state_dir
 from branchline.runtime.config import RuntimeConfig
-from branchline.runtime.spool import Spool
+from branchline.runtime.spool import Spool, batch_schemas
 
 log = logging.getLogger("branchline.runtime")
 
@@ -228,8 +229,7 @@ class SourceCapture:
             nonlocal batch, pending, last_checkpoint_write, last_spooled
             if not self._wait_for_room():
                 return
-            schemas = {e.table: self.schemas[e.table] for e in batch}
-            self.spool.append(self.name, batch, schemas, pending)
+            self.spool.append(self.name, batch, batch_schemas(batch, self.schemas), pending)
             if batch:
                 last_spooled = time.monotonic()
                 if self.observe_reads:
@@ -253,9 +253,13 @@ class SourceCapture:
                 for schema in changes.schemas:
                     self.schemas[schema.id] = schema
             if changes.events:
+                known = None  # a run of one table's events shares its TableId object: one lookup per run
                 for event in changes.events:
-                    if event.table not in self.schemas:
-                        self.schemas[event.table] = self.reader.schema(event.table)
+                    table = event.table
+                    if table is not known:
+                        if table not in self.schemas:
+                            self.schemas[table] = self.reader.schema(table)
+                        known = table
                 batch.extend(changes.events)
             if changes.checkpoint is not None:
                 pending = changes.checkpoint
@@ -308,18 +312,6 @@ class SourceCapture:
                     log.debug("closing %s reader: %s", self.name, exc)
 
 
-def tune_gc() -> None:
-    """Collect young objects every 100,000 allocations instead of 700 (as the Faust workers do).
-
-    Why: decoding a binlog row, spooling it and reading it back allocate dozens of short-lived objects
-    per change; with the default threshold the cyclic collector ran every few dozen changes and cost
-    about half of the spool decode time. The objects die with their batch."""
-    import gc
-
-    gc.freeze()
-    gc.set_threshold(100_000, 50, 1000)
-
-
 def _die_with_parent(parent_pid: int) -> None:
     """Linux: the capture process gets SIGKILL when the runner dies (kill -9 leaves no orphan reader).
 
@@ -340,7 +332,6 @@ def _capture_main(pipeline: PipelineConfig, source_name: str, spool_path: str, m
                   parent_pid: int) -> None:
     """A capture process: one source's reader -> the shared spool. Reports progress to the runner."""
     _die_with_parent(parent_pid)
-    tune_gc()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import signal
 
@@ -383,6 +374,8 @@ def _capture_main(pipeline: PipelineConfig, source_name: str, spool_path: str, m
             report()
 
     threading.Thread(target=heartbeat, daemon=True).start()
+    # start-up (imports, reader, spool) is built: out of the collector's sight before the first change
+    tune_for_throughput()
     capture.run()
     finished.set()
     report()
@@ -526,7 +519,6 @@ class Runner:
 
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        tune_gc()
         # heartbeat rows are measured when they reach a sink, never written into the target
         sinks = {name: metrics.skip_heartbeat_writes(build_sink(self.pipeline.sinks[name], name))
                  for name in self.sink_names}
@@ -548,6 +540,7 @@ class Runner:
             threads.append(thread)
             thread.start()
             retention[source.name] = self._retention(reader)
+        tune_for_throughput()  # sinks and capture processes started: freeze what start-up built
         try:
             await self._drain(sinks, retention, threads)
         finally:
@@ -742,8 +735,12 @@ class Runner:
                 for batch in batches:
                     count += len(batch.events)
                     compiled_for = {table: self._transform_for(schema) for table, schema in batch.schemas.items()}
+                    last_table: Any = None
+                    compiled: Any = None  # a run of one table's events shares its TableId: one hash per run
                     for event in batch.events:
-                        compiled = compiled_for[event.table]
+                        if event.table is not last_table:
+                            last_table = event.table
+                            compiled = compiled_for[last_table]
                         transformed = compiled.apply(event)
                         if transformed is not None:
                             pairs.append((transformed, compiled.schema))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import threading
 import uuid
 from datetime import UTC, date, datetime, timedelta
@@ -10,7 +11,7 @@ from decimal import Decimal
 import pytest
 from branchline.connectors.embedded.reader import Checkpoint
 from branchline.events import UNCHANGED, ChangeEvent, Column, ColumnType, Json, Op, TableId, TableSchema
-from branchline.runtime.spool import Spool, decode, encode
+from branchline.runtime.spool import Spool, batch_schemas, decode, encode
 
 TABLE = TableId(source="erp", branch="b1", database="erp", table="orders")
 SCHEMA = TableSchema(id=TABLE, columns=(Column(name="id", type=ColumnType.INT64),
@@ -34,6 +35,27 @@ def test_every_value_type_survives_the_round_trip():
     assert [e.model_dump() for e in events] == [e.model_dump() for e in original]
     assert events[0].after["toast"] is UNCHANGED
     assert schemas == {TABLE: SCHEMA}
+
+
+def test_equal_table_ids_from_different_objects_share_one_schema():
+    """Tables are matched by identity first (cheap), then by value: a second, equal TableId object (a
+    reader that rebuilt it) must not give the batch a second table, and interleaved tables keep theirs."""
+    other = TableId(source="erp", branch="b1", database="erp", table="items")
+    other_schema = SCHEMA.model_copy(update={"id": other})
+    twin = TABLE.model_copy()
+    assert twin == TABLE and twin is not TABLE
+    mixed = [event(1), ChangeEvent(op=Op.CREATE, table=other, key={"id": 9}, after={"id": 9, "v": "i"}, position=3),
+             event(2).model_copy(update={"table": twin}), event(3)]
+    schemas = {TABLE: SCHEMA, other: other_schema}
+    assert batch_schemas(mixed, schemas) == schemas
+    copied = batch_schemas(mixed[:1], schemas)
+    schemas[TABLE] = other_schema  # a later schema change does not reach a batch already taken
+    assert copied == {TABLE: SCHEMA}
+    data = encode(mixed, {TABLE: SCHEMA, other: other_schema})
+    assert len(pickle.loads(data)[0]) == 2  # each schema stored once
+    events, decoded = decode(data)
+    assert decoded == {TABLE: SCHEMA, other: other_schema}
+    assert [(e.table, e.key["id"]) for e in events] == [(TABLE, 1), (other, 9), (TABLE, 2), (TABLE, 3)]
 
 
 def test_batches_come_back_in_order_and_go_once_delivered(tmp_path):
