@@ -486,14 +486,19 @@ class MariaDbReader:
                     ts = datetime.fromtimestamp(event.timestamp, UTC)
                     table = schema.id
                     out = []
-                    for index, row in enumerate(event.rows):
-                        position = binlog_position(file, start_pos, index)
+                    rows = event.rows
+                    # the row index fills the low bits: one checked `binlog_position` per rows event, not per row
+                    base = binlog_position(file, start_pos, 0)
+                    binlog_position(file, start_pos, max(0, len(rows) - 1))  # raises if the last index does not fit
+                    inserts = isinstance(event, WriteRowsEvent)
+                    for index, row in enumerate(rows):
+                        position = base | index
                         if set_columns:
                             for image, sources in (("values", "none_sources"), ("before_values", "before_none_sources"),
                                                    ("after_values", "after_none_sources")):
                                 if image in row:
                                     _empty_sets(row[image], row.get(sources), set_columns)
-                        if isinstance(event, WriteRowsEvent):
+                        if inserts:
                             after = _convert(row["values"], converters)
                             out.append(construct(op=Op.CREATE, table=table, key={k: after[k] for k in pk},
                                                  before=None, after=after, position=position, source_ts=ts,
