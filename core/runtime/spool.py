@@ -227,22 +227,39 @@ class Spool:
     # -- drain side ------------------------------------------------------------------------------
 
     def read(self, limit_events: int, after_seq: int = 0) -> Iterator[SpooledBatch]:
-        """Undelivered batches in sequence order, up to about ``limit_events`` events."""
-        with self._memory_lock:
-            in_memory = json.dumps(list(self._memory))
+        """Undelivered batches in sequence order, up to about ``limit_events`` events.
+
+        The batches that fit are chosen from their sizes first; only theirs are read. (Reading the next 64
+        batches' data and using one of them copied ~30 MB per 5,000-change round through a backlog.)"""
         with self._read_lock:
-            rows = self._reader.execute(
-                "SELECT seq, source, events, bytes, CASE WHEN seq IN (SELECT value FROM json_each(?)) THEN NULL"
-                " ELSE data END FROM batches WHERE seq > ? ORDER BY seq LIMIT 64",
-                (in_memory, after_seq)).fetchall()
+            heads = self._reader.execute(
+                "SELECT seq, source, events, bytes FROM batches WHERE seq > ? ORDER BY seq LIMIT 64",
+                (after_seq,)).fetchall()
+        chosen = []
         total = 0
-        for seq, source, count, size, data in rows:
-            if total and total + count > limit_events:
-                return
+        for head in heads:
+            if total and total + head[2] > limit_events:
+                break
+            chosen.append(head)
+            total += head[2]
+        if not chosen:
+            return
+        with self._memory_lock:
+            in_memory = json.dumps([head[0] for head in chosen if head[0] in self._memory])
+        with self._read_lock:  # only appends (higher seqs) and this drain's own deletes change the file meanwhile
+            data = dict(self._reader.execute(
+                "SELECT seq, CASE WHEN seq IN (SELECT value FROM json_each(?)) THEN NULL ELSE data END"
+                " FROM batches WHERE seq BETWEEN ? AND ?", (in_memory, chosen[0][0], chosen[-1][0])).fetchall())
+        for seq, source, _count, size in chosen:
             with self._memory_lock:
                 cached = self._memory.get(seq)
-            events, schemas = cached if cached is not None else decode(data)
-            total += count
+            if cached is None and data.get(seq) is None:  # left the memory cache meanwhile: read it now
+                with self._read_lock:
+                    row = self._reader.execute("SELECT data FROM batches WHERE seq = ?", (seq,)).fetchone()
+                if row is None:  # deleted meanwhile: what follows would be out of order
+                    return
+                data[seq] = row[0]
+            events, schemas = cached if cached is not None else decode(data[seq])
             yield SpooledBatch(seq, source, events, schemas, size)
 
     def delete_through(self, seq: int) -> None:

@@ -77,6 +77,20 @@ def test_read_stops_near_the_event_limit_but_always_returns_one_batch(tmp_path):
     assert [len(b.events) for b in spool.read(limit_events=20)] == [10, 10]
 
 
+def test_read_loads_the_data_of_the_batches_it_returns_only(tmp_path):
+    """Through a backlog, a round of 2 batches must not copy the next 62 batches' data out of SQLite."""
+    spool = Spool(tmp_path / "s.sqlite", memory_bytes=0)
+    for i in range(10):
+        spool.append("erp", [event(10 * i + j) for j in range(10)], {TABLE: SCHEMA})
+    statements: list[str] = []
+    spool._reader.set_trace_callback(statements.append)
+    batches = list(spool.read(limit_events=20, after_seq=2))
+    assert [b.seq for b in batches] == [3, 4]
+    assert [e.key["id"] for b in batches for e in b.events] == list(range(20, 40))
+    reads = [s for s in statements if "data" in s]
+    assert len(reads) == 1 and "BETWEEN 3 AND 4" in reads[0]
+
+
 def test_checkpoint_is_committed_with_its_batch_and_survives_reopen(tmp_path):
     path = tmp_path / "s.sqlite"
     spool = Spool(path)
