@@ -42,6 +42,14 @@ class PostgresSinkConfig(_Frozen):
     """Keep deleted rows with `_bl_deleted = true` instead of deleting them."""
     branch_key: bool = False
     """Fan-in: the target key becomes (`_bl_branch`, source key), so branches never collide."""
+    fillfactor: int = Field(default=85, ge=10, le=100)
+    """Fill factor of the target tables the sink creates: pages are filled to this percent by inserts,
+    so that an update can put the new row version on the same page (a HOT update: no index entry, less
+    WAL, and the page's dead versions are pruned without VACUUM). Lower suits tables whose rows are
+    updated often; 100 packs insert-only tables. Applied at CREATE TABLE only: existing tables keep
+    theirs (``ALTER TABLE .. SET (fillfactor = N)`` applies it to pages filled from then on). HOT also
+    needs every changed column to be unindexed: an index on a bookkeeping column such as
+    ``_bl_synced_at`` turns every update into a non-HOT one."""
     tombstone_retention_h: float | None = Field(default=168.0, gt=0)
     """Hard-delete mode: a deleted key's tombstone (which stops a replayed older change from bringing
     the row back) is pruned once it was written this many hours ago; None keeps tombstones forever.

@@ -10,6 +10,9 @@ Layout of a target table (``<schema>.<source table>``):
   sink wrote it, and ``_bl_deleted`` in soft-delete mode;
 - ``_bl_synced_at`` defaults to now(), so a COPY straight into the table (insert-only batches) sets it
   as the upsert does;
+- created with the sink's ``fillfactor`` (default 85): inserts leave room on each page, so an update
+  can stay on its page (HOT: no new index entry); only the primary key is indexed, and it never
+  changes on update;
 - primary key: (``_bl_branch``,) source key. A table without a primary key is kept as a change log:
   one row per change, keyed by (``_bl_branch``,) ``_bl_position``; without a key "the row" that an
   update or delete means is ambiguous (duplicate rows are legal there).
@@ -87,10 +90,13 @@ async def ensure_table(
     *,
     soft_delete: bool,
     branch_key: bool,
+    fillfactor: int = 100,
 ) -> TargetTable:
     """Create the schema, the table and its side tables, or add and widen columns; one transaction.
 
-    Concurrent writers of the same table serialize here on an advisory lock.
+    A new table gets ``fillfactor`` (room on each page for HOT updates, see
+    `PostgresSinkConfig.fillfactor`); an existing one keeps its own. Concurrent writers of the same
+    table serialize here on an advisory lock.
     """
     name = table.id.table
     _check_identifier("schema", schema)
@@ -140,7 +146,14 @@ async def ensure_table(
             definitions.append(
                 sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, key)))
             )
-            await conn.execute(sql.SQL("CREATE TABLE {} ({})").format(ident, sql.SQL(", ").join(definitions)))
+            storage = (
+                sql.SQL(" WITH (fillfactor = {})").format(sql.Literal(int(fillfactor)))
+                if fillfactor < 100
+                else sql.SQL("")
+            )
+            await conn.execute(
+                sql.SQL("CREATE TABLE {} ({}){}").format(ident, sql.SQL(", ").join(definitions), storage)
+            )
         else:
             current_key = await _primary_key(conn, schema, name)
             if current_key != key:

@@ -14,11 +14,12 @@ statements, each guarded so that a row's stored position only moves forward:
 3. (only if the batch has deletes, hard-delete mode) delete guarded the same way, and record tombstones.
 
 The common path — no unchanged values, no deletes — is COPY + the UPDATE, and the INSERT only when
-the UPDATE left some staged change unwritten. One query per batch (`direct_check`) asks whether any
-truncate mark or tombstone lies at or above the batch's first position; when none does, the guards
-cannot reject a row and the INSERT runs without them (`upsert_unguarded`). Both read under READ
-COMMITTED, a few statements apart: a truncate committed concurrently by another writer of the same
-table races with either form alike.
+the UPDATE left some staged change unwritten. Only then (or before a direct COPY, below) one query
+(`direct_check`) asks whether any truncate mark or tombstone lies at or above the batch's first
+position; when none does, the guards cannot reject a row and the INSERT runs without them
+(`upsert_unguarded`): a batch of updates to stored rows costs no such round trip. Both read under
+READ COMMITTED, a few statements apart: a truncate committed concurrently by another writer of the
+same table races with either form alike.
 
 Faster still, insert-only changes (``c``/``r``) that no truncate mark or tombstone can guard off are
 COPYed straight into the target; a key that exists after all (a replay) fails the COPY on the primary

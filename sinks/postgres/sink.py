@@ -6,8 +6,12 @@ older changes never move a row backwards: every statement compares the stored `_
 
 Where the time goes (``python -m branchline.sinks.bench``): encoding rows for COPY is Python's share
 (psycopg's C encoder fed by one flat loop, `branchline.sinks.postgres._copy`); the server's share is the
-COPY itself and, for changes of stored rows, the UPDATE — which on its own costs about what a plain COPY
-of the same rows costs, so updates cannot reach a plain COPY's rate.
+COPY itself and, for changes of stored rows, the UPDATE. Measured on the stack's PostgreSQL 15 (backend
+CPU from /proc, 1k-20k-row batches of the bench's table), the UPDATE alone costs 1.5-2.8x the server CPU
+of a plain COPY of the same rows, and COPY into staging 0.6-0.8x more: updates cannot reach a plain
+COPY's rate, and the bench's "staged bare UPDATE" (no guard, no bookkeeping) shows where their ceiling
+is. Tables are created with a fill factor (`PostgresSinkConfig.fillfactor`) so updates can stay on their
+page (HOT), which saves the index entry and part of the WAL.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from branchline.sinks.postgres.ddl import MAX_IDENTIFIER, ensure_table
 from branchline.sinks.postgres.errors import map_error
 from branchline.sinks.postgres.plan import TablePlan, build_plan
 from branchline.sinks.postgres.types import Converter
-from psycopg import AsyncConnection, AsyncCopy, sql
+from psycopg import AsyncConnection, sql
 from psycopg.conninfo import make_conninfo
 from psycopg.types.json import set_json_dumps
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -138,6 +142,7 @@ class PostgresSink:
         Why: heartbeat rows are measured at the sink but never written (`metrics.HeartbeatSkippingSink`);
         the probe is what makes an unreachable store stop them, so lag rises on idle tables too.
         """
+
         async def select_one() -> None:
             try:
                 pool = await self._get_pool()
@@ -220,6 +225,7 @@ class PostgresSink:
                         table,
                         soft_delete=self.config.soft_delete,
                         branch_key=self.config.branch_key,
+                        fillfactor=self.config.fillfactor,
                     )
             except SinkError:
                 raise
@@ -264,7 +270,7 @@ class PostgresSink:
                             current[:] = net
                             if not net:
                                 pass
-                            elif (guarded := await self._guarded(conn, plan, net, direct, normalize)) is None:
+                            elif await self._direct(conn, plan, net, direct, normalize):
                                 pass  # written straight into the target
                             else:
                                 if staged:
@@ -272,8 +278,12 @@ class PostgresSink:
                                 else:
                                     await self._stage(conn, plan)
                                 staged = True
-                                upserted = await self._apply(conn, plan, net, normalize, guarded)
-                                if upserted == len(net) and _inserts_only(net):
+                                upserted = await self._apply(conn, plan, net, normalize)
+                                if (
+                                    plan.table_id in self._direct_off
+                                    and upserted == len(net)
+                                    and _inserts_only(net)
+                                ):
                                     self._direct_off.discard(plan.table_id)  # new rows again: try COPY
                             if truncate is not None:
                                 await self._truncate(conn, plan, truncate)
@@ -322,47 +332,53 @@ class PostgresSink:
             oldest, _ = stages.popitem(last=False)
             await conn.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(sql.Identifier(oldest)))
 
-    async def _guarded(
-        self, conn: AsyncConnection, plan: TablePlan, net: list[_Net], direct: bool, normalize: bool
-    ) -> bool | None:
-        """Whether ``net`` needs the guarded upsert (a truncate mark or tombstone at or above its first
-        position); None when it was written instead, by COPY straight into the target.
-
-        The direct COPY is for insert-only changes (``c``/``r``) that nothing guards off: it runs at the
-        rate of a plain COPY. A key that exists after all (a replay, a late redelivery) fails it on the
-        primary key: `_Restage` rolls the transaction back, the caller writes the batch again through
-        staging, and this table skips the direct COPY until an insert-only batch is all new again.
-        """
-        first = min(map(_position_of, net))
-        cursor = await conn.execute(plan.direct_check, {"position": first})
+    async def _may_be_guarded(self, conn: AsyncConnection, plan: TablePlan, net: list[_Net]) -> bool:
+        """Whether a truncate mark or a tombstone lies at or above ``net``'s first position, so that
+        new keys need the guarded INSERT (and insert-only changes cannot be COPYed into the target)."""
+        cursor = await conn.execute(plan.direct_check, {"position": min(map(_position_of, net))})
         row = await cursor.fetchone()
-        guarded = row is None or bool(row[0])
+        return row is None or bool(row[0])
+
+    async def _direct(
+        self, conn: AsyncConnection, plan: TablePlan, net: list[_Net], direct: bool, normalize: bool
+    ) -> bool:
+        """Write ``net`` by COPY straight into the target when it can be; True when it was.
+
+        The direct COPY is for insert-only changes (``c``/``r``) that no truncate mark or tombstone
+        guards off: it runs at the rate of a plain COPY. A key that exists after all (a replay, a late
+        redelivery) fails it on the primary key: `_Restage` rolls the transaction back, the caller
+        writes the batch again through staging, and this table skips the direct COPY until an
+        insert-only batch is all new again. Other batches skip the guard query here: `_apply` asks it
+        only if its UPDATE left rows for the INSERT (a round trip less per batch of updates).
+        """
         if (
-            guarded
-            or not direct
+            not direct
             or plan.copy_direct is None
             or plan.table_id in self._direct_off
             or not _inserts_only(net)
+            or await self._may_be_guarded(conn, plan, net)
         ):
-            return guarded
+            return False
         try:
             async with conn.cursor() as cur, cur.copy(plan.copy_direct) as copy:
                 copy.set_types(plan.direct_types)
-                await self._encode(copy, plan, net, normalize, staged=False)
+                await self._encode(BinaryRows(copy), plan, net, normalize, staged=False)
         except psycopg.errors.UniqueViolation as exc:
             self._direct_off.add(plan.table_id)
             raise _Restage from exc
-        return None
+        return True
 
-    async def _apply(
-        self, conn: AsyncConnection, plan: TablePlan, net: list[_Net], normalize: bool, guarded: bool
-    ) -> int:
-        """Stage ``net`` and upsert it (then deletes and tombstones); returns the rows the upsert wrote."""
+    async def _apply(self, conn: AsyncConnection, plan: TablePlan, net: list[_Net], normalize: bool) -> int:
+        """Stage ``net`` and upsert it (then deletes and tombstones); returns the rows the upsert wrote.
+
+        The guard query (`_may_be_guarded`) runs only when the UPDATE of stored rows left changes for the
+        INSERT: a batch of updates costs COPY + UPDATE + COMMIT and no other round trip.
+        """
         async with conn.cursor() as cursor:
             async with cursor.copy(plan.copy) as copy:
                 copy.set_types(plan.copy_types)
                 has_unchanged, deletes, has_upsert = await self._encode(
-                    copy, plan, net, normalize, staged=True
+                    BinaryRows(copy), plan, net, normalize, staged=True
                 )
             has_delete = deletes > 0
             if plan.prefill is not None and has_unchanged:
@@ -373,6 +389,7 @@ class PostgresSink:
                 upserted = cursor.rowcount
             candidates = len(net) if plan.soft_delete else len(net) - deletes
             if plan.update_existing is None or upserted < candidates:  # new keys (or older changes) left
+                guarded = await self._may_be_guarded(conn, plan, net)
                 await cursor.execute(plan.upsert if guarded else plan.upsert_unguarded)
                 upserted += cursor.rowcount
             if has_delete and plan.delete is not None and plan.tombstone is not None:
@@ -387,11 +404,17 @@ class PostgresSink:
             return upserted
 
     async def _encode(
-        self, copy: AsyncCopy, plan: TablePlan, net: list[_Net], normalize: bool, *, staged: bool
+        self,
+        rows: BinaryRows,
+        plan: TablePlan,
+        net: list[_Net],
+        normalize: bool,
+        *,
+        staged: bool,
     ) -> tuple[bool, int, bool]:
-        """Send ``net`` into an open COPY: the staging layout (``staged``, last column the names of
-        unchanged values) or the target's (`_Restage` on a value that needs the staging path).
-        Returns (has unchanged values, number of deletes, has upserts)."""
+        """Encode ``net`` into an open binary COPY: the staging layout
+        (``staged``, last column the names of unchanged values) or the target's (`_Restage` on a value
+        that needs the staging path). Returns (has unchanged values, number of deletes, has upserts)."""
         has_unchanged = has_upsert = False
         deletes = 0
         names = [c.name for c in plan.columns]
@@ -403,7 +426,6 @@ class PostgresSink:
         soft_delete = plan.soft_delete
         branch_key = plan.branch_key
         pick = itemgetter(*names) if len(names) > 1 else (lambda row: (row[names[0]],))
-        rows = BinaryRows(copy)
         encode, transformer, buffer = rows.encode, rows.transformer, rows.buffer
         size = len(buffer)
         plain = not converters and not branch_key  # no per-row fix-ups: values go out as `pick` made them

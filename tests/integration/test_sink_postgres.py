@@ -734,3 +734,80 @@ def test_a_bad_value_in_a_later_chunk_names_its_own_key(target: dict[str, Any]) 
     message = str(raised.value)
     assert "22003" in message and "id=4500" in message and "position 4500" in message
     assert fetch(target, "SELECT count(*) FROM items") == [(0,)]  # the batch is atomic
+
+
+def _reloptions(target: dict[str, Any], table: str) -> list[str] | None:
+    rows = fetch(
+        target,
+        "SELECT c.reloptions FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        f" WHERE n.nspname = '{target['schema']}' AND c.relname = '{table}'",
+    )
+    return rows[0][0]
+
+
+def _pages_moved(target: dict[str, Any], fillfactor: int, table: TableSchema) -> int:
+    """Fill a table with the sink at ``fillfactor``, update every 10th row, and count the rows whose
+    new version left its page (a non-HOT update; a HOT one stays on its page)."""
+    name = "x" * 60
+    rows = [change(table, Op.CREATE, i, item(i, name)) for i in range(1, 401)]
+    asyncio.run(write(config(target, fillfactor=fillfactor), table, rows))
+    query = f"SELECT id, (ctid::text::point)[0]::int FROM {table.id.table} WHERE id % 10 = 0 ORDER BY id"
+    before = fetch(target, query)
+    updates = [change(table, Op.UPDATE, 1000 + i, item(i, name[:-1] + "y")) for i in range(10, 401, 10)]
+    asyncio.run(write(config(target, fillfactor=fillfactor), table, updates))
+    after = fetch(target, query)
+    assert [r[0] for r in after] == [r[0] for r in before]
+    assert fetch(target, f"SELECT count(*) FROM {table.id.table} WHERE name LIKE '%y'") == [(40,)]
+    return sum(1 for b, a in zip(before, after, strict=True) if b[1] != a[1])
+
+
+def test_new_tables_get_the_fill_factor_so_updates_stay_on_their_page(target: dict[str, Any]) -> None:
+    """The configured fill factor leaves room on each page: updating a tenth of the rows keeps every
+    new version on its page (HOT: no new index entry). Packed pages (100) push them elsewhere."""
+    roomy = TableSchema(id=tid("roomy"), columns=ITEMS.columns, primary_key=("id",))
+    packed = TableSchema(id=tid("packed"), columns=ITEMS.columns, primary_key=("id",))
+    assert _pages_moved(target, 70, roomy) == 0
+    assert _pages_moved(target, 100, packed) >= 20
+    assert _reloptions(target, "roomy") == ["fillfactor=70"]
+    assert _reloptions(target, "packed") is None
+    assert PostgresSinkConfig().fillfactor == 85  # the documented default
+
+
+def test_an_existing_table_keeps_its_fill_factor(target: dict[str, Any]) -> None:
+    asyncio.run(write(config(target, fillfactor=100), ITEMS, [change(ITEMS, Op.CREATE, 1, item(1, "a"))]))
+    asyncio.run(write(config(target, fillfactor=50), ITEMS, [change(ITEMS, Op.UPDATE, 2, item(1, "b"))]))
+    assert _reloptions(target, "items") is None
+    assert fetch(target, "SELECT id, name, _bl_position FROM items") == [(1, "b", 2)]
+
+
+def test_the_guard_query_runs_only_when_new_keys_are_left_to_insert(
+    target: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that only updates stored rows costs no guard round trip; a batch with a new key asks
+    once, and a deleted key's tombstone still stops a late older insert in that same batch."""
+    from branchline.sinks.postgres.sink import PostgresSink
+
+    asked: list[int] = []
+    original = PostgresSink._may_be_guarded
+
+    async def counting(self: PostgresSink, conn: Any, plan: Any, net: Any) -> bool:
+        asked.append(len(net))
+        return await original(self, conn, plan, net)
+
+    monkeypatch.setattr(PostgresSink, "_may_be_guarded", counting)
+    created = [change(ITEMS, Op.CREATE, i, item(i, f"v{i}")) for i in range(1, 4)]
+    asyncio.run(
+        write(
+            config(target),
+            ITEMS,
+            created,  # direct COPY: asks once
+            [change(ITEMS, Op.DELETE, 20, item(3, ""))],  # no upsert candidates: no INSERT, no guard
+            [change(ITEMS, Op.UPDATE, 21, item(1, "u1")), change(ITEMS, Op.UPDATE, 22, item(2, "u2"))],
+            [change(ITEMS, Op.UPDATE, 23, item(1, "w1")), change(ITEMS, Op.CREATE, 5, item(3, "late"))],
+        )
+    )
+    assert asked == [3, 2]  # the direct COPY's check, then the last batch's INSERT of key 3
+    assert fetch(target, "SELECT id, name, _bl_position FROM items ORDER BY id") == [
+        (1, "w1", 23),
+        (2, "u2", 22),
+    ]

@@ -81,3 +81,11 @@ def test_tombstone_retention_defaults_to_a_week_may_be_off_and_must_be_positive(
         PostgresSinkConfig(tombstone_retention_h=0)
     with pytest.raises(ValidationError, match="tombstone_prune_interval_s"):
         PostgresSinkConfig(tombstone_prune_interval_s=-1)
+
+
+def test_fillfactor_defaults_to_85_and_must_be_a_postgresql_fill_factor() -> None:
+    assert PostgresSinkConfig().fillfactor == 85
+    assert ADAPTER.validate_python({"kind": "postgres", "fillfactor": 100}).fillfactor == 100
+    for wrong in (9, 101, "full"):
+        with pytest.raises(ValidationError, match="fillfactor"):
+            ADAPTER.validate_python({"kind": "postgres", "fillfactor": wrong})
