@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -626,7 +627,7 @@ def build_app(config: Any, layout: TopicLayout, *, sinks_factory: Callable[[], M
         f"branchline-{config.name}",
         broker=f"kafka://{kafka.bootstrap_servers}",
         store="memory://",
-        datadir=str(state_dir() / "faust" / config.name),
+        datadir=str(_faust_datadir(config.name)),
         topic_partitions=layout.partitions,
         topic_replication_factor=kafka.replication_factor,
         web_enabled=False,
@@ -791,6 +792,13 @@ async def mark_gap(consumer: Any, hole: Hole) -> None:
     if add_gap is None:  # another Faust: its commit stays behind the hole (replayed, harmless)
         return
     await add_gap(TP(hole.topic, hole.partition), hole.start, hole.end - 1)
+
+
+def _faust_datadir(name: str) -> Path:
+    """Faust's local folder (table checkpoints), in the state folder rather than the working directory."""
+    path = state_dir() / "faust" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def fail_stop(exc: BaseException) -> None:
