@@ -355,6 +355,7 @@ class PostgresSink:
             not direct
             or plan.copy_direct is None
             or plan.table_id in self._direct_off
+            or net[0].op not in _INSERTS  # a batch of updates: no scan of every op
             or not _inserts_only(net)
             or await self._may_be_guarded(conn, plan, net)
         ):
