@@ -46,7 +46,9 @@ class PostgresSinkConfig(_Frozen):
     """Fill factor of the target tables the sink creates: pages are filled to this percent by inserts,
     so that an update can put the new row version on the same page (a HOT update: no index entry, less
     WAL, and the page's dead versions are pruned without VACUUM). Lower suits tables whose rows are
-    updated often; 100 packs insert-only tables. Applied at CREATE TABLE only: existing tables keep
+    updated often; 100 packs insert-only tables (on the bench's table, four passes updating every row:
+    HOT 0% at 100, 18% rising to 49% at 85, 45% rising to 86% at 70, where the table ends smaller than at
+    100 because pruned pages are reused). Applied at CREATE TABLE only: existing tables keep
     theirs (``ALTER TABLE .. SET (fillfactor = N)`` applies it to pages filled from then on). HOT also
     needs every changed column to be unindexed: an index on a bookkeeping column such as
     ``_bl_synced_at`` turns every update into a non-HOT one."""
