@@ -551,6 +551,17 @@ def _print(figures: Figures) -> None:
         uncounted = "" if figures.raw_server_cpu_us else ", the source server's share not counted"
         click.echo(f"  ceiling: decode + COPY on {cores} cores      {ceiling:>10,.0f} rows/s  = {100 * ceiling_ratio:.0f}%"
                    f" of raw decode ({floor:.1f} us CPU per row{uncounted})")
+    if figures.e2e_cpu_us and figures.raw_rows_s and figures.raw_cpu_us:
+        # what this run's own CPU allows on an otherwise idle machine. A process handles every row, so its
+        # CPU per row against the raw decode's bounds its rate against the raw decode's (a core each); all
+        # the processes together, server backends included, share the cores.
+        work = figures.e2e_cpu_us + sum(figures.e2e_server_cpu_us.values())
+        parts = [f"{name} {cpu:.1f} us/row = {cpu / figures.raw_cpu_us:.1f}x the raw decode's:"
+                 f" <= {100 * figures.raw_cpu_us / cpu:.0f}%"
+                 for name, cpu in (("capture", figures.capture_cpu_us), ("runner", figures.runner_cpu_us)) if cpu]
+        shared = cores * 1e6 / work / figures.raw_rows_s
+        click.echo(f"  bound by this run's CPU: {'; '.join(parts)}; all {work:.1f} us/row incl. server backends"
+                   f" on {cores} cores: <= {100 * shared:.0f}% of raw decode")
     if figures.churn_rows:
         click.echo(f"  steady churn {figures.churn_rate:,.0f} rows/s for {figures.churn_rows:,} rows: lag p50"
                    f" {figures.lag_p50_ms:.0f} ms, p99 {figures.lag_p99_ms:.0f} ms, max {figures.lag_max_ms:.0f} ms"
