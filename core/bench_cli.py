@@ -4,7 +4,6 @@ none of them is a test."""
 from __future__ import annotations
 
 import click
-
 from branchline.runtime.bench import embedded
 from branchline.sinks.bench import bench_sinks
 from branchline.streams.bench import bench as streams_bench

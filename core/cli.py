@@ -9,7 +9,6 @@ import sys
 from typing import Any
 
 import click
-
 from branchline.errors import BranchlineError
 
 # name -> "module:attribute" of a click command or group

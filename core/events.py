@@ -34,7 +34,7 @@ class _Unchanged:
 
     _instance: _Unchanged | None = None
 
-    def __new__(cls) -> _Unchanged:
+    def __new__(cls) -> _Unchanged:  # noqa: PYI034 - a singleton: always the one instance, never a subclass
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance

@@ -21,7 +21,17 @@ from branchline.connectors.embedded.pgoutput import (
 )
 from branchline.connectors.embedded.postgres import _row_events
 from branchline.errors import BadRecordError
-from branchline.events import UNCHANGED, ChangeEvent, Column, ColumnType, Json, Op, TableId, TableSchema, iso_interval
+from branchline.events import (
+    UNCHANGED,
+    ChangeEvent,
+    Column,
+    ColumnType,
+    Json,
+    Op,
+    TableId,
+    TableSchema,
+    iso_interval,
+)
 
 # (lsn column, message) in the order the slot returned them. Captured with:
 #   DELETE FROM t_types (2 rows); INSERT t_types row 1 (every type);

@@ -56,4 +56,4 @@ def test_every_subcommand_has_help() -> None:
         result = runner.invoke(cli, [*path, "--help"])
         assert result.exit_code == 0, f"`branchline {' '.join(path)} --help` failed: {result.output}"
         assert "Usage:" in result.output
-    assert set(name for (name, *_rest) in paths) <= set(SUBCOMMANDS)
+    assert {name for (name, *_rest) in paths} <= set(SUBCOMMANDS)
