@@ -187,6 +187,9 @@ def streams(events: int, batch_size: int, keys: int, repeat: int) -> None:
     tune_for_throughput()  # as the worker does
     runs = [bench_streams(events, batch_size, keys) for _ in range(max(1, repeat))]
     print_figures(min(runs, key=lambda f: f.total_s), click.echo)
+    totals = sorted(f.per_event_us(f.total_s) for f in runs)
+    click.echo(f"  total over the {len(runs)} runs: fastest {totals[0]:.2f}, median {totals[len(totals) // 2]:.2f}, "
+               f"slowest {totals[-1]:.2f} µs/event")
 
 
 

@@ -195,7 +195,8 @@ class AppliedPositions:
         names = self._names
         names.clear()
         key_of = self._key
-        for event, schema in changes:
+        for pair in changes:
+            event = pair[0]
             table = event.table
             floor_of = truncated.get(id(table))
             if floor_of is None or floor_of[0] is not table:
@@ -213,7 +214,7 @@ class AppliedPositions:
                     stats.dropped += 1
                     continue
                 names[id(event)] = (event, name)
-            kept.append((event, schema))
+            kept.append(pair)
         stats.admitted += len(kept)
         return kept
 
