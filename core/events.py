@@ -29,6 +29,11 @@ class Op(str, enum.Enum):
     TRUNCATE = "t"
 
 
+# The members as module globals, for the per-change paths: `Op.UPDATE` is an attribute lookup through
+# the enum's metaclass (~100 ns on this machine), a global ~20 ns, and a change meets several.
+OP_CREATE, OP_UPDATE, OP_DELETE, OP_READ, OP_TRUNCATE = Op.CREATE, Op.UPDATE, Op.DELETE, Op.READ, Op.TRUNCATE
+
+
 class _Unchanged:
     """An unchanged TOASTed PostgreSQL value: the source did not send it; keep what the target has."""
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import orjson
 from branchline.errors import BadRecordError, BranchlineError, ConfigError, FatalSourceError
-from branchline.events import ChangeEvent, Op, TableId, TableSchema
+from branchline.events import OP_TRUNCATE, ChangeEvent, TableId, TableSchema
 from branchline.paths import state_dir
 from branchline.sinks.contract import Sink
 from branchline.streams.config import TableTransforms, WorkerSettings
@@ -299,7 +299,7 @@ class BatchProcessor:
                 continue
             pairs.append((event, compiled.schema))
             # by the table object's identity: hashing a TableId (pydantic, five fields) per change costs more
-            partitions[(id(event.table), None if event.op is Op.TRUNCATE else key_token(event))] = record.partition
+            partitions[(id(event.table), None if event.op is OP_TRUNCATE else key_token(event))] = record.partition
             read.setdefault((route.branch, route.name), []).append(event)
         report.changes = len(pairs)
         for (branch, source), events in read.items():
@@ -352,7 +352,7 @@ class BatchProcessor:
             return mapping
         for segment in segments:
             for event in segment.events:
-                truncate = event.op is Op.TRUNCATE
+                truncate = event.op is OP_TRUNCATE
                 partition = partitions.get((id(event.table), None if truncate else key_token(event)))
                 if partition is not None:
                     mapping[self.guard._key(event.table, None if truncate else event.key)] = partition
@@ -560,7 +560,7 @@ def _key_problem(decoder: EnvelopeDecoder, message: Any, partitions: int) -> str
         result = decoder.decode(message.topic, None, message.value)
     except BadRecordError:
         return None  # the worker reports bad records itself, with their position
-    if isinstance(result, Tombstone) or not isinstance(result, RowChange) or result.event.op is Op.TRUNCATE:
+    if isinstance(result, Tombstone) or not isinstance(result, RowChange) or result.event.op is OP_TRUNCATE:
         return None
     if message.key is None:
         if partitions > 1:

@@ -25,12 +25,16 @@ from typing import Any
 import orjson
 from branchline.errors import BadRecordError
 from branchline.events import (
+    OP_CREATE,
+    OP_DELETE,
+    OP_READ,
+    OP_TRUNCATE,
+    OP_UPDATE,
     UNCHANGED,
     ChangeEvent,
     Column,
     ColumnType,
     Json,
-    Op,
     TableId,
     TableSchema,
     binlog_position,
@@ -48,7 +52,7 @@ HEARTBEAT_PREFIX = "__debezium-heartbeat"
 _EPOCH = datetime(1970, 1, 1)
 _EPOCH_UTC = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
-_OPS = {"c": Op.CREATE, "u": Op.UPDATE, "d": Op.DELETE, "r": Op.READ, "t": Op.TRUNCATE}
+_OPS = {"c": OP_CREATE, "u": OP_UPDATE, "d": OP_DELETE, "r": OP_READ, "t": OP_TRUNCATE}
 _SNAPSHOT_TRUE = {"true", "first", "last", "first_in_data_collection", "last_in_data_collection",
                   "last_in_data_collection_and_last", "incremental"}
 _SCHEMA_HEAD = b'{"schema":'
@@ -726,7 +730,7 @@ class EnvelopeDecoder:
             op = _OPS[payload["op"]]
             flag = source.get("snapshot")
             if flag is None or flag == "false" or flag is False:
-                snapshot_kind = "true" if op is Op.READ else None
+                snapshot_kind = "true" if op is OP_READ else None
             else:
                 snapshot_kind = str(flag) if str(flag) in _SNAPSHOT_TRUE else None
             table_id = self._table(source)
@@ -739,7 +743,7 @@ class EnvelopeDecoder:
                 if position >> 64 != sequence >> 64:
                     raise ValueError(f"`source.pos` must fit 40 bits; got {source.get('pos')!r}")
             else:
-                position = position_of(source, snapshot_kind if op is Op.READ else None)
+                position = position_of(source, snapshot_kind if op is OP_READ else None)
             last_key = self._last_key.get(topic)
             if last_key is not None and key is not None and key.startswith(last_key[2]) and key.endswith(b"}"):
                 pk = last_key[1]  # this topic's key schema again: compared as bytes, nothing parsed
@@ -748,10 +752,10 @@ class EnvelopeDecoder:
             before = payload.get("before")
             after = payload.get("after")
             converters = plan.converters
-            if op is Op.UPDATE and not self.keep_update_before:
+            if op is OP_UPDATE and not self.keep_update_before:
                 before = None
             if before is not None:
-                if op is Op.DELETE and plan.postgres:
+                if op is OP_DELETE and plan.postgres:
                     # REPLICA IDENTITY DEFAULT: only the key is real, the other columns hold
                     # Debezium's fillers ("" for a NOT NULL uuid...): convert what converts
                     _convert_lenient(before, converters, pk)
@@ -759,8 +763,8 @@ class EnvelopeDecoder:
                     plan.convert(before)  # type: ignore[misc]
             if after is not None:
                 plan.convert(after)  # type: ignore[misc]
-            image = before if op is Op.DELETE else after
-            if op is Op.TRUNCATE:
+            image = before if op is OP_DELETE else after
+            if op is OP_TRUNCATE:
                 key_values = {}
             elif image is None:
                 raise ValueError(f"`{payload['op']}` change must carry a row image")

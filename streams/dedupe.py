@@ -18,9 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from branchline.events import UNCHANGED, ChangeEvent, Op, TableId, TableSchema
+from branchline.events import (
+    OP_CREATE,
+    OP_READ,
+    OP_TRUNCATE,
+    OP_UPDATE,
+    UNCHANGED,
+    ChangeEvent,
+    TableId,
+    TableSchema,
+)
 
-_UPSERTS = (Op.CREATE, Op.UPDATE, Op.READ)
+_UPSERTS = (OP_CREATE, OP_UPDATE, OP_READ)
 _UNCHANGED_ID = id(UNCHANGED)
 
 
@@ -38,7 +47,7 @@ class Segment:
 
     @property
     def is_truncate(self) -> bool:
-        return len(self.events) == 1 and self.events[0].op is Op.TRUNCATE
+        return len(self.events) == 1 and self.events[0].op is OP_TRUNCATE
 
 
 def key_token(event: ChangeEvent) -> Any:
@@ -93,7 +102,7 @@ def collapse(changes: Iterable[tuple[ChangeEvent, TableSchema]]) -> list[Segment
         schema: TableSchema | None = None
         for index in order:
             event, event_schema = bucket[index]
-            if event.op is Op.TRUNCATE:
+            if event.op is OP_TRUNCATE:
                 if pending and schema is not None:
                     segments.append(Segment(schema, list(pending.values())))
                 pending = {}
@@ -111,7 +120,7 @@ def collapse(changes: Iterable[tuple[ChangeEvent, TableSchema]]) -> list[Segment
             except TypeError:  # a list or dict in the key (a keyless table's row)
                 token = key_token(event)
                 older = pending.pop(token, None)
-            if older is not None and event.op is Op.UPDATE:
+            if older is not None and event.op is OP_UPDATE:
                 event = _merge_unchanged(event, older)
             pending[token] = event  # popped and re-added: the dict stays in position order
         if pending and schema is not None:
@@ -207,7 +216,7 @@ class AppliedPositions:
             if floor is not None and position <= floor:
                 stats.dropped += 1
                 continue
-            if event.op is not Op.TRUNCATE:
+            if event.op is not OP_TRUNCATE:
                 name = floor_of[2] + _key_json(event.key) + "]"
                 last = store.get(name)
                 if last is not None and position <= last:
@@ -228,7 +237,7 @@ class AppliedPositions:
                 if cached is not None and cached[0] is event:
                     name = cached[1]
                 else:
-                    name = self._key(event.table, None if event.op is Op.TRUNCATE else event.key)
+                    name = self._key(event.table, None if event.op is OP_TRUNCATE else event.key)
                 last = store.get(name)
                 if last is None or event.position > last:
                     store[name] = event.position

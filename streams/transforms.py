@@ -22,7 +22,18 @@ from typing import Any
 
 import orjson
 from branchline.errors import BadRecordError, ConfigError
-from branchline.events import UNCHANGED, ChangeEvent, Column, ColumnType, Json, Op, TableId, TableSchema
+from branchline.events import (
+    OP_DELETE,
+    OP_TRUNCATE,
+    OP_UPDATE,
+    UNCHANGED,
+    ChangeEvent,
+    Column,
+    ColumnType,
+    Json,
+    TableId,
+    TableSchema,
+)
 from branchline.streams._construct import new_event
 from branchline.streams.config import (
     CastTarget,
@@ -318,17 +329,17 @@ class CompiledTransform:
         if self.identity:
             return event
         op = event.op
-        if op is Op.TRUNCATE:
+        if op is OP_TRUNCATE:
             return event.model_copy(update={"table": self._table})
-        if self._predicates and op is not Op.DELETE and not self._matches(event.after):
-            if op is not Op.UPDATE:
+        if self._predicates and op is not OP_DELETE and not self._matches(event.after):
+            if op is not OP_UPDATE:
                 return None
             # the row left the filter: delete it from the target by key
-            op, before_image = Op.DELETE, event.after
+            op, before_image = OP_DELETE, event.after
         else:
             before_image = event.before
         try:
-            after = None if op is Op.DELETE or event.after is None else self._row(event.after)
+            after = None if op is OP_DELETE or event.after is None else self._row(event.after)
             before = None if before_image is None else self._row(before_image)
             key = self._key(event.key) if self.source.primary_key else (after or before or {}).copy()
         except Exception as exc:
@@ -351,7 +362,7 @@ class CompiledTransform:
         cost in `branchline.streams.bench`. Truncates and tables with filters take the copying path."""
         if self.identity:
             return event
-        if self._predicates or event.op is Op.TRUNCATE:
+        if self._predicates or event.op is OP_TRUNCATE:
             return self.apply(event)
         values = event.__dict__  # the model is frozen for its users; its builder may still fill it
         try:

@@ -23,11 +23,14 @@ import pymysql
 from branchline.connectors.embedded.reader import Changes, Checkpoint
 from branchline.errors import FatalSourceError, RetryableSourceError, SourceError
 from branchline.events import (
+    OP_CREATE,
+    OP_DELETE,
+    OP_READ,
+    OP_UPDATE,
     ChangeEvent,
     Column,
     ColumnType,
     Json,
-    Op,
     TableId,
     TableSchema,
     binlog_position,
@@ -406,7 +409,7 @@ class MariaDbReader:
                 for row in rows:
                     _convert(row, converters)
                     events.append(_event(
-                        op=Op.READ, table=table, key={k: row[k] for k in key_names}, before=None,
+                        op=OP_READ, table=table, key={k: row[k] for k in key_names}, before=None,
                         after=row, position=position, source_ts=None, txid=None, snapshot=True))
                 yield events, last
                 if not pk or len(rows) < chunk_rows:
@@ -500,7 +503,7 @@ class MariaDbReader:
                                     _empty_sets(row[image], row.get(sources), set_columns)
                         if inserts:
                             after = _convert(row["values"], converters)
-                            out.append(construct(op=Op.CREATE, table=table, key={k: after[k] for k in pk},
+                            out.append(construct(op=OP_CREATE, table=table, key={k: after[k] for k in pk},
                                                  before=None, after=after, position=position, source_ts=ts,
                                                  txid=current_gtid, snapshot=False))
                         elif isinstance(event, UpdateRowsEvent):
@@ -509,19 +512,19 @@ class MariaDbReader:
                             key = {k: after[k] for k in pk}
                             old_key = {k: before[k] for k in pk}
                             if old_key != key:  # a changed primary key: delete + create, as Debezium
-                                out.append(construct(op=Op.DELETE, table=table, key=old_key, before=before,
+                                out.append(construct(op=OP_DELETE, table=table, key=old_key, before=before,
                                                      after=None, position=position, source_ts=ts,
                                                      txid=current_gtid, snapshot=False))
-                                out.append(construct(op=Op.CREATE, table=table, key=key, before=None,
+                                out.append(construct(op=OP_CREATE, table=table, key=key, before=None,
                                                      after=after, position=position, source_ts=ts,
                                                      txid=current_gtid, snapshot=False))
                                 continue
-                            out.append(construct(op=Op.UPDATE, table=table, key=key,
+                            out.append(construct(op=OP_UPDATE, table=table, key=key,
                                                  before=before, after=after, position=position, source_ts=ts,
                                                  txid=current_gtid, snapshot=False))
                         else:
                             before = _convert(row["values"], converters)
-                            out.append(construct(op=Op.DELETE, table=table, key={k: before[k] for k in pk},
+                            out.append(construct(op=OP_DELETE, table=table, key={k: before[k] for k in pk},
                                                  before=before, after=None, position=position, source_ts=ts,
                                                  txid=current_gtid, snapshot=False))
                     yield Changes(out, None, schemas)

@@ -45,11 +45,15 @@ from branchline.connectors.embedded.pgoutput import (
 from branchline.connectors.embedded.reader import Changes, Checkpoint
 from branchline.errors import BadRecordError, FatalSourceError, RetryableSourceError, SourceError
 from branchline.events import (
+    OP_CREATE,
+    OP_DELETE,
+    OP_READ,
+    OP_TRUNCATE,
+    OP_UPDATE,
     UNCHANGED,
     ChangeEvent,
     Column,
     ColumnType,
-    Op,
     TableId,
     TableSchema,
     format_lsn,
@@ -325,7 +329,7 @@ class PostgresReader:
                         raise BadRecordError(f"`{table.qualified}` row {raw[:3]!r}... must decode;"
                                              f" got {exc}") from exc
                     events.append(ChangeEvent.model_construct(
-                        op=Op.READ, table=table, key={k: row[k] for k in key_names}, before=None,
+                        op=OP_READ, table=table, key={k: row[k] for k in key_names}, before=None,
                         after=row, position=position, source_ts=None, txid=None, snapshot=True))
                 last = tuple(rows[-1][names.index(k)] for k in pk)
                 yield events, last
@@ -485,7 +489,7 @@ class PostgresReader:
                     after = change.new
                     pk = entry[3]
                     events.append(new_event({
-                        "op": _CREATE, "table": entry[2],
+                        "op": OP_CREATE, "table": entry[2],
                         "key": {pk[0]: after[pk[0]]} if len(pk) == 1 else {k: after[k] for k in pk},
                         "before": None, "after": after, "position": position, "source_ts": ts, "txid": txid,
                         "snapshot": False}))
@@ -518,7 +522,7 @@ class PostgresReader:
                         entry = known[relation.relid] = self._known(relation, schemas)
                     if entry[1] is None:
                         continue
-                    events.append(construct(op=Op.TRUNCATE, table=entry[1].id, key={}, before=None, after=None,
+                    events.append(construct(op=OP_TRUNCATE, table=entry[1].id, key={}, before=None, after=None,
                                             position=position, source_ts=ts, txid=txid, snapshot=False))
 
     def _known(self, relation: Relation, schemas: list[TableSchema]
@@ -545,7 +549,6 @@ class PostgresReader:
 
 
 _LSN_UNIT = lsn_position(1, 0)
-_CREATE = Op.CREATE
 
 
 def _construct(**values: Any) -> ChangeEvent:
@@ -560,11 +563,11 @@ def _row_events(construct: Any, message: RowChange, schema: TableSchema, positio
     pk = schema.primary_key or tuple(c.name for c in schema.columns)
     if message.kind == "I":
         after = message.new or {}
-        return [construct(op=Op.CREATE, table=table, key={k: after[k] for k in pk}, before=None, after=after,
+        return [construct(op=OP_CREATE, table=table, key={k: after[k] for k in pk}, before=None, after=after,
                           position=position, source_ts=ts, txid=txid, snapshot=False)]
     if message.kind == "D":
         before = message.old or {}
-        return [construct(op=Op.DELETE, table=table, key={k: before.get(k) for k in pk}, before=before,
+        return [construct(op=OP_DELETE, table=table, key={k: before.get(k) for k in pk}, before=before,
                           after=None, position=position, source_ts=ts, txid=txid, snapshot=False)]
     after = message.new or {}
     before = message.old
@@ -573,10 +576,10 @@ def _row_events(construct: Any, message: RowChange, schema: TableSchema, positio
         old_key = {k: before.get(k) for k in pk}
         if old_key != key and all(v is not UNCHANGED for v in old_key.values()):
             return [
-                construct(op=Op.DELETE, table=table, key=old_key, before=before, after=None, position=position,
+                construct(op=OP_DELETE, table=table, key=old_key, before=before, after=None, position=position,
                           source_ts=ts, txid=txid, snapshot=False),
-                construct(op=Op.CREATE, table=table, key=key, before=None, after=after, position=position,
+                construct(op=OP_CREATE, table=table, key=key, before=None, after=after, position=position,
                           source_ts=ts, txid=txid, snapshot=False),
             ]
-    return [construct(op=Op.UPDATE, table=table, key=key, before=before, after=after, position=position,
+    return [construct(op=OP_UPDATE, table=table, key=key, before=before, after=after, position=position,
                       source_ts=ts, txid=txid, snapshot=False)]
