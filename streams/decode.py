@@ -572,11 +572,10 @@ def _txid(source: dict[str, Any], payload: dict[str, Any]) -> str | None:
     transaction = payload.get("transaction")
     if transaction and transaction.get("id") is not None:
         return str(transaction["id"])
-    for name in ("txId", "gtid"):
-        value = source.get(name)
-        if value is not None:
-            return str(value)
-    return None
+    value = source.get("txId")  # PostgreSQL
+    if value is None:
+        value = source.get("gtid")  # MariaDB/MySQL
+    return None if value is None else str(value)
 
 
 class EnvelopeDecoder:
