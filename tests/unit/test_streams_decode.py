@@ -284,12 +284,12 @@ def test_a_before_image_is_cut_off_only_where_no_key_inside_it_can_read_after():
     decode(ERP, "c", after=erp_row(), decoder=plan_of)
     assert next(iter(plan_of._plans.values())).before_separable
     decode(AFTER_COLUMN, "c", after={"id": 1, "after": "a", "body": "b"}, decoder=plan_of)
-    assert not [p for p in plan_of._plans.values() if p.fields[1].name == "after"][0].before_separable
+    assert not next(p for p in plan_of._plans.values() if p.fields[1].name == "after").before_separable
     mapped = env.Table(prefix="erp", database="erp", table="m", key=["id"], fields=[
         F("id", "int64", optional=False), F("attrs", "map", keys={"type": "string", "optional": False},
                                             values={"type": "string", "optional": True})])
     decode(mapped, "c", after={"id": 1, "attrs": {"after": "x"}}, decoder=plan_of)
-    assert not [p for p in plan_of._plans.values() if p.fields[1].name == "attrs"][0].before_separable
+    assert not next(p for p in plan_of._plans.values() if p.fields[1].name == "attrs").before_separable
 
 
 def test_truncate_is_a_table_level_change_without_key():
