@@ -171,37 +171,40 @@ def _date(value: int) -> date:
     return date.fromordinal(_EPOCH_ORDINAL + value)
 
 
-# timedelta(days, seconds, microseconds) positionally: the keyword form costs half as much again.
+# A unit timedelta times the count: exact integer arithmetic, and no constructor argument parsing
+# (timedelta(0, 0, v) parses its arguments as keywords: about 40% more per value).
+_MICROSECOND = timedelta(microseconds=1)
+_MILLISECOND = timedelta(milliseconds=1)
 
 
 def _time_millis(value: int) -> timedelta:
-    return timedelta(0, 0, value * 1000)
+    return _MILLISECOND * value
 
 
 def _time_micros(value: int) -> timedelta:
-    return timedelta(0, 0, value)
+    return _MICROSECOND * value
 
 
 def _time_nanos(value: int) -> timedelta:
-    return timedelta(0, 0, value // 1000)
+    return _MICROSECOND * (value // 1000)
 
 
 def _timestamp_millis(value: int) -> datetime:
-    return _EPOCH + timedelta(0, 0, value * 1000)
+    return _EPOCH + _MILLISECOND * value
 
 
 def _timestamp_micros(value: int) -> datetime:
-    return _EPOCH + timedelta(0, 0, value)
+    return _EPOCH + _MICROSECOND * value
 
 
 def _timestamp_nanos(value: int) -> datetime:
-    return _EPOCH + timedelta(0, 0, value // 1000)
+    return _EPOCH + _MICROSECOND * (value // 1000)
 
 
 _date.inline = "FROMORD(ORD0 + v)"  # type: ignore[attr-defined]
-_time_micros.inline = "TD(0, 0, v)"  # type: ignore[attr-defined]
-_timestamp_millis.inline = "EPOCH + TD(0, 0, v * 1000)"  # type: ignore[attr-defined]
-_timestamp_micros.inline = "EPOCH + TD(0, 0, v)"  # type: ignore[attr-defined]
+_time_micros.inline = "MICROSECOND * v"  # type: ignore[attr-defined]
+_timestamp_millis.inline = "EPOCH + MILLISECOND * v"  # type: ignore[attr-defined]
+_timestamp_micros.inline = "EPOCH + MICROSECOND * v"  # type: ignore[attr-defined]
 
 
 def _zoned_timestamp(value: str) -> datetime:
@@ -434,7 +437,7 @@ class ColumnValueError(ValueError):
 
 _INLINE_NAMES: dict[str, Any] = {
     "DEC": Decimal, "FROM_BYTES": int.from_bytes, "B64": _b64, "EXACT": _EXACT, "FROMORD": date.fromordinal,
-    "ORD0": _EPOCH_ORDINAL, "TD": timedelta, "EPOCH": _EPOCH, "JSON": Json, "LOADS": orjson.loads,
+    "ORD0": _EPOCH_ORDINAL, "MICROSECOND": _MICROSECOND, "MILLISECOND": _MILLISECOND, "EPOCH": _EPOCH, "JSON": Json, "LOADS": orjson.loads,
 }
 
 
@@ -546,10 +549,10 @@ def _may_hold_after_key(field: dict[str, Any]) -> bool:
 def _ts(source_or_payload: dict[str, Any]) -> datetime | None:
     us = source_or_payload.get("ts_us")
     if us is not None:
-        return _EPOCH_UTC + timedelta(0, 0, us)
+        return _EPOCH_UTC + _MICROSECOND * us
     ms = source_or_payload.get("ts_ms")
     if ms is not None:
-        return _EPOCH_UTC + timedelta(0, 0, ms * 1000)
+        return _EPOCH_UTC + _MILLISECOND * ms
     return None
 
 
