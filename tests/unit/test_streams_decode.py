@@ -415,7 +415,7 @@ def test_fast_event_construction_equals_model_construct():
 def test_dates_come_from_a_bounded_cache_and_stay_exact():
     from branchline.streams import decode as module
 
-    days = range(-800_000, 2_000_000, 97)  # more distinct days than the cache holds, before and after 1970
+    days = range(-719_000, 2_000_000, 97)  # more distinct days than the cache holds, before and after 1970
     for day in days:
         assert module._date(day) == date(1970, 1, 1) + timedelta(days=day)
         assert len(module._DATES) <= module._DATES_MAX
