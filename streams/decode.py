@@ -134,18 +134,19 @@ def _decimal_from_unscaled(unscaled: int, scale: int) -> Decimal:
 
 
 def _decimal_bytes(scale: int) -> Converter:
+    """Connect Decimal (base64 two's complement, big-endian) -> Decimal, exact: one context call scales
+    the unscaled integer (``Decimal(n).scaleb(...)`` parses its arguments twice and converts the
+    exponent on every call)."""
     from_bytes = int.from_bytes
-    scale_by = -scale
+    exponent = Decimal(-scale)
 
     def convert(value: str) -> Decimal:
         if value.__class__ is not str:
             raise TypeError(f"`decimal` must arrive as base64 bytes; got {value!r}")
-        unscaled = Decimal(from_bytes(_b64(value), "big", signed=True))
-        return unscaled.scaleb(scale_by, _EXACT) if scale_by else unscaled
+        return _EXACT.scaleb(from_bytes(_b64(value), "big", signed=True), exponent)
 
-    convert.inline = (  # type: ignore[attr-defined]
-        f"DEC(FROM_BYTES(B64(v), 'big', signed=True)).scaleb({scale_by}, EXACT)" if scale_by
-        else "DEC(FROM_BYTES(B64(v), 'big', signed=True))")
+    convert.inline = "SCALEB(FROM_BYTES(B64(v), 'big', signed=True), {f}_exponent)"  # type: ignore[attr-defined]
+    convert.exponent = exponent  # type: ignore[attr-defined]
     return convert
 
 
@@ -228,6 +229,9 @@ def _zoned_timestamp(value: str) -> datetime:
     if tz is None:
         raise ValueError(f"`ZonedTimestamp` must carry an offset; got {value!r}")
     return parsed.astimezone(UTC)
+
+
+_zoned_timestamp.inline = "(p if (p := FROMISO(v)).tzinfo is UTC else {f}(v))"  # type: ignore[attr-defined]
 
 
 def _json(value: str) -> Json:
@@ -448,8 +452,9 @@ class ColumnValueError(ValueError):
 
 
 _INLINE_NAMES: dict[str, Any] = {
-    "DEC": Decimal, "FROM_BYTES": int.from_bytes, "B64": _b64, "EXACT": _EXACT, "DATES_GET": _DATES.get,
+    "SCALEB": _EXACT.scaleb, "FROM_BYTES": int.from_bytes, "B64": _b64, "EXACT": _EXACT, "DATES_GET": _DATES.get,
     "DATE": _date, "MICROSECOND": _MICROSECOND, "MILLISECOND": _MILLISECOND, "EPOCH": _EPOCH, "JSON": Json, "LOADS": orjson.loads,
+    "FROMISO": datetime.fromisoformat, "UTC": UTC,
 }
 
 
@@ -464,7 +469,9 @@ def compile_row_converter(converters: tuple[tuple[str, Converter], ...]) -> Call
     lines = ["def convert(row):", "    get = row.get", "    name = v = None", "    try:"]
     for i, (name, function) in enumerate(converters):
         namespace[f"f{i}"] = function
-        expression = getattr(function, "inline", None) or f"f{i}(v)"
+        if hasattr(function, "exponent"):
+            namespace[f"f{i}_exponent"] = function.exponent
+        expression = (getattr(function, "inline", None) or "{f}(v)").replace("{f}", f"f{i}")
         lines.append(f"        name = {name!r}")
         lines.append(f"        v = get({name!r})")
         lines.append("        if v is not None:")
