@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from operator import call
 from typing import Any
 
 import orjson
@@ -204,6 +205,21 @@ class Truncate:
     restart_identity: bool
 
 
+class TextRow:
+    """One row change as the walsender sent it, values undecoded (`PgOutputParser.parse_text`), with what
+    the event built from it needs: `text_row_events` turns it into the `ChangeEvent` objects `stream` makes by
+    default. ``table`` is the captured table (what the capture loop and `batch_schemas` look at)."""
+
+    __slots__ = ("change", "position", "source_ts", "table", "txid")
+
+    def __init__(self, change: RowChange, table: Any, position: int, source_ts: Any, txid: str | None) -> None:
+        self.change = change
+        self.table = table
+        self.position = position
+        self.source_ts = source_ts
+        self.txid = txid
+
+
 def _ts(micros: int) -> datetime:
     return datetime.fromtimestamp((micros + PG_EPOCH_US) / 1_000_000, UTC)
 
@@ -244,11 +260,97 @@ def _tuple(data: bytes, offset: int, relation: Relation) -> tuple[dict[str, Any]
     return row, offset
 
 
+def text_tuple(data: bytes, offset: int, relation: Relation) -> tuple[Any, int]:
+    """A tuple's values as PostgreSQL's text output, undecoded: str, None for NULL, ``...`` (Ellipsis) for an
+    unchanged TOAST value; a tuple when every value is a str, else a list (the decoder's fast path needs no
+    scan for NULLs). Returns (values, offset after the tuple).
+
+    Why: the capture process of `branchline run` only carries rows into the spool; splitting the tuple is
+    all it needs, and str/None/Ellipsis tuples marshal ~30x faster than pickling decoded values. The
+    runner decodes them (`decode_text_tuple`) with the same decoders `_tuple` uses."""
+    (count,) = _I16.unpack_from(data, offset)
+    offset += 2
+    if count != len(relation.names):
+        raise BadRecordError(
+            f"`{relation.namespace}.{relation.name}` tuple must have {len(relation.names)} columns; got {count}")
+    values: list[str | None] = []
+    append = values.append
+    unpack = _I32.unpack_from
+    plain = True
+    for _ in range(count):
+        kind = data[offset]
+        if kind == 0x74:  # 't'
+            start = offset + 5
+            offset = start + unpack(data, offset + 1)[0]
+            append(data[start:offset].decode())
+        elif kind == 0x6E:  # 'n'
+            append(None)
+            offset += 1
+            plain = False
+        elif kind == 0x75:  # 'u'
+            append(...)  # type: ignore[arg-type]
+            offset += 1
+            plain = False
+        else:
+            raise BadRecordError(f"pgoutput tuple column kind must be t/n/u; got {chr(kind)!r}")
+    return tuple(values) if plain else values, offset  # type: ignore[return-value]
+
+
+_SAME_IN_C: dict[Any, Any] = {_str: str, _timestamp: datetime.fromisoformat}
+"""Decoders whose value a builtin gives without a Python frame (``str`` of a str is the str itself)."""
+
+
+def text_decoders(columns: tuple[tuple[str, int, int], ...]) -> tuple[Callable[[str], Any], ...]:
+    """The decoders of a relation's (name, type OID, typmod) columns, as `Relation.decoders` has them,
+    the pure wrappers replaced by the builtins they wrap (`_SAME_IN_C`)."""
+    return tuple(_SAME_IN_C.get(d, d) for d in (decoder_for(oid, typmod) for _, oid, typmod in columns))
+
+
+def decode_text_tuple(names: tuple[str, ...], decoders: tuple[Callable[[str], Any], ...],
+                      values: tuple[Any, ...] | list[Any], where: str) -> dict[str, Any]:
+    """`text_tuple`'s values -> the row dict `_tuple` makes from the same bytes (``where``: schema.table)."""
+    try:
+        if values.__class__ is tuple:  # every value a str
+            return dict(zip(names, map(call, decoders, values)))
+        return {n: d(v) if v.__class__ is str else (None if v is None else UNCHANGED)
+                for n, d, v in zip(names, decoders, values)}
+    except (ValueError, ArithmeticError) as exc:
+        for name, decoder, value in zip(names, decoders, values):  # name the column, as `_tuple` does
+            if value.__class__ is str:
+                try:
+                    decoder(value)
+                except (ValueError, ArithmeticError):
+                    raise BadRecordError(f"`{where}.{name}` must decode; got {value[:80]!r}") from exc
+        raise
+
+
 class PgOutputParser:
     """Stateful only in the relations it has seen ('R' precedes the first change of a table)."""
 
     def __init__(self) -> None:
         self.relations: dict[int, Relation] = {}
+
+    def parse_text(self, data: bytes) -> Begin | Commit | Relation | RowChange | Truncate | None:
+        """`parse`, except that a row change's ``old``/``new`` are `text_tuple` values, not decoded dicts."""
+        kind = data[0]
+        if kind == 0x49:  # 'I'
+            relation = self._relation(_U32.unpack_from(data, 1)[0])
+            return RowChange("I", relation, None, text_tuple(data, 6, relation)[0])  # type: ignore[arg-type]
+        if kind == 0x55:  # 'U'
+            relation = self._relation(_U32.unpack_from(data, 1)[0])
+            offset = 5
+            old = None
+            marker = data[offset]
+            old_is_key = marker == 0x4B
+            if marker in (0x4B, 0x4F):  # 'K' / 'O'
+                old, offset = text_tuple(data, offset + 1, relation)
+            new, _ = text_tuple(data, offset + 1, relation)
+            return RowChange("U", relation, old, new, old_is_key)  # type: ignore[arg-type]
+        if kind == 0x44:  # 'D'
+            relation = self._relation(_U32.unpack_from(data, 1)[0])
+            old, _ = text_tuple(data, 6, relation)
+            return RowChange("D", relation, old, None, data[5] == 0x4B)  # type: ignore[arg-type]
+        return self.parse(data)
 
     def parse(self, data: bytes) -> Begin | Commit | Relation | RowChange | Truncate | None:
         """One message -> its model; None for messages without row data (Origin, Type, Message)."""

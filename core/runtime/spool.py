@@ -11,15 +11,18 @@ has made them durable, so the spool replays nothing that is confirmed and loses 
 from __future__ import annotations
 
 import json
+import marshal
 import pickle
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
+from branchline.connectors.embedded.pgoutput import TextRow
 from branchline.connectors.embedded.reader import Checkpoint
 from branchline.events import ChangeEvent, Op, TableSchema
 from branchline.streams._construct import new_event
@@ -62,13 +65,33 @@ class SpooledBatch:
     events: list[ChangeEvent]
     schemas: dict[Any, TableSchema]
     bytes: int
+    marks: list[Any] | None = None
+    """What `metrics.observe_changes_read` needs of ``events`` (`ReadMark` objects), when the decoder knew it
+    without a pass over the events; None: give it the events."""
 
 
-def encode(events: list[ChangeEvent], schemas: dict[Any, TableSchema]) -> bytes:
+@dataclass(slots=True)
+class ReadMark:
+    """The fields of an event that `metrics.observe_changes_read` reads: for a text batch, one per commit
+    time and one at the highest position stand for all the batch's events (it keeps the maxima only)."""
+
+    position: int
+    source_ts: Any
+    snapshot: bool = False
+
+
+_TEXT = b"BLT1"
+"""Leads a batch that holds PostgreSQL `TextRow` rows (`_encode_text`); any other batch is one pickle."""
+
+
+def encode(events: list[Any], schemas: dict[Any, TableSchema]) -> bytes:
     """Events as compact tuples plus each table's schema once: pickling models per event costs 10x.
 
     Tables are told apart by identity first (a reader hands out one `TableId` object per table): hashing a
-    `TableId` goes through pydantic's Python hash function (about a tenth of this function in a micro-benchmark)."""
+    `TableId` goes through pydantic's Python hash function (about a tenth of this function in a micro-benchmark).
+    A batch with PostgreSQL rows still in their text form (`TextRow`) takes `_encode_text`."""
+    if TextRow in set(map(type, events)):
+        return _encode_text(events, schemas)
     index: dict[int, int] = {}
     slots: dict[Any, int] = {}
     tables: list[TableSchema] = []
@@ -102,13 +125,106 @@ def batch_schemas(events: list[ChangeEvent], schemas: dict[Any, TableSchema]) ->
     return {table: schemas[table] for table in tables.values()}
 
 
+def _encode_text(events: list[Any], schemas: dict[Any, TableSchema]) -> bytes:
+    """A batch holding `TextRow` rows: ``_TEXT``, the length of the pickled head, the head (schemas, each
+    relation's columns, commit times, whole events), then every row as one marshal of plain tuples.
+
+    Why: a `TextRow`'s values are str/None/Ellipsis, which marshal writes and reads many times faster than
+    pickle writes decoded values (Decimal, datetime) inside row dicts; the capture process then costs about
+    what reading the stream costs. Relations, commit times and tables are told apart by identity (one object
+    each per relation / transaction / table in a reader's output)."""
+    table_slots: dict[int, int] = {}
+    tables: list[TableSchema] = []
+    relation_slots: dict[int, int] = {}
+    relations: list[tuple[int, tuple[tuple[str, int, int], ...]]] = []
+    stamp_slots: dict[int, int] = {}
+    stamps: list[Any] = []
+    others: list[tuple[Any, ...]] = []
+    rows: list[tuple[Any, ...]] = []
+    append = rows.append
+
+    def table_slot(table: Any) -> int:
+        slot = table_slots.get(id(table))
+        if slot is None:
+            for slot, known in enumerate(tables):  # an equal TableId from another object: the same slot
+                if known.id == table:
+                    break
+            else:
+                slot = len(tables)
+                tables.append(schemas[table])
+            table_slots[id(table)] = slot
+        return slot
+
+    for event in events:
+        if event.__class__ is not TextRow:
+            append(("E", len(others), event.position))
+            others.append((event.op.value, table_slot(event.table), event.key, event.before, event.after,
+                           event.position, event.source_ts, event.txid, event.snapshot))
+            continue
+        change = event.change
+        relation = change.relation
+        slot = relation_slots.get(id(relation))
+        if slot is None:
+            slot = relation_slots[id(relation)] = len(relations)
+            relations.append((table_slot(event.table), tuple(c[:3] for c in relation.columns)))
+        stamp = event.source_ts
+        stamp_slot = stamp_slots.get(id(stamp))
+        if stamp_slot is None:
+            stamp_slot = stamp_slots[id(stamp)] = len(stamps)
+            stamps.append(stamp)
+        append((change.kind, slot, event.position, stamp_slot, event.txid, change.old, change.new, change.old_is_key))
+    head = pickle.dumps((tables, relations, stamps, others), protocol=pickle.HIGHEST_PROTOCOL)
+    return b"".join((_TEXT, len(head).to_bytes(4, "big"), head, marshal.dumps(rows)))
+
+
+_decoders: dict[tuple[tuple[str, int, int], ...], tuple[Any, ...]] = {}
+"""Relation columns -> their decoders: built once per relation, not per batch."""
+
+
+def _decode_text(data: bytes) -> tuple[list[ChangeEvent], dict[Any, TableSchema], list[Any] | None]:
+    from branchline.connectors.embedded.pgoutput import text_decoders
+    from branchline.connectors.embedded.postgres import text_row_events
+
+    size = int.from_bytes(data[4:8], "big")
+    tables, relations, stamps, others = pickle.loads(data[8:8 + size])
+    rows = marshal.loads(data[8 + size:])
+    ids = [t.id for t in tables]
+    specs = []
+    for table_slot, columns in relations:
+        decoders = _decoders.get(columns)
+        if decoders is None:
+            decoders = _decoders[columns] = text_decoders(columns)
+        specs.append((tuple(c[0] for c in columns), decoders, tables[table_slot]))
+    whole = [new_event({"op": _OPS[op], "table": ids[slot], "key": key, "before": before, "after": after,
+                        "position": position, "source_ts": ts, "txid": txid, "snapshot": snap})
+             for op, slot, key, before, after, position, ts, txid, snap in others]
+    marks: list[Any] | None = None
+    if rows and None not in stamps and not whole:
+        positions = list(map(_third, rows))
+        top = max(positions)
+        marks = [ReadMark(top, stamps[rows[positions.index(top)][3]])]
+        marks.extend(ReadMark(top, stamp) for stamp in stamps)
+    return text_row_events(rows, specs, stamps, whole), {t.id: t for t in tables}, marks
+
+
+_third = itemgetter(2)
+
+
 def decode(data: bytes) -> tuple[list[ChangeEvent], dict[Any, TableSchema]]:
+    events, schemas, _ = decode_batch(data)
+    return events, schemas
+
+
+def decode_batch(data: bytes) -> tuple[list[ChangeEvent], dict[Any, TableSchema], list[Any] | None]:
+    """A spooled batch's events and schemas, and its `SpooledBatch.marks`."""
+    if data[:4] == _TEXT:
+        return _decode_text(data)
     tables, rows = pickle.loads(data)
     ids = [t.id for t in tables]
     events = [new_event({"op": _OPS[op], "table": ids[slot], "key": key, "before": before, "after": after,
                          "position": position, "source_ts": ts, "txid": txid, "snapshot": snap})
               for op, slot, key, before, after, position, ts, txid, snap in rows]
-    return events, {t.id: t for t in tables}
+    return events, {t.id: t for t in tables}, None
 
 
 class Spool:
@@ -184,7 +300,8 @@ class Spool:
             if events:
                 self._bytes += len(data)
                 self._count += 1
-                if seq is not None and self._memory_bytes + len(data) <= self._memory_limit:
+                if seq is not None and self._memory_bytes + len(data) <= self._memory_limit \
+                        and data[:4] != _TEXT:  # the drain needs events: a text batch is decoded from data
                     with self._memory_lock:
                         self._memory[seq] = (list(events), batch_schemas(events, schemas))
                         self._memory_sizes[seq] = len(data)
@@ -259,8 +376,11 @@ class Spool:
                 if row is None:  # deleted meanwhile: what follows would be out of order
                     return
                 data[seq] = row[0]
-            events, schemas = cached if cached is not None else decode(data[seq])
-            yield SpooledBatch(seq, source, events, schemas, size)
+            if cached is not None:
+                yield SpooledBatch(seq, source, cached[0], cached[1], size)
+            else:
+                events, schemas, marks = decode_batch(data[seq])
+                yield SpooledBatch(seq, source, events, schemas, size, marks)
 
     def delete_through(self, seq: int) -> None:
         """The sink has made every batch up to ``seq`` durable.
