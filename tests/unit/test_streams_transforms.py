@@ -72,6 +72,19 @@ def test_masks_hash_redact_keep_last():
     assert t.schema.column("email").type is ColumnType.STRING and t.schema.column("phone").nullable
 
 
+def test_hash_mask_digests_stay_exact_through_its_cache(monkeypatch):
+    from branchline.streams import transforms
+
+    monkeypatch.setattr(transforms, "_DIGESTS_MAX", 3)  # overflows: the cache is cleared and refilled
+    t = compiled(mask={"email": {"method": "sha256", "salt": "pepper"}})
+    emails = [f"user{i % 5}@example.org" for i in range(20)]
+    for email in emails:
+        out = t.apply(change(after=row(email=email))).after
+        assert out["email"] == hashlib.sha256(b"pepper" + email.encode()).hexdigest()
+    other = compiled(mask={"email": {"method": "sha256", "salt": "salt2"}})  # caches are per mask, never shared
+    assert other.apply(change(after=row())).after["email"] == hashlib.sha256(b"salt2ada@example.org").hexdigest()
+
+
 def test_hashed_primary_key_is_hashed_in_the_key_too():
     t = compiled(mask={"id": {"method": "sha256", "salt": "s"}})
     out = t.apply(change(after=row()))
