@@ -155,6 +155,7 @@ def _encode_text(events: list[Any], schemas: dict[Any, TableSchema]) -> bytes:
             table_slots[id(table)] = slot
         return slot
 
+    last_relation = last_stamp = slot = stamp_slot = None  # runs share them: a dict lookup per run, not per row
     for event in events:
         if event.__class__ is not TextRow:
             append(("E", len(others), event.position))
@@ -163,15 +164,19 @@ def _encode_text(events: list[Any], schemas: dict[Any, TableSchema]) -> bytes:
             continue
         change = event.change
         relation = change.relation
-        slot = relation_slots.get(id(relation))
-        if slot is None:
-            slot = relation_slots[id(relation)] = len(relations)
-            relations.append((table_slot(event.table), tuple(c[:3] for c in relation.columns)))
+        if relation is not last_relation:
+            last_relation = relation
+            slot = relation_slots.get(id(relation))
+            if slot is None:
+                slot = relation_slots[id(relation)] = len(relations)
+                relations.append((table_slot(event.table), tuple(c[:3] for c in relation.columns)))
         stamp = event.source_ts
-        stamp_slot = stamp_slots.get(id(stamp))
-        if stamp_slot is None:
-            stamp_slot = stamp_slots[id(stamp)] = len(stamps)
-            stamps.append(stamp)
+        if stamp is not last_stamp or stamp_slot is None:
+            last_stamp = stamp
+            stamp_slot = stamp_slots.get(id(stamp))
+            if stamp_slot is None:
+                stamp_slot = stamp_slots[id(stamp)] = len(stamps)
+                stamps.append(stamp)
         append((change.kind, slot, event.position, stamp_slot, event.txid, change.old, change.new, change.old_is_key))
     head = pickle.dumps((tables, relations, stamps, others), protocol=pickle.HIGHEST_PROTOCOL)
     return b"".join((_TEXT, len(head).to_bytes(4, "big"), head, marshal.dumps(rows)))
