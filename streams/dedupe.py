@@ -177,9 +177,11 @@ class AppliedPositions:
     def __init__(self, store: MutableMapping[str, int]) -> None:
         self.store = store
         self._prefixes: dict[int, tuple[TableId, str]] = {}
-        self._names: dict[int, tuple[ChangeEvent, str]] = {}
-        """Store keys that `admit` computed, for `record` (by event identity, the event held so
-        that its id cannot be reused): building a key is most of the guard's cost."""
+        self._names: dict[int, str] = {}
+        """Store keys that `admit` computed, for `record`, by event identity: building a key is most
+        of the guard's cost. Only ids of events in `_held` are in it, so an id found there is the
+        same live event (ids of live objects are unique)."""
+        self._held: list[tuple[ChangeEvent, TableSchema]] = []
 
     def _prefix(self, table: TableId) -> str:
         cached = self._prefixes.get(id(table))
@@ -200,12 +202,12 @@ class AppliedPositions:
               stats: GuardStats | None = None) -> list[tuple[ChangeEvent, TableSchema]]:
         """The changes newer than the last applied change of their key and their table's last truncate."""
         stats = stats if stats is not None else GuardStats()
-        kept = []
+        kept: list[tuple[ChangeEvent, TableSchema]] = []
         truncated: dict[int, tuple[TableId, int | None, str]] = {}
-        store = self.store
+        get = self.store.get
         names = self._names
         names.clear()
-        key_of = self._key
+        self._held = kept
         for pair in changes:
             event = pair[0]
             fields = event.__dict__  # one attribute lookup (a pydantic model's cost ~70 ns each), then dict reads
@@ -213,19 +215,23 @@ class AppliedPositions:
             floor_of = truncated.get(id(table))
             if floor_of is None or floor_of[0] is not table:
                 # (table, its last truncate, its key prefix): per table, not per change
-                floor_of = truncated[id(table)] = (table, store.get(key_of(table, None)), self._prefix(table))
+                floor_of = truncated[id(table)] = (table, get(self._key(table, None)), self._prefix(table))
             floor = floor_of[1]
             position = fields["position"]
             if floor is not None and position <= floor:
                 stats.dropped += 1
                 continue
             if fields["op"] is not OP_TRUNCATE:
-                name = floor_of[2] + _key_json(fields["key"]) + "]"
-                last = store.get(name)
+                key = fields["key"]
+                if len(key) == 1 and (value := next(iter(key.values()))).__class__ is int:
+                    name = f"{floor_of[2]}[{value}]]"  # the common key, inline: as `_key_json` writes it
+                else:
+                    name = floor_of[2] + _key_json(key) + "]"
+                last = get(name)
                 if last is not None and position <= last:
                     stats.dropped += 1
                     continue
-                names[id(event)] = (event, name)
+                names[id(event)] = name
             kept.append(pair)
         stats.admitted += len(kept)
         return kept
@@ -236,13 +242,10 @@ class AppliedPositions:
         names = self._names
         for segment in segments:
             for event in segment.events:
-                cached = names.get(id(event))
-                if cached is not None and cached[0] is event:
-                    name = cached[1]
-                else:
+                name = names.get(id(event))
+                if name is None:
                     name = self._key(event.table, None if event.op is OP_TRUNCATE else event.key)
                 last = store.get(name)
                 position = event.position
                 if last is None or position > last:
                     store[name] = position
-        names.clear()
