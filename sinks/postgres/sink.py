@@ -55,6 +55,7 @@ _INSERTS = frozenset((Op.CREATE, Op.READ))
 _op_of = attrgetter("op")
 _position_of = attrgetter("position")
 _key_of = attrgetter("key")
+_table_of = attrgetter("table")
 _PRUNE_SLICE = 10_000
 
 
@@ -671,6 +672,12 @@ def _inserts_only(net: list[_Net]) -> bool:
     return set(map(_op_of, net)) <= _INSERTS
 
 
+def _branches(events: Sequence[ChangeEvent]) -> set[str]:
+    """The branches of ``events``: one `TableId` read per table object (a batch's events share a few)."""
+    tables = list(map(_table_of, events))
+    return {t.branch for t in dict(zip(map(id, tables), tables)).values()}
+
+
 def _net_changes(table: TableSchema, events: Sequence[ChangeEvent], by_branch: bool) -> list[_Net]:
     """The changes to stage: the events themselves when every key occurs once (the common case after
     the stream stage's dedupe: no per-change objects), else the collapse (`branchline.sinks._batch`)."""
@@ -678,9 +685,9 @@ def _net_changes(table: TableSchema, events: Sequence[ChangeEvent], by_branch: b
     if keys:
         key_of = itemgetter(*keys)
         try:
-            if by_branch:
+            if by_branch and len(_branches(events)) > 1:
                 unique = len({(e.table.branch, key_of(e.key)) for e in events}) == len(events)
-            else:
+            else:  # one branch (the common case): its keys alone tell, in C passes
                 unique = len(set(map(key_of, map(_key_of, events)))) == len(events)
         except (KeyError, TypeError):  # a key missing from `key`, or an unhashable value
             unique = False

@@ -114,3 +114,19 @@ def test_unchanged_into_the_target_layout_still_asks_for_the_staging_path() -> N
     net[5].after["note"] = UNCHANGED  # type: ignore[index]
     with pytest.raises(sink_module._Restage):
         _encode(net, per_row=False, staged=False)
+
+
+def test_net_changes_tells_repeated_keys_per_branch() -> None:
+    from branchline.events import Column, ColumnType, TableSchema
+    from branchline.sinks.postgres.sink import _net_changes
+
+    schema = TableSchema(id=TABLE, columns=(Column(name="id", type=ColumnType.INT64),), primary_key=("id",))
+    other = TABLE.model_copy(update={"branch": "b2"})
+    one_branch = [_event(i) for i in range(1, 6)]
+    assert _net_changes(schema, one_branch, True) is one_branch  # every key once: the events themselves
+    repeated = [*one_branch, _event(3, Op.UPDATE)]
+    assert len(_net_changes(schema, repeated, True)) == 5  # key 3 twice: collapsed
+    two_branches = [*one_branch, _event(3).model_copy(update={"table": other})]
+    assert _net_changes(schema, two_branches, True) is two_branches  # same key, another branch
+    assert len(_net_changes(schema, two_branches, False)) == 5  # without the branch in the key: collapsed
+    assert len(_net_changes(schema, [*two_branches, _event(4, Op.UPDATE)], True)) == 6
