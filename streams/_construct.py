@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from branchline.events import ChangeEvent
+from pydantic import BaseModel
 
 _FIELDS = frozenset(ChangeEvent.model_fields)
 _ALL_SET = set(_FIELDS)
@@ -18,6 +19,10 @@ _ALL_SET = set(_FIELDS)
 adds to it, and `model_copy` copies it before changing it."""
 _new = object.__new__
 _set = object.__setattr__
+# pydantic keeps these three in slots: their descriptors' setters skip the generic attribute lookup
+_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 
 
 def new_event(values: dict[str, Any]) -> ChangeEvent:
@@ -25,7 +30,7 @@ def new_event(values: dict[str, Any]) -> ChangeEvent:
     source_ts, txid, snapshot). The dict becomes the event's own: do not reuse it."""
     event = _new(ChangeEvent)
     _set(event, "__dict__", values)
-    _set(event, "__pydantic_fields_set__", _ALL_SET)
-    _set(event, "__pydantic_extra__", None)
-    _set(event, "__pydantic_private__", None)
+    _set_fields_set(event, _ALL_SET)
+    _set_extra(event, None)
+    _set_private(event, None)
     return event

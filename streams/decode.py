@@ -845,10 +845,21 @@ class EnvelopeDecoder:
                     schema = TableSchema(id=table_id, columns=plan.fields, primary_key=pk)
                     plan.schemas[(table_id, pk)] = schema
                 self._last_schema = (plan, table_id, pk, schema)
+            # commit time and transaction id, inline: the changes of one transaction share them
+            stamp = source.get("ts_us") or source.get("ts_ms")
+            last_ts = self._last_ts
+            source_ts = last_ts[1] if stamp is not None and last_ts[0] == stamp else self._source_ts(source)
+            if payload.get("transaction") is None:
+                txid = source.get("txId")  # PostgreSQL
+                if txid is None:
+                    txid = source.get("gtid")  # MariaDB/MySQL
+                if txid is not None and txid.__class__ is not str:
+                    txid = str(txid)
+            else:
+                txid = _txid(source, payload)
             event = new_event({
                 "op": op, "table": table_id, "key": key_values, "before": before, "after": after,
-                "position": position, "source_ts": self._source_ts(source), "txid": _txid(source, payload),
-                "snapshot": snapshot_kind is not None,
+                "position": position, "source_ts": source_ts, "txid": txid, "snapshot": snapshot_kind is not None,
             })
         except Exception as exc:
             where = table_id.qualified if table_id is not None else topic
