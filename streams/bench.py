@@ -194,6 +194,54 @@ def streams(events: int, batch_size: int, keys: int, repeat: int) -> None:
 
 
 
+@click.command("instructions")
+@click.option("--events", default=10_000, show_default=True, help="Records counted (after a first batch).")
+def instructions(events: int) -> None:
+    """Instructions per event of decode + transform + dedupe, counted by valgrind.
+
+    Why: on a shared machine the µs figures swing by up to 2x; an instruction count does not, so
+    it is what to compare before and after a change. Two runs over the same records, one stopping
+    after the first batch, one going on through `events` more: their difference is the stages' own."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise click.ClickException("`valgrind` must be installed to count instructions (apt install valgrind)")
+
+    def count(through: int) -> int:
+        done = subprocess.run(
+            [valgrind, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null", sys.executable,
+             "-m", "branchline.streams.bench", "run-stages", "--records", str(events), "--through", str(through)],
+            capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"}, check=True)
+        found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
+        if found is None:
+            raise click.ClickException(f"valgrind printed no instruction count: {done.stderr[-500:]}")
+        return int(found.group(1).replace(",", ""))
+
+    per_event = (count(events) - count(0)) / events
+    click.echo(f"streams stages: {per_event:,.0f} instructions per event ({events:,} ERP order events, "
+               f"valgrind cachegrind)")
+
+
+@click.command("run-stages", hidden=True)
+@click.option("--records", "count", required=True, type=int)
+@click.option("--through", required=True, type=int)
+def run_stages_only(count: int, through: int) -> None:
+    """Build `count` + one batch of records, push the first batch and then `through` more (for `instructions`)."""
+    from branchline.gc_tuning import tune_for_throughput
+
+    batch_size = 5_000
+    data = records(count + batch_size, 20_000)
+    tune_for_throughput()
+    decoder, transforms, guard = EnvelopeDecoder("erp", "b07"), {}, AppliedPositions({})
+    for start in range(0, batch_size + min(through, count), batch_size):
+        run_stages(data[start:start + batch_size], decoder, transforms, guard, time.process_time)
+
+
 # -- end to end: a pre-filled topic through one worker into the PostgreSQL sink ---------------------
 
 
@@ -313,6 +361,8 @@ def bench() -> None:
 
 
 bench.add_command(streams)
+bench.add_command(instructions)
+bench.add_command(run_stages_only)
 bench.add_command(worker)
 
 if __name__ == "__main__":
