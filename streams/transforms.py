@@ -391,10 +391,10 @@ class CompiledTransform:
             before = values["before"]
             if before is not None:
                 values["before"] = before = self._row_in_place(before)
-            if self._keyed:
-                values["key"] = self._key(values["key"])
-            else:
+            if not self._keyed:
                 values["key"] = dict(after or before or {})
+            elif not self._key_same:  # most keys pass unchanged: no call for them
+                values["key"] = self._key(values["key"])
         except Exception as exc:
             raise BadRecordError(
                 f"`{self.source.id.qualified}` change must transform (key {event.key!r}, position "
