@@ -43,7 +43,7 @@ from branchline.paths import state_dir
 from branchline.sinks.contract import Sink
 from branchline.streams.config import TableTransforms, WorkerSettings
 from branchline.streams.decode import EnvelopeDecoder, RowChange, Tombstone
-from branchline.streams.dedupe import AppliedPositions, GuardStats, Segment, collapse, key_token
+from branchline.streams.dedupe import AppliedPositions, GuardStats, Segment, key_token
 from branchline.streams.transforms import CompiledTransform, compile_transforms
 
 log = logging.getLogger("branchline.streams")
@@ -305,17 +305,10 @@ class BatchProcessor:
         for (branch, source), events in read.items():
             metrics.observe_changes_read(branch, source, events)
         stats = GuardStats()
-        admitted = self.guard.admit(pairs, stats)
+        segments = self.guard.dedupe(pairs, stats)
         report.dropped = stats.dropped
-        if stats.dropped:
-            dropped_per_table: dict[TableId, int] = {}
-            kept_ids = {id(e) for e, _ in admitted}
-            for event, _ in pairs:
-                if id(event) not in kept_ids:
-                    dropped_per_table[event.table] = dropped_per_table.get(event.table, 0) + 1
-            for table, count in dropped_per_table.items():
-                metrics.observe_duplicates_dropped(table, count)
-        segments = collapse(admitted)
+        for table, count in stats.dropped_tables.items():
+            metrics.observe_duplicates_dropped(table, count)
         report.segments = len(segments)
         report.prepare_s = time.perf_counter() - began
         return PreparedBatch(report, segments, partitions)

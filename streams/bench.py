@@ -20,7 +20,7 @@ import click
 from branchline.streams import _envelopes as env
 from branchline.streams.config import TableTransforms
 from branchline.streams.decode import EnvelopeDecoder, RowChange
-from branchline.streams.dedupe import AppliedPositions, collapse
+from branchline.streams.dedupe import AppliedPositions
 from branchline.streams.transforms import CompiledTransform, compile_transforms
 
 F = env.field
@@ -110,7 +110,7 @@ class StageFigures:
 def run_stages(batch: list[tuple[str, bytes, bytes]], decoder: EnvelopeDecoder,
                transforms: dict[Any, CompiledTransform], guard: AppliedPositions,
                clock: Callable[[], float]) -> tuple[float, float, float]:
-    """One batch through decode, transform and dedupe (guard admit + collapse + record)."""
+    """One batch through decode, transform and dedupe (guard admit + collapse, then record)."""
     t0 = clock()
     decoded = [decoder.decode(topic, key, value) for topic, key, value in batch]
     t1 = clock()
@@ -124,7 +124,7 @@ def run_stages(batch: list[tuple[str, bytes, bytes]], decoder: EnvelopeDecoder,
             if event is not None:
                 changes.append((event, compiled.schema))
     t2 = clock()
-    segments = collapse(guard.admit(changes))
+    segments = guard.dedupe(changes)  # as the worker does: admit + collapse in one pass
     guard.record(segments)
     t3 = clock()
     return t1 - t0, t2 - t1, t3 - t2

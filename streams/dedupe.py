@@ -77,9 +77,8 @@ def _merge_unchanged(newer: ChangeEvent, older: ChangeEvent) -> ChangeEvent:
     return newer.model_copy(update={"after": merged})
 
 
-def collapse(changes: Iterable[tuple[ChangeEvent, TableSchema]]) -> list[Segment]:
-    """Collapse one batch to segments (see module doc). Segments of one table come out in position
-    order and must be written in that order; segments of different tables are independent."""
+def _by_table(changes: Iterable[tuple[ChangeEvent, TableSchema]]) -> dict[TableId, list[tuple[ChangeEvent, TableSchema]]]:
+    """The changes of each table, in arrival order."""
     per_table: dict[TableId, list[tuple[ChangeEvent, TableSchema]]] = {}
     by_id: dict[int, list[tuple[ChangeEvent, TableSchema]]] = {}
     for pair in changes:
@@ -91,7 +90,13 @@ def collapse(changes: Iterable[tuple[ChangeEvent, TableSchema]]) -> list[Segment
                 per_table[table] = bucket = []
             by_id[id(table)] = bucket
         bucket.append(pair)
+    return per_table
 
+
+def collapse(changes: Iterable[tuple[ChangeEvent, TableSchema]]) -> list[Segment]:
+    """Collapse one batch to segments (see module doc). Segments of one table come out in position
+    order and must be written in that order; segments of different tables are independent."""
+    per_table = _by_table(changes)
     segments: list[Segment] = []
     for bucket in per_table.values():
         # sort indexes by a list of positions: a C-level key (list.__getitem__) instead of a Python
@@ -131,6 +136,14 @@ def collapse(changes: Iterable[tuple[ChangeEvent, TableSchema]]) -> list[Segment
 
 
 
+def _close(segments: list[Segment], schema: TableSchema | None, pending: dict[str, ChangeEvent],
+           names: dict[int, str]) -> None:
+    """End a segment of `AppliedPositions.dedupe`: its events, and their store keys for `record`."""
+    if pending and schema is not None:
+        segments.append(Segment(schema, list(pending.values())))
+        names.update(zip(map(id, pending.values()), pending.keys()))
+
+
 # -- across batches ---------------------------------------------------------------------------------
 
 _TRUNCATE_KEY = "*truncate*"
@@ -164,6 +177,12 @@ class GuardStats:
     admitted: int = 0
     dropped: int = 0
     """Redelivered or older changes that were not applied."""
+    dropped_tables: dict[TableId, int] = field(default_factory=dict)
+    """`dropped` per table (for the duplicates metric)."""
+
+    def drop(self, table: TableId) -> None:
+        self.dropped += 1
+        self.dropped_tables[table] = self.dropped_tables.get(table, 0) + 1
 
 
 class AppliedPositions:
@@ -181,7 +200,7 @@ class AppliedPositions:
         """Store keys that `admit` computed, for `record`, by event identity: building a key is most
         of the guard's cost. Only ids of events in `_held` are in it, so an id found there is the
         same live event (ids of live objects are unique)."""
-        self._held: list[tuple[ChangeEvent, TableSchema]] = []
+        self._held: list[Any] = []
 
     def _prefix(self, table: TableId) -> str:
         cached = self._prefixes.get(id(table))
@@ -219,7 +238,7 @@ class AppliedPositions:
             floor = floor_of[1]
             position = fields["position"]
             if floor is not None and position <= floor:
-                stats.dropped += 1
+                stats.drop(table)
                 continue
             if fields["op"] is not OP_TRUNCATE:
                 key = fields["key"]
@@ -229,12 +248,68 @@ class AppliedPositions:
                     name = floor_of[2] + _key_json(key) + "]"
                 last = get(name)
                 if last is not None and position <= last:
-                    stats.dropped += 1
+                    stats.drop(table)
                     continue
                 names[id(event)] = name
             kept.append(pair)
         stats.admitted += len(kept)
         return kept
+
+    def dedupe(self, changes: Iterable[tuple[ChangeEvent, TableSchema]],
+               stats: GuardStats | None = None) -> list[Segment]:
+        """``collapse(self.admit(changes))`` in one pass over each table's changes in position order.
+
+        Why: each change's store key is built once and serves as its collapse token too; the two
+        passes read every change twice (a fifth of the streams stages' cost). A unit test checks
+        that both give the same segments."""
+        stats = stats if stats is not None else GuardStats()
+        get = self.store.get
+        names = self._names
+        names.clear()
+        segments: list[Segment] = []
+        self._held = segments  # keeps every event whose id is in `names` alive until the next call
+        total, dropped_before = 0, stats.dropped
+        for table, bucket in _by_table(changes).items():
+            total += len(bucket)
+            floor = get(self._key(table, None))
+            prefix = self._prefix(table)
+            positions = [pair[0].position for pair in bucket]
+            pending: dict[str, ChangeEvent] = {}
+            schema: TableSchema | None = None
+            for index in sorted(range(len(bucket)), key=positions.__getitem__):
+                event, event_schema = bucket[index]
+                position = positions[index]
+                if floor is not None and position <= floor:
+                    stats.drop(table)
+                    continue
+                fields = event.__dict__  # one attribute lookup (a pydantic model's cost ~70 ns each), then dict reads
+                op = fields["op"]
+                if op is OP_TRUNCATE:
+                    _close(segments, schema, pending, names)
+                    pending = {}
+                    segments.append(Segment(event_schema, [event]))
+                    schema = event_schema
+                    continue
+                if schema is not None and event_schema is not schema and event_schema != schema:
+                    _close(segments, schema, pending, names)
+                    pending = {}
+                schema = event_schema
+                key = fields["key"]
+                if len(key) == 1 and (value := next(iter(key.values()))).__class__ is int:
+                    name = f"{prefix}[{value}]]"  # the common key, inline: as `_key_json` writes it
+                else:
+                    name = prefix + _key_json(key) + "]"
+                last = get(name)
+                if last is not None and position <= last:
+                    stats.drop(table)
+                    continue
+                older = pending.pop(name, None)
+                if older is not None and op is OP_UPDATE:
+                    event = _merge_unchanged(event, older)
+                pending[name] = event  # popped and re-added: the dict stays in position order
+            _close(segments, schema, pending, names)
+        stats.admitted += total - (stats.dropped - dropped_before)
+        return segments
 
     def record(self, segments: Iterable[Segment]) -> None:
         """Store the positions of a batch the sink has made durable."""

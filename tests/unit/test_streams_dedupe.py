@@ -208,3 +208,35 @@ def test_guard_keys_name_source_branch_table_and_key():
     assert guard_key(ORDERS, {"id": 5}) == '["erp","b01","erp.orders",[5]]'
     other_branch = ORDERS.model_copy(update={"branch": "b02"})
     assert guard_key(other_branch, {"id": 5}) != guard_key(ORDERS, {"id": 5})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_dedupe_in_one_pass_equals_admit_then_collapse(data: st.DataObject):
+    """`AppliedPositions.dedupe` against the two passes it replaces, over any arrival order, with
+    duplicates, and with positions already applied (a store filled by an earlier prefix)."""
+    history = data.draw(histories())
+    duplicates = data.draw(st.lists(st.sampled_from(history), max_size=6)) if history else []
+    arrival = [(e, SCHEMAS[e.table]) for e in data.draw(st.permutations(history + duplicates))]
+    applied = history[:data.draw(st.integers(0, len(history)))]
+    store_a: dict[str, int] = {}
+    store_b: dict[str, int] = {}
+    for store in (store_a, store_b):
+        seed = AppliedPositions(store)
+        seed.record(collapse([(e, SCHEMAS[e.table]) for e in applied]))
+    one, two = AppliedPositions(store_a), AppliedPositions(store_b)
+    stats_one, stats_two = GuardStats(), GuardStats()
+    fused = one.dedupe(arrival, stats_one)
+    passes = collapse(two.admit(arrival, stats_two))
+    def per_table(segments: list) -> dict:  # segments of different tables are independent: their order is free
+        grouped: dict = {}
+        for segment in segments:
+            grouped.setdefault(segment.table, []).append((segment.schema, segment.events))
+        return grouped
+
+    assert per_table(fused) == per_table(passes)
+    assert (stats_one.admitted, stats_one.dropped, stats_one.dropped_tables) == (
+        stats_two.admitted, stats_two.dropped, stats_two.dropped_tables)
+    one.record(fused)
+    two.record(passes)
+    assert store_a == store_b
