@@ -803,7 +803,8 @@ class EnvelopeDecoder:
                 sequence = self._files.get(file)
                 if sequence is None:
                     sequence = self._files[file] = binlog_position(file, 0, 0)
-                position = sequence | (int(source.get("pos") or 0) << 24) | int(source.get("row") or 0)
+                # no int(): a position that is not an integer fails the shift or the `|` (TypeError)
+                position = sequence | ((source.get("pos") or 0) << 24) | (source.get("row") or 0)
                 if position >> 64 != sequence >> 64:
                     raise ValueError(f"`source.pos` must fit 40 bits; got {source.get('pos')!r}")
             else:
