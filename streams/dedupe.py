@@ -324,3 +324,6 @@ class AppliedPositions:
                 position = event.position
                 if last is None or position > last:
                     store[name] = position
+        if segments is self._held:  # the last batch `dedupe` made is recorded: let its events go
+            names.clear()
+            self._held = []
