@@ -211,8 +211,10 @@ metrics:
         delete_topics(pipeline.kafka.bootstrap_servers, lambda t: f"c{tag}." in t)  # type: ignore[union-attr]
 
 
-def _churn(both: Both) -> None:
-    """Updates, deletes and re-inserts (the same rows, changed) over every copied table."""
+def _churn(both: Both) -> dict[str, int]:
+    """Updates, deletes and re-inserts (the same rows, changed) over every copied table; returns how
+    many row changes each source logged (each statement's row count: every matched row changes)."""
+    changed = {"erp": 0, "crm": 0}
     ns = both.namespace
     conn = pymysql.connect(host="127.0.0.1", port=both.erp_port, user="root", password="", autocommit=True,
                            init_command="SET time_zone = '+00:00'")
@@ -228,21 +230,27 @@ def _churn(both: Both) -> None:
             cursor.execute("BEGIN")
             if numeric:
                 column = numeric[-1]  # a real change (MariaDB logs no row whose values stay the same)
-                cursor.execute(f"UPDATE `{ns}`.`{table}` SET `{column}` = CASE WHEN `{column}` > 0"
-                               f" THEN `{column}` - 1 ELSE `{column}` + 1 END WHERE `{key}` % 5 = 1")
+                changed["erp"] += cursor.execute(
+                    f"UPDATE `{ns}`.`{table}` SET `{column}` = CASE WHEN `{column}` > 0"
+                    f" THEN `{column}` - 1 ELSE `{column}` + 1 END WHERE `{key}` % 5 = 1")
             cursor.execute(f"CREATE TEMPORARY TABLE `{ns}`.`saved_{table}` AS SELECT * FROM `{ns}`.`{table}`"
                            f" WHERE `{key}` % 7 = 2")
-            cursor.execute(f"DELETE FROM `{ns}`.`{table}` WHERE `{key}` % 7 = 2")
+            changed["erp"] += cursor.execute(f"DELETE FROM `{ns}`.`{table}` WHERE `{key}` % 7 = 2")
             cursor.execute("COMMIT")
-            cursor.execute(f"INSERT INTO `{ns}`.`{table}` SELECT * FROM `{ns}`.`saved_{table}` WHERE `{key}` % 2 = 0")
+            changed["erp"] += cursor.execute(
+                f"INSERT INTO `{ns}`.`{table}` SELECT * FROM `{ns}`.`saved_{table}` WHERE `{key}` % 2 = 0")
     with psycopg.connect(host="127.0.0.1", port=both.crm_port, user="postgres", dbname="crm",
                          autocommit=True) as pg:
         for table in CRM_TABLES:
             with pg.transaction():
-                pg.execute(f'UPDATE "{ns}"."{table}" SET id = id WHERE abs(hashtext(id::text)) % 5 = 1')
+                changed["crm"] += pg.execute(
+                    f'UPDATE "{ns}"."{table}" SET id = id WHERE abs(hashtext(id::text)) % 5 = 1').rowcount
                 pg.execute(f'CREATE TEMP TABLE "saved_{table}" AS SELECT * FROM "{ns}"."{table}" WHERE abs(hashtext(id::text)) % 7 = 2')
-                pg.execute(f'DELETE FROM "{ns}"."{table}" WHERE abs(hashtext(id::text)) % 7 = 2')
-            pg.execute(f'INSERT INTO "{ns}"."{table}" SELECT * FROM "saved_{table}" WHERE abs(hashtext(id::text)) % 2 = 0')
+                changed["crm"] += pg.execute(
+                    f'DELETE FROM "{ns}"."{table}" WHERE abs(hashtext(id::text)) % 7 = 2').rowcount
+            changed["crm"] += pg.execute(
+                f'INSERT INTO "{ns}"."{table}" SELECT * FROM "saved_{table}" WHERE abs(hashtext(id::text)) % 2 = 0').rowcount
+    return changed
 
 
 def _debezium_changes(both: Both, want_tables: set[str]) -> dict[str, list[tuple[ChangeEvent, Any]]]:
@@ -283,19 +291,20 @@ def _comparable(event: ChangeEvent, postgres: bool) -> tuple[Any, ...]:
 
 
 def test_embedded_readers_emit_the_same_changes_as_debezium(both: Both) -> None:
-    _churn(both)
-    # Debezium's streamed changes of the churn, decoded by the streams stage
+    expected = _churn(both)
+    assert all(expected.values()), f"the churn must change rows in both sources; got {expected}"
+
+    # Debezium's streamed changes of the churn, decoded by the streams stage: every one of them, however
+    # slowly the connectors deliver on a loaded machine
     def churned() -> dict[str, list[ChangeEvent]] | None:
         decoded = _debezium_changes(both, set())
         streamed = {s: [e for e, _ in pairs if not e.snapshot] for s, pairs in decoded.items()}
-        if all(len(streamed.get(s, [])) > 0 for s in ("erp", "crm")):
+        if all(len(streamed.get(s, [])) >= count for s, count in expected.items()):
             return streamed
         return None
 
-    wait_for("the churn on the Debezium topics", churned)
-    time.sleep(5)  # let the connectors flush the rest of the churn
-    streamed = churned()
-    assert streamed is not None
+    streamed = wait_for("the churn on the Debezium topics", churned)
+    assert {s: len(streamed[s]) for s in expected} == expected
     for source, postgres in (("erp", False), ("crm", True)):
         theirs = sorted((_comparable(e, postgres) for e in streamed[source]), key=lambda c: (c[3], str(c[2])))
         mine_events = _embedded_stream(both, source, len(theirs))
