@@ -324,6 +324,10 @@ def decode_text_tuple(names: tuple[str, ...], decoders: tuple[Callable[[str], An
         raise
 
 
+_ROW_KINDS = frozenset(b"IUD")
+"""Message types that carry row images: insert, update, delete."""
+
+
 class PgOutputParser:
     """Stateful only in the relations it has seen ('R' precedes the first change of a table)."""
 
@@ -332,51 +336,15 @@ class PgOutputParser:
 
     def parse_text(self, data: bytes) -> Begin | Commit | Relation | RowChange | Truncate | None:
         """`parse`, except that a row change's ``old``/``new`` are `text_tuple` values, not decoded dicts."""
-        kind = data[0]
-        if kind == 0x49:  # 'I'
-            relation = self._relation(_U32.unpack_from(data, 1)[0])
-            return RowChange("I", relation, None, text_tuple(data, 6, relation)[0])  # type: ignore[arg-type]
-        if kind == 0x55:  # 'U'
-            relation = self._relation(_U32.unpack_from(data, 1)[0])
-            offset = 5
-            old = None
-            marker = data[offset]
-            old_is_key = marker == 0x4B
-            if marker in (0x4B, 0x4F):  # 'K' / 'O'
-                old, offset = text_tuple(data, offset + 1, relation)
-            new, _ = text_tuple(data, offset + 1, relation)
-            return RowChange("U", relation, old, new, old_is_key)  # type: ignore[arg-type]
-        if kind == 0x44:  # 'D'
-            relation = self._relation(_U32.unpack_from(data, 1)[0])
-            old, _ = text_tuple(data, 6, relation)
-            return RowChange("D", relation, old, None, data[5] == 0x4B)  # type: ignore[arg-type]
+        if data[0] in _ROW_KINDS:
+            return self._row_change(data, text_tuple)
         return self.parse(data)
 
     def parse(self, data: bytes) -> Begin | Commit | Relation | RowChange | Truncate | None:
         """One message -> its model; None for messages without row data (Origin, Type, Message)."""
         kind = data[0]
-        if kind == 0x49:  # 'I'
-            (relid,) = _U32.unpack_from(data, 1)
-            relation = self._relation(relid)
-            new, _ = _tuple(data, 6, relation)  # 5 = 'N'
-            return RowChange("I", relation, None, new)
-        if kind == 0x55:  # 'U'
-            (relid,) = _U32.unpack_from(data, 1)
-            relation = self._relation(relid)
-            offset = 5
-            old = None
-            marker = data[offset]
-            old_is_key = marker == 0x4B
-            if marker in (0x4B, 0x4F):  # 'K' / 'O'
-                old, offset = _tuple(data, offset + 1, relation)
-                marker = data[offset]
-            new, _ = _tuple(data, offset + 1, relation)
-            return RowChange("U", relation, old, new, old_is_key)
-        if kind == 0x44:  # 'D'
-            (relid,) = _U32.unpack_from(data, 1)
-            relation = self._relation(relid)
-            old, _ = _tuple(data, 6, relation)
-            return RowChange("D", relation, old, None, data[5] == 0x4B)
+        if kind in _ROW_KINDS:
+            return self._row_change(data, _tuple)
         if kind == 0x42:  # 'B'
             final_lsn, ts, xid = _BEGIN.unpack_from(data, 1)
             return Begin(final_lsn, _ts(ts), xid)
@@ -408,6 +376,23 @@ class PgOutputParser:
         if kind in (0x4F, 0x59, 0x4D):  # 'O' origin, 'Y' type, 'M' logical message
             return None
         raise BadRecordError(f"pgoutput message type must be known; got {chr(kind)!r}")
+
+    def _row_change(self, data: bytes, read_tuple: Callable[[bytes, int, Relation], tuple[Any, int]]) -> RowChange:
+        """An 'I', 'U' or 'D' message; `read_tuple` reads its row images (decoded dicts, or pgoutput's text)."""
+        kind = data[0]
+        relation = self._relation(_U32.unpack_from(data, 1)[0])
+        if kind == 0x49:  # 'I': byte 5 is 'N'
+            return RowChange("I", relation, None, read_tuple(data, 6, relation)[0])
+        if kind == 0x44:  # 'D': byte 5 is 'K' (key only) or 'O' (old row)
+            return RowChange("D", relation, read_tuple(data, 6, relation)[0], None, data[5] == 0x4B)
+        offset = 5
+        old = None
+        marker = data[offset]
+        old_is_key = marker == 0x4B
+        if marker in (0x4B, 0x4F):  # 'K' / 'O' before the new row's 'N'
+            old, offset = read_tuple(data, offset + 1, relation)
+        new, _ = read_tuple(data, offset + 1, relation)
+        return RowChange("U", relation, old, new, old_is_key)
 
     def _relation(self, relid: int) -> Relation:
         try:
