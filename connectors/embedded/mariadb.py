@@ -14,13 +14,15 @@ import re
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from itertools import repeat, starmap
+from operator import itemgetter
 from typing import Any
 
 import orjson
 import pymysql
-from branchline.connectors.embedded.reader import Changes, Checkpoint
+from branchline.connectors.embedded.reader import BinlogRows, Changes, Checkpoint
 from branchline.errors import FatalSourceError, RetryableSourceError, SourceError
 from branchline.events import (
     OP_CREATE,
@@ -220,6 +222,129 @@ def _empty_sets(row: dict[str, Any], none_sources: dict[str, str] | None, set_co
                 row[name] = []
 
 
+_REDUCED: tuple[type, ...] = (Decimal, datetime, date, timedelta)
+"""Value types the library returns that marshal cannot write: spooled as the arguments their pickling uses
+(``__reduce_ex__``), which rebuild them exactly (a decimal's digits and exponent, a datetime's fields and
+fold; never through float or a time zone). Tag ``i + 1`` in `spool_image`."""
+_REDUCED_TAGS = {cls: i + 1 for i, cls in enumerate(_REDUCED)}
+_HAS_NONE = 8
+"""Added to a reduced column's tag when some of its values are None (kept as None)."""
+AS_IS = 16
+"""The tag of a column holding types neither marshal-safe nor reduced here: the batch is pickled instead."""
+_NONE = type(None)
+_MARSHAL_SAFE = frozenset({int, float, str, bytes, bool, _NONE, set, frozenset, list, dict, tuple})
+"""Types marshal writes and reads back as the same type (bytearray, also accepted by marshal, would come
+back as bytes; containers' contents that marshal cannot write make it raise, and the batch is pickled)."""
+
+
+def spool_image(rows: list[dict[str, Any]]) -> tuple[tuple[int, ...], list[Any]]:
+    """One image (the library's value dicts) of a rows event's rows -> (tags, columns): each column's values
+    in marshal's types, a column at a time (a type check and, for the few reduced columns, one comprehension
+    per column, instead of work per value in Python)."""
+    columns: list[Any] = list(zip(*map(dict.values, rows)))
+    tags = []
+    for i, column in enumerate(columns):
+        kinds = set(map(type, column))
+        if kinds <= _MARSHAL_SAFE:
+            tags.append(0)
+            continue
+        has_none = _NONE in kinds
+        kinds.discard(_NONE)
+        tag = _REDUCED_TAGS.get(kinds.pop()) if len(kinds) == 1 else None
+        if tag is None:
+            tags.append(AS_IS)
+            continue
+        if has_none:
+            columns[i] = [None if v is None else v.__reduce_ex__(4)[1] for v in column]
+            tag |= _HAS_NONE
+        else:
+            columns[i] = [v.__reduce_ex__(4)[1] for v in column]
+        tags.append(tag)
+    return tuple(tags), columns
+
+
+def _image_rows(names: tuple[str, ...], image: tuple[tuple[int, ...], list[Any]],
+                converters: dict[str, Converter]) -> list[dict[str, Any]]:
+    """`spool_image`'s inverse, then the reader's conversions (`stream_converter`): the row dicts `stream`
+    makes by default. Converters are looked up by name as `_convert` does (a name the image lacks: none)."""
+    tags, columns = image
+    values = []
+    for name, tag, column in zip(names, tags, columns):
+        if tag and tag != AS_IS:
+            cls = _REDUCED[(tag & 7) - 1]
+            column = [None if a is None else cls(*a) for a in column] if tag & _HAS_NONE else list(starmap(cls, column))
+        convert = converters.get(name)
+        if convert is not None:
+            column = [None if v is None else convert(v) for v in column]
+        values.append(column)
+    return list(map(dict, map(zip, repeat(names), zip(*values))))
+
+
+_converter_cache: dict[Any, dict[str, Converter]] = {}
+"""Schema -> its stream converters by column name: built once per schema, not per batch."""
+
+
+def binlog_row_events(groups: list[tuple[Any, ...]], schemas: list[TableSchema],
+                      others: list[ChangeEvent]) -> list[ChangeEvent]:
+    """The events of spooled `BinlogRows`, in order: exactly what `MariaDbReader.stream` makes of the same
+    rows events by default (values, types, keys, positions, commit times).
+
+    ``groups``: (kind, schema slot, position, timestamp, txid, count, names, before, after) per `BinlogRows`,
+    or ("E", index into ``others``) for an event spooled whole."""
+    events: list[ChangeEvent] = []
+    append = events.append
+    stamps: dict[int, datetime] = {}
+    for group in groups:
+        kind = group[0]
+        if kind == "E":
+            append(others[group[1]])
+            continue
+        _, slot, base, timestamp, txid, _count, names, before_image, after_image = group
+        schema = schemas[slot]
+        converters = _converter_cache.get(schema)
+        if converters is None:
+            converters = _converter_cache[schema] = {
+                c.name: conv for c in schema.columns if (conv := stream_converter(c)) is not None}
+        pk = schema.primary_key or tuple(c.name for c in schema.columns)
+        table = schema.id
+        ts = stamps.get(timestamp)
+        if ts is None:
+            ts = stamps[timestamp] = datetime.fromtimestamp(timestamp, UTC)
+        if kind == "I":
+            single = pk[0] if len(pk) == 1 else None
+            for index, after in enumerate(_image_rows(names, after_image, converters)):
+                append(new_event({
+                    "op": OP_CREATE, "table": table,
+                    "key": {single: after[single]} if single is not None else {k: after[k] for k in pk},
+                    "before": None, "after": after, "position": base | index, "source_ts": ts, "txid": txid,
+                    "snapshot": False}))
+        elif kind == "U":
+            befores = _image_rows(names, before_image, converters)
+            afters = _image_rows(names, after_image, converters)
+            for index, (before, after) in enumerate(zip(befores, afters)):
+                position = base | index
+                key = {k: after[k] for k in pk}
+                old_key = {k: before[k] for k in pk}
+                if old_key != key:  # a changed primary key: delete + create, as Debezium
+                    append(_event(op=OP_DELETE, table=table, key=old_key, before=before, after=None,
+                                  position=position, source_ts=ts, txid=txid, snapshot=False))
+                    append(_event(op=OP_CREATE, table=table, key=key, before=None, after=after,
+                                  position=position, source_ts=ts, txid=txid, snapshot=False))
+                    continue
+                append(_event(op=OP_UPDATE, table=table, key=key, before=before, after=after, position=position,
+                              source_ts=ts, txid=txid, snapshot=False))
+        else:
+            for index, before in enumerate(_image_rows(names, before_image, converters)):
+                append(_event(op=OP_DELETE, table=table, key={k: before[k] for k in pk}, before=before,
+                              after=None, position=base | index, source_ts=ts, txid=txid, snapshot=False))
+    return events
+
+
+_VALUES = itemgetter("values")
+_BEFORE_VALUES = itemgetter("before_values")
+_AFTER_VALUES = itemgetter("after_values")
+
+
 def map_pymysql_error(exc: BaseException, what: str) -> SourceError:
     """The one place that sorts pymysql errors: connection problems retry, grants and SQL do not."""
     if isinstance(exc, pymysql.err.OperationalError):
@@ -241,8 +366,11 @@ class MariaDbReader:
 
     def __init__(self, *, source: str, branch: str, host: str, port: int, user: str, password: str,
                  databases: list[str], accept: Callable[[str, str], bool] | None = None,
-                 server_id: int = 4217, mariadb: bool | None = None) -> None:
+                 server_id: int = 4217, mariadb: bool | None = None, raw_rows: bool = False) -> None:
         self.source = source
+        self.raw_rows = raw_rows
+        """`stream` hands out each rows event's rows as one `BinlogRows` (the library's values, column by column,
+        unconverted) instead of events: for a capture process, whose spool's reader builds the events."""
         self.branch = branch
         self._settings = {"host": host, "port": port, "user": user, "password": password}
         self.databases = list(databases)
@@ -464,6 +592,10 @@ class MariaDbReader:
         current_gtid: str | None = None
         reader = self._reader(start)
         construct = _event
+        raw = self.raw_rows
+        announced: set[tuple[str, str]] = set()
+        """Tables whose schema this stream handed out: `BinlogRows` are converted by the spool's reader with
+        the schema spooled next to them, so it must be the one this reader had (not a later catalog read)."""
         try:
             for event in reader:
                 if stop.is_set():
@@ -486,7 +618,6 @@ class MariaDbReader:
                     set_columns = self._set_columns[key_]
                     pk = schema.primary_key or tuple(c.name for c in schema.columns)
                     start_pos = end - event.packet.event_size
-                    ts = datetime.fromtimestamp(event.timestamp, UTC)
                     table = schema.id
                     out = []
                     rows = event.rows
@@ -494,13 +625,44 @@ class MariaDbReader:
                     base = binlog_position(file, start_pos, 0)
                     binlog_position(file, start_pos, max(0, len(rows) - 1))  # raises if the last index does not fit
                     inserts = isinstance(event, WriteRowsEvent)
-                    for index, row in enumerate(rows):
-                        position = base | index
-                        if set_columns:
+                    if set_columns:
+                        for row in rows:
                             for image, sources in (("values", "none_sources"), ("before_values", "before_none_sources"),
                                                    ("after_values", "after_none_sources")):
                                 if image in row:
                                     _empty_sets(row[image], row.get(sources), set_columns)
+                    if raw:
+                        if key_ not in announced:
+                            announced.add(key_)
+                            if schema not in schemas:
+                                schemas.append(schema)
+                        if not rows:
+                            yield Changes([], None, schemas)
+                            continue
+                        if inserts:
+                            kind, before_image, after_image = "I", None, spool_image(list(map(_VALUES, rows)))
+                            names = tuple(rows[0]["values"])
+                        elif isinstance(event, UpdateRowsEvent):
+                            kind = "U"
+                            before_image = spool_image(list(map(_BEFORE_VALUES, rows)))
+                            after_image = spool_image(list(map(_AFTER_VALUES, rows)))
+                            names = tuple(rows[0]["after_values"])
+                            if tuple(rows[0]["before_values"]) != names:
+                                raise FatalSourceError(f"`{table.qualified}` rows event must have the same columns"
+                                                       f" before and after; got {names!r}")
+                        else:
+                            kind, before_image, after_image = "D", spool_image(list(map(_VALUES, rows))), None
+                            names = tuple(rows[0]["values"])
+                        missing = [k for k in pk if k not in names]
+                        if missing:
+                            raise FatalSourceError(f"`{table.qualified}` rows must have the key columns {missing!r};"
+                                                   f" got {names!r}")
+                        yield Changes([BinlogRows(kind, table, base, event.timestamp, current_gtid, names,  # type: ignore[list-item]
+                                                  before_image, after_image, len(rows))], None, schemas, len(rows))
+                        continue
+                    ts = datetime.fromtimestamp(event.timestamp, UTC)
+                    for index, row in enumerate(rows):
+                        position = base | index
                         if inserts:
                             after = _convert(row["values"], converters)
                             out.append(construct(op=OP_CREATE, table=table, key={k: after[k] for k in pk},
@@ -608,4 +770,5 @@ def _quote(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
-__all__ = ["Decimal", "MariaDbReader", "column_from_catalog", "float32", "map_pymysql_error"]
+__all__ = ["Decimal", "MariaDbReader", "binlog_row_events", "column_from_catalog", "float32", "map_pymysql_error",
+           "spool_image"]

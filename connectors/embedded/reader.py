@@ -36,6 +36,35 @@ class Changes:
     checkpoint: Checkpoint | None = None
     schemas: list[TableSchema] = field(default_factory=list)
     """Tables whose schema changed (or was seen first) before these events."""
+    rows: int | None = None
+    """How many row changes ``events`` hold when that is not one each (`BinlogRows` groups); None: len(events)."""
+
+
+class BinlogRows:
+    """The rows of one binlog rows event as the library read them, column by column and in types marshal
+    writes (`MariaDbReader.raw_rows`, a capture process): the spool's reader turns them into the events
+    `MariaDbReader.stream` makes by default (`mariadb.binlog_row_events`).
+
+    Why: converting values, building row dicts and events and pickling them cost a fifth of the capture
+    process's CPU; the runner, on the other core, has time to spare. ``before``/``after`` are each
+    (tags, columns) or None: one sequence of values per column in ``names`` order, a tag per column saying
+    how its values were made marshal-able (`mariadb.spool_image`). ``timestamp`` is the event header's
+    (seconds since the epoch); row ``i`` is at ``position | i``."""
+
+    __slots__ = ("after", "before", "count", "kind", "names", "position", "table", "timestamp", "txid")
+
+    def __init__(self, kind: str, table: TableId, position: int, timestamp: int, txid: str | None,
+                 names: tuple[str, ...], before: tuple[tuple[int, ...], list[Any]] | None,
+                 after: tuple[tuple[int, ...], list[Any]] | None, count: int) -> None:
+        self.kind = kind
+        self.table = table
+        self.position = position
+        self.timestamp = timestamp
+        self.txid = txid
+        self.names = names
+        self.before = before
+        self.after = after
+        self.count = count
 
 
 class EmbeddedReader(Protocol):

@@ -56,8 +56,9 @@ def table_filter(include: tuple[str, ...], exclude: tuple[str, ...]) -> Callable
 def build_reader(source: BinlogSourceConfig | PostgresSourceConfig, runtime: RuntimeConfig, *,
                  spool_only: bool = False) -> EmbeddedReader:
     """The embedded reader of one `sources:` entry. ``spool_only``: its changes only go into the spool (a
-    capture process), so a PostgreSQL reader hands them out undecoded (`PostgresReader.text_rows`): the
-    spool's reader decodes them, and the capture process's CPU per row drops to about the stream's."""
+    capture process), so a PostgreSQL reader hands them out undecoded (`PostgresReader.text_rows`) and a
+    MariaDB/MySQL reader as the library's values, a rows event at a time (`MariaDbReader.raw_rows`): the
+    spool's reader builds the events, and the capture process's CPU per row drops to about the stream's."""
     accept = table_filter(source.include, source.exclude)
     password = source.password.get_secret_value()
     if isinstance(source, BinlogSourceConfig):
@@ -65,7 +66,8 @@ def build_reader(source: BinlogSourceConfig | PostgresSourceConfig, runtime: Run
 
         return MariaDbReader(source=source.name, branch=source.branch, host=source.host, port=source.port,
                              user=source.user, password=password, databases=list(source.databases),
-                             accept=accept, server_id=source.server_id, mariadb=source.kind == "mariadb")
+                             accept=accept, server_id=source.server_id, mariadb=source.kind == "mariadb",
+                             raw_rows=spool_only)
     from branchline.connectors.embedded.postgres import PostgresReader
 
     return PostgresReader(source=source.name, branch=source.branch, host=source.host, port=source.port,
@@ -222,6 +224,8 @@ class SourceCapture:
         from branchline import metrics
 
         batch: list[ChangeEvent] = []
+        rows = 0
+        """The row changes ``batch`` holds (a `BinlogRows` item holds a rows event's)."""
         pending: Checkpoint | None = None
         last_spooled = 0.0
         """When the last batch was spooled: a commit after a pause is spooled at once, and under load
@@ -232,21 +236,22 @@ class SourceCapture:
         branch = self.config.branch
 
         def flush() -> None:
-            nonlocal batch, pending, last_checkpoint_write, last_spooled
+            nonlocal batch, rows, pending, last_checkpoint_write, last_spooled
             if not self._wait_for_room():
                 return
-            self.spool.append(self.name, batch, batch_schemas(batch, self.schemas), pending)
+            self.spool.append(self.name, batch, batch_schemas(batch, self.schemas), pending,
+                              count=rows if rows != len(batch) else None)
             if batch:
                 last_spooled = time.monotonic()
                 if self.observe_reads:
                     metrics.observe_changes_read(branch, self.name, batch)
-                self.stats.captured += len(batch)
+                self.stats.captured += rows
                 self.stats.last_capture = time.monotonic()
                 self.wake()
             if pending is not None:
                 self.reader.acknowledge(pending)
                 last_checkpoint_write = time.monotonic()
-            batch, pending = [], None
+            batch, rows, pending = [], 0, None
 
         for changes in self.reader.stream(start, self.stop):
             if changes.events or changes.checkpoint is not None:
@@ -267,10 +272,11 @@ class SourceCapture:
                             self.schemas[table] = self.reader.schema(table)
                         known = table
                 batch.extend(changes.events)
+                rows += len(changes.events) if changes.rows is None else changes.rows
             if changes.checkpoint is not None:
                 pending = changes.checkpoint
             now = time.monotonic()
-            if batch and (len(batch) >= size or pending is not None and now - last_spooled >= interval) \
+            if batch and (rows >= size or pending is not None and now - last_spooled >= interval) \
                     or not batch and pending is not None and now - last_checkpoint_write >= checkpoint_every:
                 flush()
             elif batch and not changes.events and not changes.checkpoint:
