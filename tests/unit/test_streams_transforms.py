@@ -156,6 +156,32 @@ def test_unchanged_toast_values_pass_masks_and_casts_untouched():
     assert out.after["email"] is UNCHANGED and out.after["meta"] is UNCHANGED
 
 
+@pytest.mark.parametrize("spec", [
+    {"exclude": ["phone", "meta"], "mask": {"email": {"method": "sha256", "salt": "s"}},
+     "constants": {"branch_id": "{branch}", "tenant": 3}},
+    {"rename": "clients", "rename_columns": {"name": "full_name", "id": "customer_id"},
+     "mask": {"iban": {"method": "keep_last", "keep": 4}, "phone": {"method": "redact"}}},
+    {"include": ["name", "code", "credit"], "casts": {"code": "int64", "credit": "string"},
+     "constants": {"origin": "{source}:{table}"}},
+    {"mask": {"id": {"method": "sha256", "salt": "k"}}, "rename_columns": {"email": "mail"}},
+])
+def test_in_place_transform_equals_the_copying_one(spec):
+    """`apply_owned` (the worker's path: the decoder's event changed in place, by generated code)
+    gives exactly what `apply` gives, for every kind of change and for TOAST placeholders."""
+    t = compiled(**spec)
+    changes = [
+        lambda: change(after=row()),
+        lambda: change(Op.UPDATE, before=row(name="Old"), after=row(email=UNCHANGED, meta=UNCHANGED)),
+        lambda: change(Op.DELETE, before=row(phone=None)),
+        lambda: change(Op.READ, after=row(email=None, iban="12")),
+    ]
+    for make in changes:
+        expected = t.apply(make())
+        got = t.apply_owned(make())
+        assert got.model_dump() == expected.model_dump()
+        assert got.table == t.schema.id
+
+
 def test_truncate_is_renamed_and_passes():
     t = compiled(rename="clients", filters=[{"column": "country", "op": "==", "value": "DE"}])
     out = t.apply(ChangeEvent(op=Op.TRUNCATE, table=TABLE, key={}, position=5))
