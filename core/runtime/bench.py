@@ -71,7 +71,7 @@ class Figures:
     rss_backlog_mb: float = 0.0
     rss_churn_mb: float = 0.0
     raw_server_cpu_us: float = 0.0
-    """CPU per row of the source server's backend that decoded the WAL for the raw decode (PostgreSQL)."""
+    """CPU per row of the source server while the raw decode ran: the backend (PostgreSQL) or the whole local server (MariaDB)."""
     copy_rows_s: float = 0.0
     """A plain binary COPY of the same rows into the cloud PostgreSQL (same batches, one transaction each)."""
     copy_cpu_us: float = 0.0
@@ -81,6 +81,11 @@ class Figures:
     runner_cpu_us: float = 0.0
     """Of `e2e_cpu_us`: the runner process (spool read, transforms, dedupe, sink); the rest is capture."""
     capture_cpu_us: float = 0.0
+    raw_other_cores: float = 0.0
+    """Cores busy with other work (other processes, the source server) while the raw decode ran."""
+    e2e_other_cores: float = 0.0
+    """Cores busy with other work while `branchline run` streamed the backlog (its processes, the watched
+    server backends and this process not counted): on a shared machine, what the two rates competed with."""
 
 
 def _sample_row(i: int, rng: random.Random) -> tuple[Any, ...]:
@@ -92,6 +97,22 @@ def _sample_row(i: int, rng: random.Random) -> tuple[Any, ...]:
 # -- process helpers ------------------------------------------------------------------------------
 
 _TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds every core spent busy since boot (/proc/stat: user, nice, system, irq, softirq, steal)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return sum(int(fields[i]) for i in (0, 1, 2, 5, 6, 7)) / _TICK
+
+
+def _local_pid(cursor: Any) -> int | None:
+    """The pid of the MariaDB/MySQL server ``cursor`` talks to, when it runs on this machine (its pid file)."""
+    cursor.execute("SELECT @@pid_file")
+    row = cursor.fetchone()
+    try:
+        return int(Path(row[0]).read_text().split()[0]) if row and row[0] else None
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _cpu_s(pid: int) -> float | None:
@@ -368,14 +389,20 @@ def bench_mariadb(rows: int, rate: float, seconds: float, work: Path, batch_size
                                     is_mariadb=True, auto_position=start.data["gtid"], only_schemas=[db],
                                     only_events=[WriteRowsEvent], enable_logging=False,
                                     pymysql_wrapper=_pymysql_connect)
+        server_pid = _local_pid(cur)
         decoded = 0
-        began, cpu = time.monotonic(), time.process_time()
+        began, cpu, busy = time.monotonic(), time.process_time(), _machine_busy_s()
+        server_cpu = _cpu_s(server_pid) if server_pid else None
         for event in stream:
             decoded += len(event.rows)
             if decoded >= rows:
                 break
-        figures.raw_rows_s = decoded / (time.monotonic() - began)
-        figures.raw_cpu_us = 1e6 * (time.process_time() - cpu) / decoded
+        elapsed, own = time.monotonic() - began, time.process_time() - cpu
+        figures.raw_rows_s = decoded / elapsed
+        figures.raw_cpu_us = 1e6 * own / decoded
+        server = (_cpu_s(server_pid) or server_cpu or 0.0) - (server_cpu or 0.0) if server_pid else 0.0
+        figures.raw_server_cpu_us = 1e6 * server / decoded
+        figures.raw_other_cores = max(0.0, _machine_busy_s() - busy - own - server) / elapsed
         stream.close()
         figures.copy_rows_s, figures.copy_cpu_us = plain_copy(cloud, rows, batch_size)
 
@@ -390,7 +417,7 @@ def bench_mariadb(rows: int, rate: float, seconds: float, work: Path, batch_size
     user: root
     databases: [{db}]""", cloud, batch_size)
         _end_to_end(figures, pipeline, spool, cloud, source, rows, seconds, rate,
-                    lambda batch: cur.executemany(insert_sql, batch), {})
+                    lambda batch: cur.executemany(insert_sql, batch), {}, server_pid)
     finally:
         cur.execute(f"DROP DATABASE IF EXISTS {db}")
         conn.close()
@@ -432,16 +459,19 @@ def bench_postgres(rows: int, rate: float, seconds: float, work: Path, batch_siz
         decoded = 0
         backend = conn.info.backend_pid
         server_cpu = _cpu_s(backend) or 0.0
-        began, cpu = time.monotonic(), time.process_time()
+        began, cpu, busy = time.monotonic(), time.process_time(), _machine_busy_s()
         with conn.cursor(binary=True) as cursor:
             cursor.execute("SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, 'proto_version',"
                            " '1', 'publication_names', %s)", (schema, schema))
             for (data,) in cursor:
                 if isinstance(parser.parse(data), RowChange):
                     decoded += 1
-        figures.raw_rows_s = decoded / (time.monotonic() - began)
-        figures.raw_cpu_us = 1e6 * (time.process_time() - cpu) / max(1, decoded)
-        figures.raw_server_cpu_us = 1e6 * ((_cpu_s(backend) or server_cpu) - server_cpu) / max(1, decoded)
+        elapsed, own = time.monotonic() - began, time.process_time() - cpu
+        figures.raw_rows_s = decoded / elapsed
+        figures.raw_cpu_us = 1e6 * own / max(1, decoded)
+        server = (_cpu_s(backend) or server_cpu) - server_cpu
+        figures.raw_server_cpu_us = 1e6 * server / max(1, decoded)
+        figures.raw_other_cores = max(0.0, _machine_busy_s() - busy - own - server) / elapsed
         figures.copy_rows_s, figures.copy_cpu_us = plain_copy(cloud, rows, batch_size)
 
         spool = work / f"{source}.sqlite"
@@ -478,20 +508,31 @@ def bench_postgres(rows: int, rate: float, seconds: float, work: Path, batch_siz
 
 
 def _end_to_end(figures: Figures, pipeline: Path, spool: Path, cloud: int, schema: str, rows: int,
-                seconds: float, rate: float, insert: Any, servers: dict[str, tuple[int, str, str]]) -> None:
-    """``servers``: name -> (port, database, pg_stat_activity condition) of backends whose CPU is counted."""
+                seconds: float, rate: float, insert: Any, servers: dict[str, tuple[int, str, str]],
+                server_pid: int | None = None) -> None:
+    """``servers``: name -> (port, database, pg_stat_activity condition) of backends whose CPU is counted;
+    ``server_pid``: a local source server counted whole (MariaDB: one process, a thread per connection)."""
     import resource
 
     watched = {"cloud sink connections": (cloud, "cloud", f"application_name = 'bench-{schema}'"), **servers}
     watches = {name: BackendCpu(*where) for name, where in watched.items()}
-    began = time.monotonic()
+    began, own, busy = time.monotonic(), time.process_time(), _machine_busy_s()
+    server_began = _cpu_s(server_pid) if server_pid else None
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     process, _ = _run(pipeline, spool, idle_s=2)
     rss = RssWatch(process.pid)
     done = _wait_rows(cloud, schema, 0, rows - 1, timeout=max(600, rows / 500))
     figures.e2e_wall_rows_s = rows / (done - began)
+    ours = sum(rss.cpu_s.values()) + sum(w.last[p] - w.first[p] for w in watches.values() for p in list(w.last))
+    server = 0.0
+    if server_pid and server_began is not None:
+        server = (_cpu_s(server_pid) or server_began) - server_began
+    figures.e2e_other_cores = max(0.0, _machine_busy_s() - busy - ours - server
+                                  - (time.process_time() - own)) / (done - began)
     process.wait(120)
     figures.e2e_server_cpu_us = {name: 1e6 * watch.stop() / rows for name, watch in watches.items()}
+    if server_pid:
+        figures.e2e_server_cpu_us["source server (all of it)"] = 1e6 * server / rows
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the run reaped its capture process: both count
     figures.e2e_cpu_us = 1e6 * (after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime) / rows
     figures.rss_backlog_mb = rss.join()
@@ -562,6 +603,8 @@ def _print(figures: Figures) -> None:
         shared = cores * 1e6 / work / figures.raw_rows_s
         click.echo(f"  bound by this run's CPU: {'; '.join(parts)}; all {work:.1f} us/row incl. server backends"
                    f" on {cores} cores: <= {100 * shared:.0f}% of raw decode")
+    click.echo(f"  other work on this machine (other processes; servers not counted above): {figures.raw_other_cores:.2f} cores"
+               f" during the raw decode, {figures.e2e_other_cores:.2f} during end to end (of {cores})")
     if figures.churn_rows:
         click.echo(f"  steady churn {figures.churn_rate:,.0f} rows/s for {figures.churn_rows:,} rows: lag p50"
                    f" {figures.lag_p50_ms:.0f} ms, p99 {figures.lag_p99_ms:.0f} ms, max {figures.lag_max_ms:.0f} ms"
