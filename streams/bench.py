@@ -109,14 +109,20 @@ class StageFigures:
         return seconds / self.events * 1e6
 
 
+STAGES = ("decode", "transform", "dedupe")
+
+
 def run_stages(batch: list[tuple[str, bytes, bytes]], decoder: EnvelopeDecoder,
                transforms: dict[Any, CompiledTransform], guard: AppliedPositions,
-               clock: Callable[[], float]) -> tuple[float, float, float, float]:
+               clock: Callable[[], float], upto: str = "dedupe") -> tuple[float, float, float, float]:
     """One batch through decode, transform and dedupe (guard admit + collapse, then record), and the
-    time to free it."""
+    time to free it. `upto` stops after an earlier stage (to count each stage's instructions)."""
     t0 = clock()
     decoded = [decoder.decode(topic, key, value) for topic, key, value in batch]
     t1 = clock()
+    if upto == "decode":
+        del decoded
+        return t1 - t0, 0.0, 0.0, clock() - t1
     changes = []
     for result in decoded:
         if isinstance(result, RowChange):
@@ -127,6 +133,9 @@ def run_stages(batch: list[tuple[str, bytes, bytes]], decoder: EnvelopeDecoder,
             if event is not None:
                 changes.append((event, compiled.schema))
     t2 = clock()
+    if upto == "transform":
+        del decoded, changes
+        return t1 - t0, t2 - t1, 0.0, clock() - t2
     segments = guard.dedupe(changes)  # as the worker does: admit + collapse in one pass
     guard.record(segments)
     t3 = clock()
@@ -202,7 +211,8 @@ def streams(events: int, batch_size: int, keys: int, repeat: int) -> None:
 
 @click.command("instructions")
 @click.option("--events", default=10_000, show_default=True, help="Records counted (after a first batch).")
-def instructions(events: int) -> None:
+@click.option("--by-stage", is_flag=True, help="Also count the stages up to decode and up to transform.")
+def instructions(events: int, by_stage: bool) -> None:
     """Instructions per event of decode + transform + dedupe, counted by valgrind.
 
     Why: on a shared machine the µs figures swing by up to 2x; an instruction count does not, so
@@ -218,25 +228,34 @@ def instructions(events: int) -> None:
     if valgrind is None:
         raise click.ClickException("`valgrind` must be installed to count instructions (apt install valgrind)")
 
-    def count(through: int) -> int:
+    def count(through: int, upto: str) -> int:
         done = subprocess.run(
             [valgrind, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null", sys.executable,
-             "-m", "branchline.streams.bench", "run-stages", "--records", str(events), "--through", str(through)],
+             "-m", "branchline.streams.bench", "run-stages", "--records", str(events), "--through", str(through),
+             "--upto", upto],
             capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"}, check=True)
         found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
         if found is None:
             raise click.ClickException(f"valgrind printed no instruction count: {done.stderr[-500:]}")
         return int(found.group(1).replace(",", ""))
 
-    per_event = (count(events) - count(0)) / events
-    click.echo(f"streams stages: {per_event:,.0f} instructions per event ({events:,} ERP order events, "
+    def per_event(upto: str) -> float:
+        return (count(events, upto) - count(0, upto)) / events
+
+    total = per_event("dedupe")
+    click.echo(f"streams stages: {total:,.0f} instructions per event ({events:,} ERP order events, "
                f"valgrind cachegrind)")
+    if by_stage:  # each stage's share: the difference between stopping after it and before it
+        decode, transform = per_event("decode"), per_event("transform")
+        for name, value in (("decode", decode), ("transform", transform - decode), ("dedupe", total - transform)):
+            click.echo(f"  {name:<10} {value:9,.0f}  (freeing its objects included)")
 
 
 @click.command("run-stages", hidden=True)
 @click.option("--records", "count", required=True, type=int)
 @click.option("--through", required=True, type=int)
-def run_stages_only(count: int, through: int) -> None:
+@click.option("--upto", type=click.Choice(STAGES), default="dedupe")
+def run_stages_only(count: int, through: int, upto: str) -> None:
     """Build `count` + one batch of records, push the first batch and then `through` more (for `instructions`)."""
     from branchline.gc_tuning import tune_for_throughput
 
@@ -245,7 +264,7 @@ def run_stages_only(count: int, through: int) -> None:
     tune_for_throughput()
     decoder, transforms, guard = EnvelopeDecoder("erp", "b07"), {}, AppliedPositions({})
     for start in range(0, batch_size + min(through, count), batch_size):
-        run_stages(data[start:start + batch_size], decoder, transforms, guard, time.process_time)
+        run_stages(data[start:start + batch_size], decoder, transforms, guard, time.process_time, upto)
 
 
 # -- end to end: a pre-filled topic through one worker into the PostgreSQL sink ---------------------
