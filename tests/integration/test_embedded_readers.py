@@ -430,3 +430,58 @@ def test_postgres_stream_returns_soon_after_stop_while_idle(crm, pg_schema):
     thread.join(10)
     assert not thread.is_alive() and len(yields) >= 3 and not any(c.events for c in yields)
     assert _slot(conn, s)[1] is None  # the replication connection is closed and the slot released
+
+
+def test_mariadb_rows_spooled_as_library_values_are_the_events_the_reader_makes(erp, mariadb_db):
+    """`raw_rows` (a capture process) against the real library and server: every sample column type, NULLs,
+    an empty SET, updates (a changed key too), deletes and an ALTER between rows events, through the spool's
+    encoding, give the default reader's events value by value and type by type."""
+    from branchline.runtime.spool import decode, encode
+
+    from tests.unit.test_spool_binlog_rows import _events_typed
+
+    conn, db = mariadb_db
+    cur = conn.cursor()
+    cur.execute("SET time_zone = '+00:00'")
+    cur.execute(MARIADB_TABLE.format(db=db))
+    reader = MariaDbReader(source="erp", branch="b1", host=erp.host, port=erp.port, user="root", password="",
+                           databases=[db], server_id=4242005)
+    start = reader.start_position()
+    reader.close()
+    cur.execute(f"INSERT INTO {db}.t VALUES {MARIADB_ROW}")
+    cur.execute(f"INSERT INTO {db}.t (id, tags, amount, made, span) VALUES (2, '', -0.5, NULL, '-00:00:01.25'),"
+                " (3, NULL, NULL, '1000-01-01 00:00:00', NULL)")
+    cur.execute(f"UPDATE {db}.t SET name = 'bye', amount = amount * 2 WHERE id = 1")
+    cur.execute(f"UPDATE {db}.t SET id = 4 WHERE id = 2")
+    cur.execute(f"DELETE FROM {db}.t WHERE id = 3")
+    cur.execute(f"ALTER TABLE {db}.t ADD COLUMN extra DECIMAL(5,2)")
+    cur.execute(f"INSERT INTO {db}.t (id, extra) VALUES (5, -999.99)")
+
+    def collect(raw_rows: bool, server_id: int, want: int) -> tuple[list[object], list[object]]:
+        reader = MariaDbReader(source="erp", branch="b1", host=erp.host, port=erp.port, user="root", password="",
+                               databases=[db], server_id=server_id, raw_rows=raw_rows)
+        stop = threading.Event()
+        events, batches = [], []
+        schemas: dict[object, object] = {}
+        deadline = datetime.now(UTC) + timedelta(seconds=20)
+        for changes in reader.stream(start, stop):
+            for schema in changes.schemas:
+                schemas[schema.id] = schema
+            for event in changes.events:
+                events.append(event)
+                batches.append(encode([event], {event.table: schemas[event.table]}) if raw_rows else None)
+            if len(events) >= want or datetime.now(UTC) > deadline:
+                break
+        stop.set()
+        reader.close()
+        return events, batches
+
+    expected, _ = collect(False, 4242006, 8)
+    groups, batches = collect(True, 4242007, 6)  # one per rows event
+    assert len(expected) == 8 and len(groups) == 6  # a changed key is delete + create
+    events = [e for data in batches for e in decode(data)[0]]
+    assert _events_typed(events) == _events_typed(expected)  # type: ignore[arg-type]
+    assert events[0].after == MARIADB_VALUES
+    assert events[1].after["tags"] == [] and events[1].after["amount"] == Decimal("-0.5000")
+    assert events[1].after["span"] == -timedelta(seconds=1, microseconds=250000)
+    assert events[-1].after["extra"] == Decimal("-999.99")
