@@ -31,7 +31,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,9 @@ class SourceRoute:
     name: str
     branch: str
     topic_prefix: str
+    signal_topic: str | None = None
+    """The topic of the source's Debezium signal table: control rows for the connector (incremental
+    snapshots), never consumed, so they never reach the target as a table."""
 
 
 @dataclass
@@ -464,6 +467,17 @@ class TopicLayout:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+def table_topics(names: Iterable[str], routes: Sequence[SourceRoute]) -> list[str]:
+    """The topics a worker consumes among the broker's `names`: each source's table topics (the
+    heartbeat table's included: it carries lag), without its transaction and signal topics."""
+    signals = {r.signal_topic for r in routes}
+    return sorted(
+        t for t in names
+        if any(t.startswith(r.topic_prefix + ".") for r in routes) and not t.endswith(".transaction")
+        and t not in signals
+    )
+
+
 async def discover_topics(bootstrap: str, routes: Sequence[SourceRoute]) -> TopicLayout:
     """The table topics of the configured sources (``<branch>.<source>.<ns>.<table>``) on the broker."""
     from aiokafka.admin import AIOKafkaAdminClient
@@ -471,11 +485,7 @@ async def discover_topics(bootstrap: str, routes: Sequence[SourceRoute]) -> Topi
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        names = await admin.list_topics()
-        topics = sorted(
-            t for t in names
-            if any(t.startswith(r.topic_prefix + ".") for r in routes) and not t.endswith(".transaction")
-        )
+        topics = table_topics(await admin.list_topics(), routes)
         described = await admin.describe_topics(topics) if topics else []
         counts = {d["topic"]: len(d["partitions"]) for d in described}
     finally:
@@ -584,7 +594,7 @@ trips through Faust's consumer thread."""
 
 def routes_of(config: Any) -> list[SourceRoute]:
     """The routes of a `PipelineConfig`'s sources."""
-    return [SourceRoute(s.name, s.branch, s.topic_prefix) for s in config.sources]
+    return [SourceRoute(s.name, s.branch, s.topic_prefix, f"{s.topic_prefix}.{s.signal_table}") for s in config.sources]
 
 
 def build_app(config: Any, layout: TopicLayout, *, sinks_factory: Callable[[], Mapping[str, Sink]] | None = None,

@@ -337,3 +337,22 @@ def test_a_durable_sink_next_to_a_buffering_one_waits_for_the_flush_too():
     p = BatchProcessor(ROUTES, {}, {"pg": durable, "lake": buffering}, store, WorkerSettings(), clock=lambda: 0.0)
     report = run(p.process(records([("c", 1, "a")])))
     assert not report.durable and len(durable.batches) == 1 and store == {}
+
+
+def test_worker_consumes_table_topics_but_never_the_signal_or_transaction_topics():
+    """The signal table's rows are commands for Debezium (incremental snapshots): consumed like a
+    table, they would be written into the target as a table of their own."""
+    from pathlib import Path
+
+    from branchline.config import load_pipeline
+    from branchline.streams.app import routes_of, table_topics
+
+    config = load_pipeline(Path(__file__).parents[2] / "examples" / "pipeline.yaml")
+    routes = routes_of(config)
+    erp = next(r for r in routes if r.name == "erp")
+    names = [f"{erp.topic_prefix}.erp.orders", f"{erp.topic_prefix}.branchline.heartbeat",
+             f"{erp.topic_prefix}.branchline.debezium_signal", f"{erp.topic_prefix}.transaction",
+             "other.erp.orders", f"__branchline-schema-history.{erp.topic_prefix}"]
+    assert erp.signal_topic == f"{erp.topic_prefix}.branchline.debezium_signal"
+    assert table_topics(names, routes) == sorted([f"{erp.topic_prefix}.branchline.heartbeat",
+                                                  f"{erp.topic_prefix}.erp.orders"])
