@@ -243,6 +243,8 @@ def _encode_rows(events: list[Any], schemas: dict[Any, TableSchema]) -> bytes:
 
 
 def _decode_rows(data: bytes) -> tuple[list[ChangeEvent], dict[Any, TableSchema], list[Any] | None]:
+    """`_encode_rows`' inverse: the events `MariaDbReader.stream` makes by default (built here, in the runner,
+    which has CPU to spare; marks: None, the runner takes them from the events)."""
     from branchline.connectors.embedded.mariadb import binlog_row_events
 
     size = int.from_bytes(data[4:8], "big")
