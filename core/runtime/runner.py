@@ -131,7 +131,11 @@ class SourceCapture:
         self.schemas: dict[TableId, TableSchema] = {}
         self._warned_full = False
         self.idle_since: float | None = None
-        """When the reader last said it had nothing more to send (None: busy); for --exit-when-idle."""
+        """When the reader last said it had nothing more to send (None: busy); for --exit-when-idle.
+
+        Only user-table rows make it busy again. Heartbeat rows and commits of other tables do not:
+        Debezium connectors on the same server write the heartbeat table every few seconds, and a
+        busy server commits all the time, so a run counting them would never be idle."""
         self.observe_reads = True
         """Count changes read here; off in a capture process, whose metrics nobody serves (the runner
         counts them when it drains the spool)."""
@@ -253,10 +257,12 @@ class SourceCapture:
                 last_checkpoint_write = time.monotonic()
             batch, rows, pending = [], 0, None
 
+        heartbeat = tuple(self.config.heartbeat_table.split(".", 1))
         for changes in self.reader.stream(start, self.stop):
-            if changes.events or changes.checkpoint is not None:
-                self.idle_since = None
-            elif self.idle_since is None and not batch:
+            if changes.events:
+                if any((e.table.schema_ or e.table.database, e.table.table) != heartbeat for e in changes.events):
+                    self.idle_since = None
+            elif self.idle_since is None and not batch and changes.checkpoint is None:
                 self.idle_since = time.monotonic()
             if changes.schemas:
                 if batch and any(s.id in {e.table for e in batch} for s in changes.schemas):
@@ -816,7 +822,8 @@ class Runner:
                 continue
             reachable_again()
             read_after = batches[-1].seq
-            self.stats.last_write = time.monotonic()
+            if any(not metrics.is_heartbeat(segment.table) for segment in segments):
+                self.stats.last_write = time.monotonic()  # user rows only: see `Capture.idle_since`
             if buffering:
                 unflushed_batches += len(batches)
                 unflushed_changes += count

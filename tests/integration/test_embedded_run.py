@@ -16,6 +16,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -272,6 +273,48 @@ def test_kill_9_during_churn_then_restart_is_identical(env):
     mariadb_churn(env.maria, env.db, 300, rng, ids_m)
     pg_churn(env.pg, env.pg_schema, 300, rng, ids_p)
     wait_exit(restarted, env)
+    assert_identical(env)
+
+
+def test_exit_when_idle_is_not_kept_busy_by_other_writers_heartbeats(env):
+    """Debezium connectors on the same servers write the shared heartbeat table every few seconds:
+    those rows (and their commits) are no user changes, so the run still goes idle and exits."""
+    from branchline.heartbeat import debezium_heartbeat_query, heartbeat_ddl
+
+    rng = random.Random(7)
+    ids_m, ids_p = [0], [0]
+    mariadb_churn(env.maria, env.db, 300, rng, ids_m)
+    pg_churn(env.pg, env.pg_schema, 300, rng, ids_p)
+    for statement in heartbeat_ddl("mariadb", "branchline", "debezium_heartbeat"):
+        env.maria.cursor().execute(statement)
+    for statement in heartbeat_ddl("postgres", "branchline", "debezium_heartbeat"):
+        env.pg.execute(statement)
+    env.write()
+    stop = threading.Event()
+
+    def foreign_heartbeats() -> None:  # what five connectors with 10 s heartbeats write, in its own connections
+        with pymysql.connect(host=env.erp.host, port=env.erp.port, user="root", password="", autocommit=True) as maria, \
+                psycopg.connect(host=env.crm.host, port=env.crm.port, user="postgres", dbname="crm",
+                                autocommit=True) as pg:
+            while not stop.wait(0.5):
+                maria.cursor().execute(debezium_heartbeat_query("mariadb", "branchline", "debezium_heartbeat"))
+                pg.execute(debezium_heartbeat_query("postgres", "branchline", "debezium_heartbeat"))
+
+    writer = threading.Thread(target=foreign_heartbeats, daemon=True)
+    writer.start()
+    try:
+        first = env.run()  # a run without an idle exit captures the heartbeat table (for lag); so does its restart
+        mariadb_churn(env.maria, env.db, 100, rng, ids_m)
+        time.sleep(4)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        restarted = env.run("--exit-when-idle", "3")
+        mariadb_churn(env.maria, env.db, 200, rng, ids_m)
+        pg_churn(env.pg, env.pg_schema, 200, rng, ids_p)
+        wait_exit(restarted, env, timeout=90)
+    finally:
+        stop.set()
+        writer.join(10)
     assert_identical(env)
 
 
