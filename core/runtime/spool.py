@@ -132,6 +132,28 @@ def batch_schemas(events: list[ChangeEvent], schemas: dict[Any, TableSchema]) ->
     return {table: schemas[table] for table in tables.values()}
 
 
+class _TableSlots:
+    """Numbers the tables of one batch for its head, which lists each table's schema once: by object
+    identity first (a reader hands out one `TableId` object per table), then by equality."""
+
+    def __init__(self, schemas: dict[Any, TableSchema]) -> None:
+        self.schemas = schemas
+        self.tables: list[TableSchema] = []
+        self._by_id: dict[int, int] = {}
+
+    def __call__(self, table: Any) -> int:
+        slot = self._by_id.get(id(table))
+        if slot is None:
+            for slot, known in enumerate(self.tables):  # an equal TableId from another object: the same slot
+                if known.id == table:
+                    break
+            else:
+                slot = len(self.tables)
+                self.tables.append(self.schemas[table])
+            self._by_id[id(table)] = slot
+        return slot
+
+
 def _encode_text(events: list[Any], schemas: dict[Any, TableSchema]) -> bytes:
     """A batch holding `TextRow` rows: ``_TEXT``, the length of the pickled head, the head (schemas, each
     relation's columns, commit times, whole events), then every row as one marshal of plain tuples.
@@ -140,8 +162,8 @@ def _encode_text(events: list[Any], schemas: dict[Any, TableSchema]) -> bytes:
     pickle writes decoded values (Decimal, datetime) inside row dicts; the capture process then costs about
     what reading the stream costs. Relations, commit times and tables are told apart by identity (one object
     each per relation / transaction / table in a reader's output)."""
-    table_slots: dict[int, int] = {}
-    tables: list[TableSchema] = []
+    table_slot = _TableSlots(schemas)
+    tables = table_slot.tables
     relation_slots: dict[int, int] = {}
     relations: list[tuple[int, tuple[tuple[str, int, int], ...]]] = []
     stamp_slots: dict[int, int] = {}
@@ -149,18 +171,6 @@ def _encode_text(events: list[Any], schemas: dict[Any, TableSchema]) -> bytes:
     others: list[tuple[Any, ...]] = []
     rows: list[tuple[Any, ...]] = []
     append = rows.append
-
-    def table_slot(table: Any) -> int:
-        slot = table_slots.get(id(table))
-        if slot is None:
-            for slot, known in enumerate(tables):  # an equal TableId from another object: the same slot
-                if known.id == table:
-                    break
-            else:
-                slot = len(tables)
-                tables.append(schemas[table])
-            table_slots[id(table)] = slot
-        return slot
 
     last_relation = last_stamp = slot = stamp_slot = None  # runs share them: a dict lookup per run, not per row
     for event in events:
@@ -200,24 +210,12 @@ def _encode_rows(events: list[Any], schemas: dict[Any, TableSchema]) -> bytes:
     first (a reader hands out one `TableId` object per table)."""
     from branchline.connectors.embedded.mariadb import AS_IS
 
-    table_slots: dict[int, int] = {}
-    tables: list[TableSchema] = []
+    table_slot = _TableSlots(schemas)
+    tables = table_slot.tables
     others: list[tuple[Any, ...]] = []
     groups: list[tuple[Any, ...]] = []
     append = groups.append
     exotic = False
-
-    def table_slot(table: Any) -> int:
-        slot = table_slots.get(id(table))
-        if slot is None:
-            for slot, known in enumerate(tables):  # an equal TableId from another object: the same slot
-                if known.id == table:
-                    break
-            else:
-                slot = len(tables)
-                tables.append(schemas[table])
-            table_slots[id(table)] = slot
-        return slot
 
     for event in events:
         if event.__class__ is not BinlogRows:
