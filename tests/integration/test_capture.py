@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, timedelta
@@ -91,6 +92,13 @@ def snapshot_flag(record: Record) -> str | None:
         return None
     payload = json.loads(record.value).get("payload") or {}
     return (payload.get("source") or {}).get("snapshot") if isinstance(payload, dict) else None
+
+
+def operation(record: Record) -> str | None:
+    if record.value is None:
+        return None
+    payload = json.loads(record.value).get("payload") or {}
+    return payload.get("op") if isinstance(payload, dict) else None
 
 
 def decode_all(capture: Capture, records: list[Record]) -> list[tuple[Record, Any]]:
@@ -256,8 +264,18 @@ connect: {{url: "http://{connect.address}"}}
     assert result.exit_code == 0, result.output
     cap = Capture(pipeline, path, namespace, client, erp.port, crm.port)
     try:
-        wait_for("the initial snapshots", lambda: {r.topic.split(".")[1] for r in cap.records()
-                                                  if snapshot_flag(r) == "last"} == {"erp", "crm"}, 300, 2)
+        expected = {**{t: len(erp_rows(cap, t)) for t in ERP_TABLES}, **{t: len(crm_rows(cap, t)) for t in CRM_TABLES}}
+
+        def snapshots_complete() -> bool:
+            """Both snapshots ended, and every table's read events are on its topic: a snapshot's records
+            reach their topics in separate producer batches, so its "last" record can show up first."""
+            records = cap.records()
+            if {r.topic.split(".")[1] for r in records if snapshot_flag(r) == "last"} != {"erp", "crm"}:
+                return False
+            reads = Counter(r.topic.rsplit(".", 1)[1] for r in records if operation(r) == "r")
+            return all(reads[table] >= count for table, count in expected.items())
+
+        wait_for("the initial snapshots", snapshots_complete, 300, 2)
         yield cap
     finally:
         for source in pipeline.sources:
