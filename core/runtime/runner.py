@@ -823,7 +823,7 @@ class Runner:
             reachable_again()
             read_after = batches[-1].seq
             if any(not metrics.is_heartbeat(segment.table) for segment in segments):
-                self.stats.last_write = time.monotonic()  # user rows only: see `Capture.idle_since`
+                self.stats.last_write = time.monotonic()  # user rows only: see `SourceCapture.idle_since`
             if buffering:
                 unflushed_batches += len(batches)
                 unflushed_changes += count
