@@ -540,7 +540,7 @@ class Kafka(_Jvm):
         if (self.data / "meta.properties").exists():
             return
         check_disk(self.dir, MIN_FREE_STATE, "the Kafka log")
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = new_cluster_id()
         log.info("kafka: formatting KRaft storage in %s", self.data)
         command = self.java_command(tools, "kafka.tools.StorageTool", "format", "--ignore-formatted",
                                     "--cluster-id", cluster_id, "--config", str(self.config),
@@ -561,6 +561,18 @@ class Kafka(_Jvm):
             return Health(False, "no broker registered yet")
         return Health(True, f"Kafka {self.pins.versions['kafka']} KRaft, cluster {cluster}, {len(brokers)} broker",
                       {"brokers": brokers, "cluster_id": cluster})
+
+
+def new_cluster_id() -> str:
+    """A KRaft cluster id: a random UUID in URL-safe base64, never starting with "-".
+
+    One id in 64 would start with "-", and kafka-storage's argument parser then reads it as an
+    option ("--cluster-id: expected one argument"). Kafka's own Uuid.randomUuid() draws again in
+    that case; so does this."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def kafka_metadata(host: str, port: int, timeout: float = 3.0) -> tuple[list[str], str | None]:

@@ -3,6 +3,8 @@ These feed the classifiers the output apt and Maven really print in each case.""
 
 from __future__ import annotations
 
+import base64
+import uuid
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,14 @@ def test_port_override_must_be_a_port(monkeypatch):
     monkeypatch.setenv("BRANCHLINE_ERP_PORT", "80")
     with pytest.raises(InfraError, match=r"`ports.erp` must be between 1024 and 65535; got 80"):
         load_pins()
+
+
+def test_kafka_cluster_id_never_starts_with_a_dash(monkeypatch):
+    """kafka-storage reads `--cluster-id -abc...` as a missing argument (a CI run failed on it)."""
+    from branchline.infra import _services
+    dash_first = uuid.UUID(bytes=b"\xf8" + bytes(15))  # base64 "-A..."
+    draws = iter([dash_first, dash_first, uuid.UUID(int=1)])
+    monkeypatch.setattr(_services.uuid, "uuid4", lambda: next(draws))
+    cluster_id = _services.new_cluster_id()
+    assert cluster_id == "AAAAAAAAAAAAAAAAAAAAAQ"
+    assert base64.urlsafe_b64encode(dash_first.bytes).decode().startswith("-")
