@@ -83,6 +83,9 @@ class Figures:
     capture_cpu_us: float = 0.0
     raw_other_cores: float = 0.0
     """Cores busy with other work (other processes, the source server) while the raw decode ran."""
+    other_readers: list[str] = field(default_factory=list)
+    """Other replication clients of the source (Debezium connectors, leftover runs), seen at the start and the
+    end: each decodes the same log on the same cores, which the other-work figures do not count."""
     e2e_other_cores: float = 0.0
     """Cores busy with other work while `branchline run` streamed the backlog (its processes, the watched
     server backends and this process not counted): on a shared machine, what the two rates competed with."""
@@ -113,6 +116,23 @@ def _local_pid(cursor: Any) -> int | None:
         return int(Path(row[0]).read_text().split()[0]) if row and row[0] else None
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _binlog_readers(cursor: Any) -> list[str]:
+    """The MariaDB/MySQL connections dumping the binlog (replicas, Debezium, other runs) besides ours."""
+    cursor.execute("SELECT ID, USER, HOST FROM information_schema.PROCESSLIST WHERE COMMAND LIKE 'Binlog Dump%'")
+    return [f"binlog dump #{row[0]} ({row[1]}@{row[2]})" for row in cursor.fetchall()]
+
+
+def _slot_readers(conn: Any, own_slot: str) -> list[str]:
+    """The active replication slots of the PostgreSQL source besides ours: each walsender decodes all WAL."""
+    return [f"slot {row[0]} ({row[1]})" for row in conn.execute(
+        "SELECT slot_name, plugin FROM pg_replication_slots WHERE active AND slot_name <> %s ORDER BY 1",
+        (own_slot,))]
+
+
+def _add_readers(figures: Figures, readers: list[str]) -> None:
+    figures.other_readers.extend(r for r in readers if r not in figures.other_readers)
 
 
 def _cpu_s(pid: int) -> float | None:
@@ -379,6 +399,7 @@ def bench_mariadb(rows: int, rate: float, seconds: float, work: Path, batch_size
             cur.executemany(insert_sql, [_sample_row(i, rng) for i in range(offset, min(rows, offset + 5000))])
             cur.execute("COMMIT")
         figures.load_s = time.monotonic() - began
+        _add_readers(figures, _binlog_readers(cur))
 
         # raw decode: the library alone, same backlog
         # blocking, as the reader streams: non-blocking dumps of MariaDB 10.11 were cut (error 2013) and
@@ -418,6 +439,7 @@ def bench_mariadb(rows: int, rate: float, seconds: float, work: Path, batch_size
     databases: [{db}]""", cloud, batch_size)
         _end_to_end(figures, pipeline, spool, cloud, source, rows, seconds, rate,
                     lambda batch: cur.executemany(insert_sql, batch), {}, server_pid)
+        _add_readers(figures, _binlog_readers(cur))
     finally:
         cur.execute(f"DROP DATABASE IF EXISTS {db}")
         conn.close()
@@ -452,6 +474,7 @@ def bench_postgres(rows: int, rate: float, seconds: float, work: Path, batch_siz
                 for i in range(offset, min(rows, offset + 5000)):
                     copy.write_row(_sample_row(i, rng))
         figures.load_s = time.monotonic() - began
+        _add_readers(figures, _slot_readers(conn, schema))
 
         # raw decode: the SQL function and the pgoutput parser, same backlog, in one call
         parser = PgOutputParser()
@@ -493,6 +516,7 @@ def bench_postgres(rows: int, rate: float, seconds: float, work: Path, batch_siz
 
         _end_to_end(figures, pipeline, spool, cloud, source, rows, seconds, rate, insert,
                     {"source walsender": (port, "crm", f"application_name = 'branchline-{source}'")})
+        _add_readers(figures, _slot_readers(conn, schema))
     finally:
         reader.close()
         conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
@@ -605,6 +629,8 @@ def _print(figures: Figures) -> None:
                    f" on {cores} cores: <= {100 * shared:.0f}% of raw decode")
     click.echo(f"  other work on this machine (other processes; servers not counted above): {figures.raw_other_cores:.2f} cores"
                f" during the raw decode, {figures.e2e_other_cores:.2f} during end to end (of {cores})")
+    click.echo("  other replication readers of the source (they decode the same log on these cores): "
+               + (", ".join(figures.other_readers) if figures.other_readers else "none"))
     if figures.churn_rows:
         click.echo(f"  steady churn {figures.churn_rate:,.0f} rows/s for {figures.churn_rows:,} rows: lag p50"
                    f" {figures.lag_p50_ms:.0f} ms, p99 {figures.lag_p99_ms:.0f} ms, max {figures.lag_max_ms:.0f} ms"
