@@ -100,6 +100,22 @@ def pg_churn(conn: psycopg.Connection, schema: str, ops: int, rng: random.Random
                 done += 1
 
 
+def _drop_slot(pg, slot: str, wait_s: float = 15.0) -> None:
+    """Drop a test's slot, ending a session still holding it (a run the test left behind): a slot left over
+    keeps every later WAL segment of the shared server, gigabytes after a few benchmark runs."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        row = pg.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
+        if row is None:
+            return
+        if row[0] is None:
+            pg.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            return
+        if time.monotonic() > deadline:
+            pg.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+        time.sleep(0.2)
+
+
 @dataclass
 class Env:
     """One test's sources, target schemas, pipeline file and spool."""
@@ -193,8 +209,7 @@ def env(tmp_path, erp, crm, cloud) -> Iterator[Env]:
     yield environment
     maria.cursor().execute(f"DROP DATABASE IF EXISTS {environment.db}")
     maria.close()
-    pg.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s"
-               " AND NOT active", (environment.pg_schema,))
+    _drop_slot(pg, environment.pg_schema)
     pg.execute(f"DROP PUBLICATION IF EXISTS {environment.pg_schema}")
     pg.execute(f"DROP SCHEMA {environment.pg_schema} CASCADE")
     pg.close()
