@@ -597,18 +597,10 @@ def routes_of(config: Any) -> list[SourceRoute]:
     return [SourceRoute(s.name, s.branch, s.topic_prefix, f"{s.topic_prefix}.{s.signal_table}") for s in config.sources]
 
 
-def build_app(config: Any, layout: TopicLayout, *, sinks_factory: Callable[[], Mapping[str, Sink]] | None = None,
-              settings: WorkerSettings | None = None,
-              on_failure: Callable[[BaseException], None] | None = None) -> Any:
-    """The Faust app of one pipeline file: one agent over every source topic, one guard table.
-
-    ``on_failure`` (default `fail_stop`, which exits the process) is called with the error of a
-    batch that could not be made durable, before anything of it is acknowledged."""
-    failed = on_failure or fail_stop
+def new_faust_app(app_id: str, bootstrap_servers: str, partitions: int, replication_factor: int,
+                  settings: WorkerSettings, datadir: Path) -> Any:
+    """A Faust app with the worker's consumer settings (the worker's, and the benchmark's delivery probe's)."""
     import faust
-
-    settings = settings or (config.worker if isinstance(config.worker, WorkerSettings) else WorkerSettings())
-    kafka = config.kafka
     from faust.sensors.monitor import Monitor
 
     class PerBatchMonitor(Monitor):
@@ -626,13 +618,13 @@ def build_app(config: Any, layout: TopicLayout, *, sinks_factory: Callable[[], M
         def on_message_out(self, tp: Any, offset: int, message: Any) -> None:
             pass
 
-    app = faust.App(
-        f"branchline-{config.name}",
-        broker=f"kafka://{kafka.bootstrap_servers}",
+    return faust.App(
+        app_id,
+        broker=f"kafka://{bootstrap_servers}",
         store="memory://",
-        datadir=str(_faust_datadir(config.name)),
-        topic_partitions=layout.partitions,
-        topic_replication_factor=kafka.replication_factor,
+        datadir=str(datadir),
+        topic_partitions=partitions,
+        topic_replication_factor=replication_factor,
         web_enabled=False,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
@@ -645,6 +637,20 @@ def build_app(config: Any, layout: TopicLayout, *, sinks_factory: Callable[[], M
         consumer_max_fetch_size=FETCH_BYTES_PER_PARTITION,
         monitor=PerBatchMonitor(),
     )
+
+
+def build_app(config: Any, layout: TopicLayout, *, sinks_factory: Callable[[], Mapping[str, Sink]] | None = None,
+              settings: WorkerSettings | None = None,
+              on_failure: Callable[[BaseException], None] | None = None) -> Any:
+    """The Faust app of one pipeline file: one agent over every source topic, one guard table.
+
+    ``on_failure`` (default `fail_stop`, which exits the process) is called with the error of a
+    batch that could not be made durable, before anything of it is acknowledged."""
+    failed = on_failure or fail_stop
+    settings = settings or (config.worker if isinstance(config.worker, WorkerSettings) else WorkerSettings())
+    kafka = config.kafka
+    app = new_faust_app(f"branchline-{config.name}", kafka.bootstrap_servers, layout.partitions,
+                        kafka.replication_factor, settings, _faust_datadir(config.name))
     source = app.topic(*layout.topics, key_type=bytes, value_type=bytes, key_serializer="raw",
                        value_serializer="raw")
     applied = app.Table("applied-positions", default=None, partitions=layout.partitions, key_type=str,

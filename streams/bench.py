@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -262,7 +263,8 @@ def run_stages_only(count: int, through: int, upto: str) -> None:
     batch_size = 5_000
     data = records(count + batch_size, 20_000)
     tune_for_throughput()
-    decoder, transforms, guard = EnvelopeDecoder("erp", "b07"), {}, AppliedPositions({})
+    decoder, guard = EnvelopeDecoder("erp", "b07"), AppliedPositions({})
+    transforms: dict[Any, CompiledTransform] = {}
     for start in range(0, batch_size + min(through, count), batch_size):
         run_stages(data[start:start + batch_size], decoder, transforms, guard, time.process_time, upto)
 
@@ -353,6 +355,13 @@ worker: {{batch_size: {batch_size}, batch_within_s: 1.0}}
                 rate = events / (last - first)
                 echo(f"worker end to end: {events:,} events -> {expected:,} rows in PostgreSQL in "
                      f"{last - first:.1f} s (first row to last): {rate:,.0f} events/s")
+                worker.terminate()  # the ceilings below read the same topic on the same cores
+                worker.wait(30)
+                faust_rate = faust_delivery(table.topic, events, partitions, bootstrap, batch_size)
+                kafka_rate = asyncio.run(aiokafka_delivery(table.topic, events, bootstrap, batch_size))
+                echo(f"ceiling: Faust alone, the same topic into a noack_take agent that only acknowledges: "
+                     f"{faust_rate:,.0f} events/s")
+                echo(f"ceiling: aiokafka alone (getmany, the same topic, nothing else): {kafka_rate:,.0f} events/s")
                 return rate
             echo(f"worker did not finish: {count:,}/{expected:,} rows; log: {log}")
             return 0.0
@@ -365,6 +374,80 @@ worker: {{batch_size: {batch_size}, batch_within_s: 1.0}}
                 os.killpg(worker.pid, signal.SIGKILL)
         with psycopg.connect(conninfo, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{branch}_erp" CASCADE')
+
+
+async def aiokafka_delivery(topic: str, events: int, bootstrap: str, batch_size: int) -> float:
+    """Records/s the Kafka client alone reads `topic` at (a fresh group, from the start): the floor under Faust."""
+    import uuid
+
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"bench-read-{uuid.uuid4().hex[:6]}",
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        read, first = 0, None
+        deadline = time.monotonic() + 300
+        while read < events and time.monotonic() < deadline:
+            for records_ in (await consumer.getmany(timeout_ms=1000, max_records=batch_size)).values():
+                first = first or time.monotonic()
+                read += len(records_)
+        return read / (time.monotonic() - first) if first and read >= events else 0.0
+    finally:
+        await consumer.stop()
+
+
+def faust_delivery(topic: str, events: int, partitions: int, bootstrap: str, batch_size: int) -> float:
+    """Events/s Faust alone delivers `topic` at, with the worker's settings, into an agent that takes batches
+    as the worker does (``noack_take``) and only acknowledges them: the most any worker could do."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "branchline.streams.bench", "faust-delivery-probe", topic, str(events),
+               str(partitions), bootstrap, str(batch_size)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    except subprocess.TimeoutExpired:
+        return 0.0
+    found = re.search(r"DELIVERED ([0-9.]+)", result.stdout + result.stderr)  # Faust logs what agents print
+    return float(found.group(1)) if found else 0.0
+
+
+@click.command("faust-delivery-probe", hidden=True)
+@click.argument("topic")
+@click.argument("events", type=int)
+@click.argument("partitions", type=int)
+@click.argument("bootstrap")
+@click.argument("batch_size", type=int)
+def faust_delivery_probe(topic: str, events: int, partitions: int, bootstrap: str, batch_size: int) -> None:
+    """Run a Faust worker whose agent only acknowledges; print ``DELIVERED <events/s>`` and exit."""
+    import os
+    import tempfile
+    import uuid
+    from pathlib import Path
+
+    import faust
+    from branchline.streams.app import new_faust_app
+    from branchline.streams.config import WorkerSettings
+
+    settings = WorkerSettings(batch_size=batch_size)
+    app = new_faust_app(f"bench-faust-{uuid.uuid4().hex[:6]}", bootstrap, partitions, 1, settings,
+                        Path(tempfile.mkdtemp(prefix="branchline-bench-faust-")))
+    source = app.topic(topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    seen = {"events": 0, "first": 0.0}
+
+    @app.agent(source)
+    async def deliver(stream: Any) -> None:
+        async for batch in stream.noack_take(settings.batch_size, settings.batch_within_s):
+            seen["first"] = seen["first"] or time.monotonic()
+            seen["events"] += len(batch)
+            for event in batch:
+                await stream.ack(event)
+            if seen["events"] >= events:
+                print(f"DELIVERED {seen['events'] / (time.monotonic() - seen['first']):.1f}", flush=True)
+                os._exit(0)  # a worker's shutdown takes seconds and measures nothing
+
+    faust.Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
 
 
 @click.command("worker")
@@ -389,6 +472,7 @@ bench.add_command(streams)
 bench.add_command(instructions)
 bench.add_command(run_stages_only)
 bench.add_command(worker)
+bench.add_command(faust_delivery_probe)
 
 if __name__ == "__main__":
     bench()
