@@ -36,6 +36,7 @@ def _wait_for(probe, timeout: float = 15.0):
 def test_an_active_slot_of_another_client_is_named_and_ours_is_not(crm):
     slot = "bench_probe_" + uuid.uuid4().hex[:8]
     conn = psycopg.connect(host=crm.host, port=crm.port, user="postgres", dbname="crm", autocommit=True)
+    conn.execute(f"CREATE PUBLICATION {slot}")  # no tables: the receiver decodes and sends nothing, and never fails
     conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
     receiver = subprocess.Popen([str(PG_BIN / "pg_recvlogical"), "-h", crm.host, "-p", str(crm.port), "-U", "postgres",
                                  "-d", "crm", "-S", slot, "--start", "-o", "proto_version=1",
@@ -50,6 +51,7 @@ def test_an_active_slot_of_another_client_is_named_and_ours_is_not(crm):
         _wait_for(lambda: not conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
                                            (slot,)).fetchone()[0])
         conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        conn.execute(f"DROP PUBLICATION {slot}")
         conn.close()
 
 
