@@ -355,8 +355,12 @@ worker: {{batch_size: {batch_size}, batch_within_s: 1.0}}
                 rate = events / (last - first)
                 echo(f"worker end to end: {events:,} events -> {expected:,} rows in PostgreSQL in "
                      f"{last - first:.1f} s (first row to last): {rate:,.0f} events/s")
-                worker.terminate()  # the ceilings below read the same topic on the same cores
-                worker.wait(30)
+                os.killpg(worker.pid, signal.SIGTERM)  # the ceilings below read the same topic on the same cores
+                try:
+                    worker.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(worker.pid, signal.SIGKILL)
+                    worker.wait()
                 faust_rate = faust_delivery(table.topic, events, partitions, bootstrap, batch_size)
                 kafka_rate = asyncio.run(aiokafka_delivery(table.topic, events, bootstrap, batch_size))
                 echo(f"ceiling: Faust alone, the same topic into a noack_take agent that only acknowledges: "
