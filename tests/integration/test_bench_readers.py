@@ -7,7 +7,6 @@ import contextlib
 import random
 import subprocess
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -23,17 +22,7 @@ pytestmark = pytest.mark.integration
 PG_BIN = Path(f"/usr/lib/postgresql/{load_pins().versions['postgres']}/bin")  # where `infra up` finds it
 
 
-def _wait_for(probe, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = probe()
-        if found:
-            return found
-        time.sleep(0.2)
-    return probe()
-
-
-def test_an_active_slot_of_another_client_is_named_and_ours_is_not(crm):
+def test_an_active_slot_of_another_client_is_named_and_ours_is_not(crm, wait_for):
     slot = "bench_probe_" + uuid.uuid4().hex[:8]
     conn = psycopg.connect(host=crm.host, port=crm.port, user="postgres", dbname="crm", autocommit=True)
     conn.execute(f"CREATE PUBLICATION {slot}")  # no tables: the receiver decodes and sends nothing, and never fails
@@ -42,20 +31,20 @@ def test_an_active_slot_of_another_client_is_named_and_ours_is_not(crm):
                                  "-d", "crm", "-S", slot, "--start", "-o", "proto_version=1",
                                  "-o", f"publication_names={slot}", "-f", "/dev/null"])
     try:
-        named = _wait_for(lambda: [r for r in _slot_readers(conn, "ours") if slot in r])
+        named = wait_for("the receiver's slot named", lambda: [r for r in _slot_readers(conn, "ours") if slot in r], 15)
         assert named == [f"slot {slot} (pgoutput)"]
         assert not [r for r in _slot_readers(conn, slot) if slot in r]  # the bench's own slot is left out
     finally:
         receiver.terminate()
         receiver.wait(10)
-        _wait_for(lambda: not conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
-                                           (slot,)).fetchone()[0])
+        wait_for("the receiver's slot released", lambda: not conn.execute(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()[0], 15)
         conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
         conn.execute(f"DROP PUBLICATION {slot}")
         conn.close()
 
 
-def test_a_binlog_dump_of_another_client_is_named(erp):
+def test_a_binlog_dump_of_another_client_is_named(erp, wait_for):
     conn = pymysql.connect(host=erp.host, port=erp.port, user="root", password="", autocommit=True)
     before = set(_binlog_readers(conn.cursor()))
     stream = BinLogStreamReader(connection_settings={"host": erp.host, "port": erp.port, "user": "root",
@@ -70,7 +59,7 @@ def test_a_binlog_dump_of_another_client_is_named(erp):
     reading = threading.Thread(target=read, daemon=True)
     reading.start()
     try:
-        new = _wait_for(lambda: set(_binlog_readers(conn.cursor())) - before)
+        new = wait_for("the new binlog dump named", lambda: set(_binlog_readers(conn.cursor())) - before, 15)
         assert len(new) == 1 and next(iter(new)).startswith("binlog dump #")
     finally:
         stream.close()
