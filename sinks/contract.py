@@ -28,6 +28,27 @@ class SinkCapabilities(BaseModel):
     """For a buffering sink: how often the caller should call `flush` (and then acknowledge)."""
 
 
+class TextRows(Protocol):
+    """One table's collapsed changes as the rows of a PostgreSQL text COPY (`branchline.runtime.text_rows`
+    makes them from a PostgreSQL source's spooled rows). A sink that offers ``async write_text(table, rows)
+    -> bool`` writes them with the guarantees of `Sink.write_batch`, or returns False without writing when
+    the table does not take text; the caller then writes the same changes as events."""
+
+    schema: TableSchema
+    body: str
+    """One escaped line per change: the schema's columns, then position, op code, commit time."""
+    count: int
+    deletes: int
+    min_position: int
+
+    @property
+    def inserts_only(self) -> bool: ...
+
+    def describe(self, line: int) -> str:
+        """The key and position of line ``line`` (1-based), for an error message."""
+        ...
+
+
 @runtime_checkable
 class Sink(Protocol):
     """A writer into one target store.

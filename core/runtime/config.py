@@ -48,3 +48,7 @@ class RuntimeConfig(BaseModel):
     so it gets a core of its own while the runner process drains the spool into the sinks."""
     checkpoint_interval_ms: int = Field(default=1000, ge=0)
     """Longest wait before a durable spool write is checkpointed at the source (slot advance)."""
+    text_copy: bool = True
+    """PostgreSQL sources into PostgreSQL sinks: rows of tables without transforms, whose columns have types
+    that PostgreSQL's text form carries exactly, go from the spool into a text COPY without being decoded
+    (`branchline.runtime.text_rows`); off: every row is decoded into an event first. Same target rows."""

@@ -36,7 +36,8 @@ from branchline.events import ChangeEvent, TableId, TableSchema
 from branchline.gc_tuning import tune_for_throughput
 from branchline.paths import state_dir
 from branchline.runtime.config import RuntimeConfig
-from branchline.runtime.spool import Spool, batch_schemas
+from branchline.runtime.spool import Spool, SpooledBatch, batch_schemas
+from branchline.runtime.text_rows import TextRound, split_round
 
 log = logging.getLogger("branchline.runtime")
 
@@ -539,6 +540,8 @@ class Runner:
         self._warned_retention = False
         self._compiled: dict[TableSchema, Any] = {}
         self._prefetch: tuple[int, Any] | None = None
+        self._text_sinks = False
+        """Every sink writes PostgreSQL text rows (`write_text`), and `runtime.text_copy` is on."""
         """(sequence read after, future of the next round's spool read) while a backlog drains."""
 
     def _wake_drain(self) -> None:
@@ -558,6 +561,7 @@ class Runner:
         # heartbeat rows are measured when they reach a sink, never written into the target
         sinks = {name: metrics.skip_heartbeat_writes(build_sink(self.pipeline.sinks[name], name))
                  for name in self.sink_names}
+        self._text_sinks = self.runtime.text_copy and all(hasattr(sink, "write_text") for sink in sinks.values())
         threads: list[Any] = []
         retention: dict[str, float | None] = {}
         for source in self.pipeline.sources:
@@ -635,14 +639,14 @@ class Runner:
                 await asyncio.gather(self._prefetch[1], return_exceptions=True)
                 self._prefetch = None
 
-    async def _next_round(self, after_seq: int) -> list[Any]:
-        """The spool's batches after ``after_seq``: the read started while the last round was written,
-        when it was for this sequence number, else a new read."""
+    async def _next_round(self, after_seq: int) -> tuple[list[SpooledBatch], TextRound]:
+        """The spool's batches after ``after_seq``, split between the text and the event path: the read
+        started while the last round was written, when it was for this sequence number, else a new read."""
         prefetched, self._prefetch = self._prefetch, None
         if prefetched is not None:
-            batches = await prefetched[1]
+            round_ = await prefetched[1]
             if prefetched[0] == after_seq:
-                return list(batches)
+                return round_
         return await asyncio.to_thread(self._read_spool, after_seq)
 
     async def _drain_rounds(self, sinks: dict[str, Any], retention: dict[str, float | None],
@@ -751,14 +755,14 @@ class Runner:
                                 " next run", unflushed_batches)
                 return
             try:
-                batches = await self._next_round(read_after)
+                round_ = await self._next_round(read_after)
             except BranchlineError as exc:  # a spooled PostgreSQL value that does not decode (a bad record)
                 self.stats.error = exc
                 self.stop.set()
                 log.error("%s", exc)
                 metrics.observe_error("transform", self.pipeline.name, exc)
                 return
-            if not batches:
+            if not round_[0]:
                 self._wake.clear()
                 timeout = 0.5
                 if unflushed_batches:
@@ -768,31 +772,15 @@ class Runner:
                 except TimeoutError:
                     pass
                 continue
-            pairs: list[tuple[ChangeEvent, TableSchema]] = []
-            count = 0
+            batches, split = round_
+            count = sum(batch.count for batch in batches)
             if self.runtime.capture_processes:  # capture lag, measured here: the reader runs elsewhere
                 for batch in batches:
-                    first = batch.events[0].table
+                    first = batch.text.tables[0].id if batch.text is not None else batch.events[0].table
                     metrics.observe_changes_read(first.branch, first.source,
                                                  _read_marks(batch.events) if batch.marks is None else batch.marks)
             try:
-                for batch in batches:
-                    count += len(batch.events)
-                    compiled_for = {table: self._transform_for(schema) for table, schema in batch.schemas.items()}
-                    if len(compiled_for) == 1:  # one table, every event its own
-                        (only,) = compiled_for.values()
-                        if only.identity:  # `apply` returns each event as it is: pair them in C
-                            pairs.extend(zip(batch.events, repeat(only.schema)))
-                            continue
-                    last_table: Any = None
-                    compiled: Any = None  # a run of one table's events shares its TableId: one hash per run
-                    for event in batch.events:
-                        if event.table is not last_table:
-                            last_table = event.table
-                            compiled = compiled_for[last_table]
-                        transformed = compiled.apply(event)
-                        if transformed is not None:
-                            pairs.append((transformed, compiled.schema))
+                pairs = self._transformed(split.events)
             except BranchlineError as exc:  # a bad record or a `tables:` entry that does not fit
                 self.stats.error = exc
                 self.stop.set()
@@ -806,6 +794,18 @@ class Runner:
             started = time.monotonic()
             name = ""
             try:
+                # text segments first: the event segments may hold a heartbeat, which vouches for what came before
+                for text in split.segments:
+                    for name, sink in sinks.items():
+                        began = time.monotonic()
+                        if await sink.write_text(text.schema, text):
+                            metrics.observe_batch_written(text.table, name, text.marks, time.monotonic() - began)
+                            continue
+                        for segment in collapse(self._transformed(list(zip(text.events(), repeat(text.schema))))):
+                            began = time.monotonic()
+                            await sink.write_batch(segment.schema, segment.events)
+                            metrics.observe_batch_written(segment.table, name, segment.events,
+                                                          time.monotonic() - began)
                 for segment in segments:
                     for name, sink in sinks.items():
                         began = time.monotonic()
@@ -822,7 +822,7 @@ class Runner:
                 continue
             reachable_again()
             read_after = batches[-1].seq
-            if any(not metrics.is_heartbeat(segment.table) for segment in segments):
+            if split.segments or any(not metrics.is_heartbeat(segment.table) for segment in segments):
                 self.stats.last_write = time.monotonic()  # user rows only: see `SourceCapture.idle_since`
             if buffering:
                 unflushed_batches += len(batches)
@@ -832,8 +832,36 @@ class Runner:
                 self.stats.written += count
             log.debug("wrote %d changes (%d segments) in %.3f s", count, len(segments), time.monotonic() - started)
 
-    def _read_spool(self, after_seq: int) -> list[Any]:
-        return list(self.spool.read(self.runtime.batch_size, after_seq))
+    def _read_spool(self, after_seq: int) -> tuple[list[SpooledBatch], TextRound]:
+        """Read, and decode or split, in a worker thread: it overlaps the sinks' waits on the store."""
+        batches = list(self.spool.read(self.runtime.batch_size, after_seq))
+        return batches, split_round(batches, self._takes_text)
+
+    def _takes_text(self, schema: TableSchema) -> bool:
+        """Whether a table's spooled PostgreSQL text rows may take the text path (`branchline.runtime.text_rows`):
+        every sink writes text, no transform touches the table, and it is not a heartbeat table."""
+        from branchline import metrics
+
+        return (self._text_sinks and not metrics.is_heartbeat(schema.id)
+                and self._transform_for(schema).identity)
+
+    def _transformed(self, pairs: list[tuple[ChangeEvent, TableSchema]]) -> list[tuple[ChangeEvent, TableSchema]]:
+        """The `tables:` transforms applied to each (event, schema); an event a transform drops is left out."""
+        out: list[tuple[ChangeEvent, TableSchema]] = []
+        append = out.append
+        last: Any = None
+        compiled: Any = None  # a run of one table's events shares its schema object: one lookup per run
+        for event, schema in pairs:
+            if schema is not last:
+                last = schema
+                compiled = self._transform_for(schema)
+            if compiled.identity:  # `apply` would return the event as it is
+                append((event, compiled.schema))
+                continue
+            transformed = compiled.apply(event)
+            if transformed is not None:
+                append((transformed, compiled.schema))
+        return out
 
     def _transform_for(self, schema: TableSchema) -> Any:
         """The `tables:` transforms of a table, compiled once per schema (the Faust workers' code)."""

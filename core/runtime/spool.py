@@ -25,6 +25,7 @@ from typing import Any
 from branchline.connectors.embedded.pgoutput import TextRow
 from branchline.connectors.embedded.reader import BinlogRows, Checkpoint
 from branchline.events import ChangeEvent, Op, TableSchema
+from branchline.runtime.text_rows import TextBatch
 from branchline.streams._construct import new_event
 
 _SCHEMA = """
@@ -56,18 +57,41 @@ CREATE TABLE IF NOT EXISTS snapshot_tables (
 _OPS = {op.value: op for op in Op}
 
 
-@dataclass(slots=True)
 class SpooledBatch:
-    """One batch read back from the spool, in capture order."""
+    """One batch read back from the spool, in capture order.
 
-    seq: int
-    source: str
-    events: list[ChangeEvent]
-    schemas: dict[Any, TableSchema]
-    bytes: int
-    marks: list[Any] | None = None
-    """What `metrics.observe_changes_read` needs of ``events`` (`ReadMark` objects), when the decoder knew it
-    without a pass over the events; None: give it the events."""
+    A batch of PostgreSQL text rows (``text``) is decoded into events only when ``events`` is first read:
+    the runner's text path (`branchline.runtime.text_rows`) writes most of them without events."""
+
+    __slots__ = ("_events", "_schemas", "bytes", "count", "marks", "seq", "source", "text")
+
+    def __init__(self, seq: int, source: str, events: list[ChangeEvent] | None, schemas: dict[Any, TableSchema] | None,
+                 bytes: int, marks: list[Any] | None = None, text: TextBatch | None = None, count: int = 0) -> None:
+        self.seq = seq
+        self.source = source
+        self._events = events
+        self._schemas = schemas
+        self.bytes = bytes
+        self.marks = marks
+        """What `metrics.observe_changes_read` needs of ``events`` (`ReadMark` objects), when the decoder knew
+        it without a pass over the events; None: give it the events."""
+        self.text = text
+        self.count = len(events) if events is not None else count
+        """Row changes in the batch (a text row whose primary key changed becomes two events)."""
+
+    @property
+    def events(self) -> list[ChangeEvent]:
+        if self._events is None:
+            assert self.text is not None
+            self._events = self.text.events()
+        return self._events
+
+    @property
+    def schemas(self) -> dict[Any, TableSchema]:
+        if self._schemas is None:
+            assert self.text is not None
+            self._schemas = self.text.schemas()
+        return self._schemas
 
 
 @dataclass(slots=True)
@@ -256,34 +280,17 @@ def _decode_rows(data: bytes) -> tuple[list[ChangeEvent], dict[Any, TableSchema]
     return binlog_row_events(groups, tables, whole), {t.id: t for t in tables}, None
 
 
-_decoders: dict[tuple[tuple[str, int, int], ...], tuple[Any, ...]] = {}
-"""Relation columns -> their decoders: built once per relation, not per batch."""
-
-
-def _decode_text(data: bytes) -> tuple[list[ChangeEvent], dict[Any, TableSchema], list[Any] | None]:
-    from branchline.connectors.embedded.pgoutput import text_decoders
-    from branchline.connectors.embedded.postgres import text_row_events
-
-    size = int.from_bytes(data[4:8], "big")
-    tables, relations, stamps, others = pickle.loads(data[8:8 + size])
-    rows = marshal.loads(data[8 + size:])
-    ids = [t.id for t in tables]
-    specs = []
-    for table_slot, columns in relations:
-        decoders = _decoders.get(columns)
-        if decoders is None:
-            decoders = _decoders[columns] = text_decoders(columns)
-        specs.append((tuple(c[0] for c in columns), decoders, tables[table_slot]))
-    whole = [new_event({"op": _OPS[op], "table": ids[slot], "key": key, "before": before, "after": after,
-                        "position": position, "source_ts": ts, "txid": txid, "snapshot": snap})
-             for op, slot, key, before, after, position, ts, txid, snap in others]
-    marks: list[Any] | None = None
-    if rows and None not in stamps and not whole:
-        positions = list(map(_third, rows))
-        top = max(positions)
-        marks = [ReadMark(top, stamps[rows[positions.index(top)][3]])]
-        marks.extend(ReadMark(top, stamp) for stamp in stamps)
-    return text_row_events(rows, specs, stamps, whole), {t.id: t for t in tables}, marks
+def text_marks(text: TextBatch) -> list[Any] | None:
+    """A text batch's `SpooledBatch.marks`: one `ReadMark` at the highest position and one per commit time
+    (None when the batch holds whole events or a row without a commit time)."""
+    rows, stamps = text.rows, text.stamps
+    if not rows or None in stamps or text.others:
+        return None
+    positions = list(map(_third, rows))
+    top = max(positions)
+    marks = [ReadMark(top, stamps[rows[positions.index(top)][3]])]
+    marks.extend(ReadMark(top, stamp) for stamp in stamps)
+    return marks
 
 
 _third = itemgetter(2)
@@ -297,7 +304,8 @@ def decode(data: bytes) -> tuple[list[ChangeEvent], dict[Any, TableSchema]]:
 def decode_batch(data: bytes) -> tuple[list[ChangeEvent], dict[Any, TableSchema], list[Any] | None]:
     """A spooled batch's events and schemas, and its `SpooledBatch.marks`."""
     if data[:4] == _TEXT:
-        return _decode_text(data)
+        text = TextBatch(data)
+        return text.events(), text.schemas(), text_marks(text)
     if data[:4] == _ROWS:
         return _decode_rows(data)
     tables, rows = pickle.loads(data)
@@ -459,6 +467,9 @@ class Spool:
                 data[seq] = row[0]
             if cached is not None:
                 yield SpooledBatch(seq, source, cached[0], cached[1], size)
+            elif data[seq][:4] == _TEXT:
+                text = TextBatch(data[seq])
+                yield SpooledBatch(seq, source, None, None, size, text_marks(text), text, count=len(text.rows))
             else:
                 events, schemas, marks = decode_batch(data[seq])
                 yield SpooledBatch(seq, source, events, schemas, size, marks)

@@ -43,6 +43,7 @@ from branchline.events import TableSchema
 from branchline.sinks.postgres.ddl import TRUNCATIONS, TargetTable
 from branchline.sinks.postgres.types import (
     DUMPS_ANY_OBJECT,
+    TEXT_COPY_TYPES,
     Converter,
     converter,
     is_normalizer,
@@ -85,6 +86,11 @@ class TablePlan:
     copy_direct: sql.Composed | None
     """COPY of insert-only changes straight into the target (None when a column is staged as text)."""
     direct_types: tuple[int, ...]
+    copy_text: sql.Composed | None
+    """`copy` in COPY's text format, for `PostgresSink.write_text`; None when the table does not take text
+    (a column type outside `types.TEXT_COPY_TYPES`, or no primary key)."""
+    copy_direct_text: sql.Composed | None
+    """`copy_direct` in COPY's text format (None as `copy_text`)."""
     direct_check: sql.Composed
     """True when a truncate mark or a tombstone could guard off a change at ``%(position)s`` or later:
     the batch needs the guarded upsert and must not COPY straight into the target."""
@@ -171,6 +177,10 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
             table, _join(copy_columns[:-1])
         )
     direct_types = tuple(copy_types[:-1])
+    copy_text = copy_direct_text = None
+    if keyed and copy_direct is not None and all(c.type in TEXT_COPY_TYPES for c in source.columns):
+        copy_text = sql.SQL("COPY {} ({}) FROM STDIN").format(stage, _join(copy_columns))
+        copy_direct_text = sql.SQL("COPY {} ({}) FROM STDIN").format(table, _join(copy_columns[:-1]))
     guards: list[sql.Composable] = [
         sql.SQL("EXISTS (SELECT 1 FROM {} WHERE table_name = {} AND position >= %(position)s)").format(
             truncations, sql.Literal(target.name)
@@ -373,6 +383,8 @@ def build_plan(source: TableSchema, target: TargetTable, *, soft_delete: bool, b
         copy=copy,
         copy_direct=copy_direct,
         direct_types=direct_types,
+        copy_text=copy_text,
+        copy_direct_text=copy_direct_text,
         direct_check=direct_check,
         prefill=prefill,
         update_existing=update_existing,

@@ -35,7 +35,7 @@ from branchline.events import UNCHANGED, ChangeEvent, Op, TableSchema
 from branchline.sinks._batch import collapse, render, split_at_truncates
 from branchline.sinks._retry import retrying
 from branchline.sinks.config import PostgresSinkConfig
-from branchline.sinks.contract import SinkCapabilities
+from branchline.sinks.contract import SinkCapabilities, TextRows
 from branchline.sinks.postgres._copy import FLUSH_AT, BinaryRows
 from branchline.sinks.postgres.ddl import MAX_IDENTIFIER, ensure_table
 from branchline.sinks.postgres.errors import map_error
@@ -134,6 +134,24 @@ class PostgresSink:
             name=self.name,
         )
         await self._prune_now_and_then(plan)
+
+    async def write_text(self, table: TableSchema, rows: TextRows) -> bool:
+        """Apply one table's changes given as text COPY rows (`TextRows`), as `write_batch` applies events;
+        False, writing nothing, when the table does not take text (`TablePlan.copy_text`) or the rows hold
+        deletes in soft-delete mode (the event path fills what a key-only image lacks)."""
+        plan = await self._plan(table)
+        if plan.copy_text is None or (rows.deletes and plan.soft_delete):
+            return False
+        await retrying(
+            lambda: self._write(plan, rows),
+            what=f"writing {rows.count} changes into {plan.qualified}",
+            max_attempts=self.config.max_attempts,
+            backoff_s=self.config.retry_backoff_s,
+            max_backoff_s=self.config.retry_max_backoff_s,
+            name=self.name,
+        )
+        await self._prune_now_and_then(plan)
+        return True
 
     async def flush(self) -> None:
         """Nothing to do: every `write_batch` commits before it returns."""
@@ -252,25 +270,32 @@ class PostgresSink:
         self._plans[slot] = plan
         return plan
 
-    async def _write(self, plan: TablePlan, events: Sequence[ChangeEvent]) -> None:
+    async def _write(self, plan: TablePlan, events: Sequence[ChangeEvent] | TextRows) -> None:
+        """One transaction: ``events`` (split at truncates and collapsed) or text rows, with retries of the
+        transaction for the cases only a second form can write (`_Renormalize`, `_Restage`)."""
         pool = await self._get_pool()
-        current: list[_Net] = []
+        current: list[_Net] | TextRows = []
+        text = not isinstance(events, Sequence)
 
         def describe(line: int) -> str:
+            if not isinstance(current, list):
+                return current.describe(line)
             if 1 <= line <= len(current):
                 change = current[line - 1]
                 return f"key {_describe_key(plan, change)} at position {change.position}"
             return ""
 
         async def transaction(normalize: bool, direct: bool) -> None:
+            nonlocal current
             async with pool.connection() as conn:
                 try:
                     async with conn.transaction():
                         staged = False
-                        for changes, truncate in split_at_truncates(events):
-                            net = _net_changes(plan.source, changes, plan.branch_key)
-                            current[:] = net
-                            if not net:
+                        parts = [(events, None)] if text else split_at_truncates(events)  # type: ignore[arg-type]
+                        for changes, truncate in parts:
+                            net = changes if text else _net_changes(plan.source, changes, plan.branch_key)
+                            current = net
+                            if not _count(net):
                                 pass
                             elif await self._direct(conn, plan, net, direct, normalize):
                                 pass  # written straight into the target
@@ -283,8 +308,8 @@ class PostgresSink:
                                 upserted = await self._apply(conn, plan, net, normalize)
                                 if (
                                     plan.table_id in self._direct_off
-                                    and upserted == len(net)
-                                    and _inserts_only(net)
+                                    and upserted == _count(net)
+                                    and _only_inserts(net)
                                 ):
                                     self._direct_off.discard(plan.table_id)  # new rows again: try COPY
                             if truncate is not None:
@@ -315,7 +340,10 @@ class PostgresSink:
         except KeyError as exc:  # from the collapse: an event without its key
             raise FatalSinkError(f"`{plan.qualified}` {exc.args[0] if exc.args else exc}") from exc
         except (psycopg.Error, PoolTimeout, OSError) as exc:
-            where = f"(positions {min(e.position for e in events)}..{max(e.position for e in events)})"
+            if isinstance(events, Sequence):
+                where = f"(positions {min(e.position for e in events)}..{max(e.position for e in events)})"
+            else:
+                where = f"(positions from {events.min_position})"
             raise map_error(exc, table=plan.qualified, describe_copy_line=describe, where=where) from exc
 
     async def _stage(self, conn: AsyncConnection, plan: TablePlan) -> None:
@@ -334,15 +362,16 @@ class PostgresSink:
             oldest, _ = stages.popitem(last=False)
             await conn.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(sql.Identifier(oldest)))
 
-    async def _may_be_guarded(self, conn: AsyncConnection, plan: TablePlan, net: list[_Net]) -> bool:
+    async def _may_be_guarded(self, conn: AsyncConnection, plan: TablePlan, net: list[_Net] | TextRows) -> bool:
         """Whether a truncate mark or a tombstone lies at or above ``net``'s first position, so that
         new keys need the guarded INSERT (and insert-only changes cannot be COPYed into the target)."""
-        cursor = await conn.execute(plan.direct_check, {"position": min(map(_position_of, net))})
+        first = min(map(_position_of, net)) if isinstance(net, list) else net.min_position
+        cursor = await conn.execute(plan.direct_check, {"position": first})
         row = await cursor.fetchone()
         return row is None or bool(row[0])
 
     async def _direct(
-        self, conn: AsyncConnection, plan: TablePlan, net: list[_Net], direct: bool, normalize: bool
+        self, conn: AsyncConnection, plan: TablePlan, net: list[_Net] | TextRows, direct: bool, normalize: bool
     ) -> bool:
         """Write ``net`` by COPY straight into the target when it can be; True when it was.
 
@@ -357,12 +386,16 @@ class PostgresSink:
             not direct
             or plan.copy_direct is None
             or plan.table_id in self._direct_off
-            or net[0].op not in _INSERTS  # a batch of updates: no scan of every op
-            or not _inserts_only(net)
+            or not _only_inserts(net)
             or await self._may_be_guarded(conn, plan, net)
         ):
             return False
         try:
+            if not isinstance(net, list):
+                assert plan.copy_direct_text is not None
+                async with conn.cursor() as cur, cur.copy(plan.copy_direct_text) as copy:
+                    await copy.write(_text_body(plan, net, staged=False))
+                return True
             async with conn.cursor() as cur, cur.copy(plan.copy_direct) as copy:
                 copy.set_types(plan.direct_types)
                 await self._encode(BinaryRows(copy), plan, net, normalize, staged=False)
@@ -371,18 +404,26 @@ class PostgresSink:
             raise _Restage from exc
         return True
 
-    async def _apply(self, conn: AsyncConnection, plan: TablePlan, net: list[_Net], normalize: bool) -> int:
+    async def _apply(
+        self, conn: AsyncConnection, plan: TablePlan, net: list[_Net] | TextRows, normalize: bool
+    ) -> int:
         """Stage ``net`` and upsert it (then deletes and tombstones); returns the rows the upsert wrote.
 
         The guard query (`_may_be_guarded`) runs only when the UPDATE of stored rows left changes for the
         INSERT: a batch of updates costs COPY + UPDATE + COMMIT and no other round trip.
         """
         async with conn.cursor() as cursor:
-            async with cursor.copy(plan.copy) as copy:
-                copy.set_types(plan.copy_types)
-                has_unchanged, deletes, has_upsert = await self._encode(
-                    BinaryRows(copy), plan, net, normalize, staged=True
-                )
+            if isinstance(net, list):
+                async with cursor.copy(plan.copy) as copy:
+                    copy.set_types(plan.copy_types)
+                    has_unchanged, deletes, has_upsert = await self._encode(
+                        BinaryRows(copy), plan, net, normalize, staged=True
+                    )
+            else:
+                assert plan.copy_text is not None
+                async with cursor.copy(plan.copy_text) as copy:
+                    await copy.write(_text_body(plan, net, staged=True))
+                has_unchanged, deletes, has_upsert = False, net.deletes, net.deletes < net.count
             has_delete = deletes > 0
             if plan.prefill is not None and has_unchanged:
                 await cursor.execute(plan.prefill)
@@ -390,7 +431,7 @@ class PostgresSink:
             if plan.update_existing is not None:
                 await cursor.execute(plan.update_existing)
                 upserted = cursor.rowcount
-            candidates = len(net) if plan.soft_delete else len(net) - deletes
+            candidates = _count(net) if plan.soft_delete else _count(net) - deletes
             if plan.update_existing is None or upserted < candidates:  # new keys (or older changes) left
                 guarded = await self._may_be_guarded(conn, plan, net)
                 await cursor.execute(plan.upsert if guarded else plan.upsert_unguarded)
@@ -670,6 +711,30 @@ def _plain_rows(chunk: Sequence[_Net], pick: Any, tail: tuple[Any, ...]) -> Iter
 
 def _inserts_only(net: list[_Net]) -> bool:
     return set(map(_op_of, net)) <= _INSERTS
+
+
+def _only_inserts(net: list[_Net] | TextRows) -> bool:
+    """Whether every change is an insert (``c``/``r``); for events, the first op is checked before the scan."""
+    if isinstance(net, list):
+        return net[0].op in _INSERTS and _inserts_only(net)
+    return net.inserts_only
+
+
+def _count(net: list[_Net] | TextRows) -> int:
+    return len(net) if isinstance(net, list) else net.count
+
+
+def _text_body(plan: TablePlan, rows: TextRows, *, staged: bool) -> str:
+    """``rows.body`` in the plan's COPY layout: ``_bl_branch`` first when the key has it, and the staging
+    table's ``_bl_unchanged`` (always NULL: text rows carry whole images) last."""
+    body = rows.body
+    if plan.branch_key:
+        branch = rows.schema.id.branch
+        prefix = branch.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r") + "\t"
+        body = prefix + body[:-1].replace("\n", "\n" + prefix) + "\n"
+    if staged:
+        body = body[:-1].replace("\n", "\t\\N\n") + "\t\\N\n"
+    return body
 
 
 def _branches(events: Sequence[ChangeEvent]) -> set[str]:

@@ -205,6 +205,14 @@ def is_normalizer(column: Column) -> bool:
     return column.type in (ColumnType.TIMESTAMP, ColumnType.TIMESTAMPTZ)
 
 
+TEXT_COPY_TYPES = frozenset({
+    ColumnType.BOOLEAN, ColumnType.INT16, ColumnType.INT32, ColumnType.INT64, ColumnType.DECIMAL,
+    ColumnType.FLOAT64, ColumnType.STRING, ColumnType.DATE, ColumnType.TIMESTAMP, ColumnType.TIMESTAMPTZ,
+    ColumnType.UUID,
+})
+"""Types whose target column (`target_type`) parses a PostgreSQL source's text form into the value the
+binary path writes: a table of only these may take `PostgresSink.write_text`."""
+
 DUMPS_ANY_OBJECT = frozenset({ColumnType.BOOLEAN, ColumnType.TIME, ColumnType.INTERVAL})
 """Types whose psycopg binary dumper accepts any object (bool by truthiness, interval by duck typing).
 
