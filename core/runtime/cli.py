@@ -175,4 +175,5 @@ def run(file: Path, sinks: tuple[str, ...], spool_path: Path | None, reset: bool
     finally:
         shown.set()
         display.join(2)
-    click.echo(f"captured {runner.stats.captured} changes, wrote {runner.stats.written}", err=True)
+    click.echo(f"captured {runner.stats.captured} changes, wrote {runner.stats.written}"
+               f" ({runner.stats.written_as_text} of them as text COPY rows)", err=True)

@@ -107,6 +107,8 @@ class RunStats:
 
     captured: int = 0
     written: int = 0
+    written_as_text: int = 0
+    """Of ``written``: row changes that took the text path (`branchline.runtime.text_rows`)."""
     snapshot: dict[str, TableProgress] = field(default_factory=dict)
     snapshot_done: dict[str, bool] = field(default_factory=dict)
     last_capture: float = field(default_factory=time.monotonic)
@@ -793,19 +795,24 @@ class Runner:
                                   asyncio.ensure_future(asyncio.to_thread(self._read_spool, batches[-1].seq)))
             started = time.monotonic()
             name = ""
+            as_text = 0
             try:
                 # text segments first: the event segments may hold a heartbeat, which vouches for what came before
                 for text in split.segments:
+                    taken = 0
                     for name, sink in sinks.items():
                         began = time.monotonic()
                         if await sink.write_text(text.schema, text):
                             metrics.observe_batch_written(text.table, name, text.marks, time.monotonic() - began)
+                            taken += 1
                             continue
                         for segment in collapse(self._transformed(list(zip(text.events(), repeat(text.schema))))):
                             began = time.monotonic()
                             await sink.write_batch(segment.schema, segment.events)
                             metrics.observe_batch_written(segment.table, name, segment.events,
                                                           time.monotonic() - began)
+                    if taken == len(sinks):
+                        as_text += text.rows
                 for segment in segments:
                     for name, sink in sinks.items():
                         began = time.monotonic()
@@ -830,6 +837,7 @@ class Runner:
             else:
                 await asyncio.to_thread(self.spool.delete_through, read_after)
                 self.stats.written += count
+                self.stats.written_as_text += as_text
             log.debug("wrote %d changes (%d segments) in %.3f s", count, len(segments), time.monotonic() - started)
 
     def _read_spool(self, after_seq: int) -> tuple[list[SpooledBatch], TextRound]:

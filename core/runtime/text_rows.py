@@ -9,9 +9,9 @@ and writes the COPY text itself; the sink runs the same guarded statements on it
 
 Only what gives the same target rows as the event path takes it (`tests/integration/test_text_path.py`
 compares the two row by row):
-- columns of the types in `SAFE_OIDS`, whose values match the shape the event path's decoder accepts
-  (`_SHAPES`: a value it would reject, like ``infinity`` or a BC date, sends the table down the event
-  path, which names it);
+- columns of the types in `SAFE_OIDS` with values the event path's decoder reads the same way (`_CHECKS`:
+  a value it would reject, like ``infinity`` or a BC date, sends the table down the event path, which
+  names it);
 - keyed tables that no transform touches, and no heartbeat table;
 - whole row images: an unchanged TOAST value, a changed primary key or a truncate sends the table's
   rows of the round down the event path.
@@ -37,27 +37,35 @@ _OPS = {op.value: op for op in Op}
 _OP_CODE = {"I": "c", "U": "u", "D": "d"}
 _OP_OF = {"I": Op.CREATE, "U": Op.UPDATE, "D": Op.DELETE}
 
-_DIGITS = r"-?[0-9]+"
-_DATE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
-_TIME = r"[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?"
-_SHAPES: dict[int, str | None] = {
-    16: "[tf]",  # boolean
-    20: _DIGITS, 21: _DIGITS, 23: _DIGITS,  # bigint, smallint, integer
+_FIVE_DIGIT_YEAR = re.compile("\n[0-9]{5}")
+
+
+def _plain_number(joined: str) -> bool:
+    """numeric, double precision: NaN and (-)Infinity take the event path (PostgreSQL prints no other letter)."""
+    return "N" not in joined and "I" not in joined
+
+
+def _plain_time(joined: str) -> bool:
+    """date, timestamp, timestamptz: ``infinity``, BC dates and years past 9999 are values the event path's
+    decoder (`datetime.fromisoformat`) rejects, naming them; they take that path."""
+    return ("i" not in joined and "B" not in joined and not joined[:5].isdigit()
+            and _FIVE_DIGIT_YEAR.search(joined) is None)
+
+
+_CHECKS: dict[int, Callable[[str], bool] | None] = {
+    16: None, 20: None, 21: None, 23: None,  # boolean, bigint, smallint, integer: always plain
     25: None, 1042: None, 1043: None,  # text, char(n), varchar(n): any text (escaped for COPY)
-    1700: r"-?[0-9]+(?:\.[0-9]+)?",  # numeric (NaN and Infinity take the event path)
-    701: r"-?[0-9]+(?:\.[0-9]+)?(?:e[-+][0-9]+)?",  # double precision (NaN, Infinity: the event path)
-    1082: _DATE,  # date
-    1114: _DATE + " " + _TIME,  # timestamp
-    1184: _DATE + " " + _TIME + r"\+00",  # timestamptz: the walsender's session runs in UTC
-    2950: "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",  # uuid
+    1700: _plain_number, 701: _plain_number,  # numeric, double precision
+    1082: _plain_time, 1114: _plain_time, 1184: _plain_time,  # date, timestamp, timestamptz
+    2950: None,  # uuid: always the canonical form
 }
-"""Type OID -> the shape (regex) of a value whose text the target parses into exactly the value the event
-path's decoder makes and the sink writes (None: any text). `pgoutput.SESSION_GUCS` fixes the formats."""
-SAFE_OIDS = frozenset(_SHAPES)
+"""Type OID -> a check of its values (joined by newlines) before they take the text path: the target parses
+each type's text into exactly the value the event path's decoder makes and the sink writes, given the
+formats `pgoutput.SESSION_GUCS` fixes on the walsender's session (UTC, ISO dates, shortest exact floats)."""
+SAFE_OIDS = frozenset(_CHECKS)
 KEY_OIDS = frozenset({16, 20, 21, 23, 25, 1042, 1043, 1082, 1114, 1184, 2950})
 """Types a primary key column may have on the text path: one text per value, so equal texts are equal keys
 (``1.0`` and ``1.00`` are one numeric key, two texts)."""
-_MATCHERS = {oid: re.compile(f"(?:{shape})(?:\n(?:{shape}))*") for oid, shape in _SHAPES.items() if shape}
 
 
 class WrittenMark(NamedTuple):
@@ -136,6 +144,7 @@ class TextSegment:
     count: int
     deletes: int
     min_position: int
+    inserts_only: bool
     marks: list[WrittenMark]
     keys: list[tuple[str | None, ...]]
     positions: list[int]
@@ -143,12 +152,13 @@ class TextSegment:
     """The rows it came from, uncollapsed: `events` rebuilds the event path's input from them."""
 
     @property
-    def inserts_only(self) -> bool:
-        return all(mark.op is Op.CREATE for mark in self.marks)
-
-    @property
     def table(self) -> TableId:
         return self.schema.id
+
+    @property
+    def rows(self) -> int:
+        """The row changes it came from, before the collapse."""
+        return sum(len(chunk.rows) for chunk in self.chunks)
 
     def describe(self, line: int) -> str:
         """Line ``line`` (1-based) of the COPY, as an error message names it: key and position."""
@@ -319,11 +329,11 @@ def _segment(chunks: list[_Chunk]) -> TextSegment | None:
             nulls += column.count(None)
             present = [v for v in column if v is not None]
             column = ["\\N" if v is None else v for v in column]
-        matcher = _MATCHERS.get(columns[i][1])
-        if matcher is not None and present and matcher.fullmatch("\n".join(present)) is None:
+        check = _CHECKS[columns[i][1]]
+        if check is not None and present and not check("\n".join(present)):
             return None  # a value the event path's decoder rejects or reads differently (NaN, infinity, BC)
         text_columns.append(column)
-    stamp_texts = {id(s): _stamp_text(s) for s in stamps}
+    stamp_texts = {key: _stamp_text(s) for key, s in dict(zip(map(id, stamps), stamps)).items()}
     kept_stamps = [stamps[i] for i in picked]
     ops = [row[0] for row in kept]
     bookkeeping = ([str(row[2]) for row in kept], list(map(_OP_CODE.__getitem__, ops)),
@@ -337,8 +347,8 @@ def _segment(chunks: list[_Chunk]) -> TextSegment | None:
         body = _escaped([*raw, *bookkeeping])  # a value holds a tab, newline or backslash
     marks = list(map(WrittenMark, map(_OP_OF.__getitem__, ops), kept_stamps, repeat(False)))
     keys = [key if not single else (key,) for key in map(key_at, images)]
-    return TextSegment(schema, body, len(kept), ops.count("D"), min(positions), marks, keys,
-                       [row[2] for row in kept], chunks)
+    return TextSegment(schema, body, len(kept), ops.count("D"), min(positions), ops.count("I") == len(ops), marks,
+                       keys, [row[2] for row in kept], chunks)
 
 
 def _escaped(columns: list[Sequence[str | None]]) -> str:
