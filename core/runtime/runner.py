@@ -5,7 +5,8 @@ and appends batches to the spool together with the source's checkpoint; only the
 acknowledged. One asyncio drain reads the spool in order, collapses each batch per key (the same
 `branchline.streams.dedupe.collapse` as the Faust workers) and writes it with the same sinks. When
 a sink is unreachable the drain waits and retries while capture keeps filling the spool, up to its
-size limit.
+size limit. PostgreSQL rows of tables without transforms, whose column types PostgreSQL's text form carries
+exactly, skip the events: they go from the spool into a text COPY (`branchline.runtime.text_rows`).
 
 Snapshot without a gap: the log position is recorded (and, on PostgreSQL, the slot created) before
 the first table is read; tables are read in primary-key chunks; streaming then starts from the
