@@ -347,8 +347,9 @@ def _segment(chunks: list[_Chunk]) -> TextSegment | None:
         body = _escaped([*raw, *bookkeeping])  # a value holds a tab, newline or backslash
     marks = list(map(WrittenMark, map(_OP_OF.__getitem__, ops), kept_stamps, repeat(False)))
     keys = [key if not single else (key,) for key in map(key_at, images)]
-    return TextSegment(schema, body, len(kept), ops.count("D"), min(positions), ops.count("I") == len(ops), marks,
-                       keys, [row[2] for row in kept], chunks)
+    kept_positions = [row[2] for row in kept]
+    return TextSegment(schema, body, len(kept), ops.count("D"), min(kept_positions), ops.count("I") == len(ops),
+                       marks, keys, kept_positions, chunks)
 
 
 def _escaped(columns: list[Sequence[str | None]]) -> str:

@@ -125,15 +125,7 @@ class PostgresSink:
         if not events:
             return
         plan = await self._plan(table)
-        await retrying(
-            lambda: self._write(plan, events),
-            what=f"writing {len(events)} changes into {plan.qualified}",
-            max_attempts=self.config.max_attempts,
-            backoff_s=self.config.retry_backoff_s,
-            max_backoff_s=self.config.retry_max_backoff_s,
-            name=self.name,
-        )
-        await self._prune_now_and_then(plan)
+        await self._write_retrying(plan, events, len(events))
 
     async def write_text(self, table: TableSchema, rows: TextRows) -> bool:
         """Apply one table's changes given as text COPY rows (`TextRows`), as `write_batch` applies events;
@@ -142,15 +134,7 @@ class PostgresSink:
         plan = await self._plan(table)
         if plan.copy_text is None or (rows.deletes and plan.soft_delete):
             return False
-        await retrying(
-            lambda: self._write(plan, rows),
-            what=f"writing {rows.count} changes into {plan.qualified}",
-            max_attempts=self.config.max_attempts,
-            backoff_s=self.config.retry_backoff_s,
-            max_backoff_s=self.config.retry_max_backoff_s,
-            name=self.name,
-        )
-        await self._prune_now_and_then(plan)
+        await self._write_retrying(plan, rows, rows.count)
         return True
 
     async def flush(self) -> None:
@@ -269,6 +253,18 @@ class PostgresSink:
             self._with_tombstones.add(plan.qualified)
         self._plans[slot] = plan
         return plan
+
+    async def _write_retrying(self, plan: TablePlan, changes: Sequence[ChangeEvent] | TextRows, count: int) -> None:
+        """`_write` with the sink's retries, then the table's tombstone housekeeping."""
+        await retrying(
+            lambda: self._write(plan, changes),
+            what=f"writing {count} changes into {plan.qualified}",
+            max_attempts=self.config.max_attempts,
+            backoff_s=self.config.retry_backoff_s,
+            max_backoff_s=self.config.retry_max_backoff_s,
+            name=self.name,
+        )
+        await self._prune_now_and_then(plan)
 
     async def _write(self, plan: TablePlan, events: Sequence[ChangeEvent] | TextRows) -> None:
         """One transaction: ``events`` (split at truncates and collapsed) or text rows, with retries of the

@@ -49,7 +49,7 @@ def test_changes_of_one_key_collapse_to_the_last_and_values_go_out_as_copy_text(
     stamp = T1.isoformat()
     assert segment.body == (f"1\ttab\\there\\\\ and \\\\N\t3.25\t2026-01-02 00:00:00\t102\tu\t{stamp}\n"
                             f"2\t\\N\t\\N\t\\N\t103\td\t{stamp}\n")
-    assert (segment.count, segment.deletes, segment.min_position, segment.inserts_only) == (2, 1, 100, False)
+    assert (segment.count, segment.deletes, segment.min_position, segment.inserts_only) == (2, 1, 102, False)
     assert [m.op for m in segment.marks] == [Op.UPDATE, Op.DELETE]
     assert segment.rows == 4
     assert segment.describe(2) == "key (id='2') at position 103"
