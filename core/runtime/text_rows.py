@@ -292,26 +292,31 @@ def _segment(chunks: list[_Chunk]) -> TextSegment | None:
         rows.extend(chunk.rows)
         stamps.extend(map(chunk.batch.stamps.__getitem__, map(_stamp_slot, chunk.rows)))
     positions = list(map(_position, rows))
-    order = range(len(rows))
     if not all(map(le, positions, positions[1:])):  # collapse in position order, as the event path does
-        order = sorted(order, key=positions.__getitem__)  # type: ignore[assignment]
+        order = sorted(range(len(rows)), key=positions.__getitem__)
+        rows = [rows[i] for i in order]
+        stamps = [stamps[i] for i in order]
+    kinds = list(map(_kind, rows))
+    images = [row[5] if row[0] == "D" else row[6] for row in rows] if "D" in kinds else list(map(_new, rows))
+    if None in images:
+        return None
     key_at = itemgetter(*[index_of[k] for k in schema.primary_key])
     single = len(schema.primary_key) == 1
-    last: dict[Any, int] = {}
-    for i in order:
-        row = rows[i]
-        kind = row[0]
-        image = row[5] if kind == "D" else row[6]
-        if image is None:
-            return None
-        key = key_at(image)
-        if kind == "U" and row[5] is not None and key_at(row[5]) != key:
-            return None  # a changed primary key: the event path makes it a delete and a create
-        last.pop(key, None)
-        last[key] = i  # popped and re-added: the dict stays in the order of each key's last change
-    picked = list(last.values())
-    kept = [rows[i] for i in picked]
-    images = [row[5] if row[0] == "D" else row[6] for row in kept]
+    keys = list(map(key_at, images))
+    olds = list(map(_old, rows))
+    if olds.count(None) != len(olds) and any(
+            kind == "U" and old is not None and key_at(old) != key for kind, old, key in zip(kinds, olds, keys)):
+        return None  # a changed primary key: the event path makes it a delete and a create
+    last = dict(zip(keys, range(len(rows))))
+    """Each key's last change: later indexes overwrite earlier ones (C loops, no Python per row)."""
+    if len(last) == len(rows):
+        picked: Sequence[int] = range(len(rows))
+        kept = rows
+    else:
+        picked = sorted(last.values())  # in the order of each key's last change, as the event path's net
+        kept = [rows[i] for i in picked]
+        images = [images[i] for i in picked]
+        keys = [keys[i] for i in picked]
     values = list(zip(*images)) if images else []
     raw: list[Sequence[str | None]] = []
     """Each COPY column's values, None for NULL."""
@@ -335,8 +340,9 @@ def _segment(chunks: list[_Chunk]) -> TextSegment | None:
         text_columns.append(column)
     stamp_texts = {key: _stamp_text(s) for key, s in dict(zip(map(id, stamps), stamps)).items()}
     kept_stamps = [stamps[i] for i in picked]
-    ops = [row[0] for row in kept]
-    bookkeeping = ([str(row[2]) for row in kept], list(map(_OP_CODE.__getitem__, ops)),
+    ops = list(map(_kind, kept))
+    kept_positions = list(map(_position, kept))
+    bookkeeping = (list(map(str, kept_positions)), list(map(_OP_CODE.__getitem__, ops)),
                    [stamp_texts[id(s)] for s in kept_stamps])
     text_columns.extend(bookkeeping)
     lines = list(map("\t".join, zip(*text_columns)))
@@ -345,9 +351,11 @@ def _segment(chunks: list[_Chunk]) -> TextSegment | None:
     if (body.count("\t") != len(lines) * (width - 1) or body.count("\n") != len(lines)
             or body.count("\\") != nulls or "\r" in body):
         body = _escaped([*raw, *bookkeeping])  # a value holds a tab, newline or backslash
-    marks = list(map(WrittenMark, map(_OP_OF.__getitem__, ops), kept_stamps, repeat(False)))
-    keys = [key if not single else (key,) for key in map(key_at, images)]
-    kept_positions = [row[2] for row in kept]
+    # tuple.__new__ builds each mark in C: the NamedTuple's own __new__ is a Python frame per change
+    marks = list(map(tuple.__new__, repeat(WrittenMark),
+                     zip(map(_OP_OF.__getitem__, ops), kept_stamps, repeat(False))))
+    if single:
+        keys = [(key,) for key in keys]
     return TextSegment(schema, body, len(kept), ops.count("D"), min(kept_positions), ops.count("I") == len(ops),
                        marks, keys, kept_positions, chunks)
 
@@ -364,5 +372,8 @@ def _escaped(columns: list[Sequence[str | None]]) -> str:
     return "".join("\t".join(map(escape, line)) + "\n" for line in zip(*columns))
 
 
-_stamp_slot = itemgetter(3)
+_kind = itemgetter(0)
 _position = itemgetter(2)
+_stamp_slot = itemgetter(3)
+_old = itemgetter(5)
+_new = itemgetter(6)
