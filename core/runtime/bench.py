@@ -154,8 +154,11 @@ def _local_pid(cursor: Any) -> int | None:
 
 
 def _binlog_readers(cursor: Any) -> list[str]:
-    """The MariaDB/MySQL connections dumping the binlog (replicas, Debezium, other runs) besides ours."""
-    cursor.execute("SELECT ID, USER, HOST FROM information_schema.PROCESSLIST WHERE COMMAND LIKE 'Binlog Dump%'")
+    """The MariaDB/MySQL connections dumping the binlog (replicas, Debezium, other runs) besides ours: those
+    opened before ``cursor``'s own connection. The bench's readers connect later, and a closed reader's dump
+    thread lingers until the server next writes to it, so later ones cannot be told from ours."""
+    cursor.execute("SELECT ID, USER, HOST FROM information_schema.PROCESSLIST WHERE COMMAND LIKE 'Binlog Dump%'"
+                   " AND ID < CONNECTION_ID()")
     return [f"binlog dump #{row[0]} ({row[1]}@{row[2]})" for row in cursor.fetchall()]
 
 
