@@ -37,6 +37,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ import click
 import psycopg
 import pymysql
 from branchline.connectors.embedded.reader import Checkpoint
+from branchline.events import TableSchema, lsn_position
 from branchline.runtime.spool import Spool
 
 STACK = Path(__file__).resolve().parents[2] / "infra" / "stack.toml"
@@ -89,6 +91,10 @@ class Figures:
     """A plain binary COPY of the same rows into the cloud PostgreSQL (same batches, one transaction each)."""
     copy_cpu_us: float = 0.0
     """CPU per row of that COPY: this process (encoding) plus the cloud server's backend."""
+    spooled_rows_s: float = 0.0
+    """PostgreSQL: `_spooled_pipeline`, the least a pipeline with a durable spool does, in one process."""
+    spooled_cpu_us: float = 0.0
+    """Its CPU per row: the process, the walsender and the cloud backend."""
     e2e_server_cpu_us: dict[str, float] = field(default_factory=dict)
     """CPU per row of the servers' backends serving `branchline run` (walsender, sink connections)."""
     runner_cpu_us: float = 0.0
@@ -97,6 +103,9 @@ class Figures:
     other_readers: list[str] = field(default_factory=list)
     """Other replication clients of the source (Debezium connectors, leftover runs), seen at the start and the
     end: each decodes the same log on the same cores, which the other-work figures do not count."""
+    window_cpu_us: dict[str, float] = field(default_factory=dict)
+    """CPU per row of the run's processes and the watched backends from the first to the last row's sync: the
+    window the end-to-end rate is measured over (no start-up, no idle tail)."""
     e2e_other_cores: float = 0.0
     """Cores busy with other work while `branchline run` streamed the backlog (its processes, the watched
     server backends and this process not counted): on a shared machine, what the two rates competed with."""
@@ -182,6 +191,39 @@ def _cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+class CpuTimeline:
+    """Each watched process's CPU seconds as read over time (wall clock), so that the CPU of a window (the
+    rows' first..last sync) is told apart from start-up and the idle tail: what bounds a rate is the CPU spent
+    while it is measured."""
+
+    def __init__(self) -> None:
+        self.readings: dict[int, list[tuple[float, float]]] = {}
+
+    def record(self, pid: int, cpu: float) -> None:
+        self.readings.setdefault(pid, []).append((time.time(), cpu))
+
+    def first_to_last(self) -> dict[int, float]:
+        return {pid: r[-1][1] - r[0][1] for pid, r in self.readings.items()}
+
+    def last(self) -> dict[int, float]:
+        return {pid: r[-1][1] for pid, r in self.readings.items()}
+
+    def between(self, start: float, end: float) -> dict[int, float]:
+        """CPU seconds each process used from ``start`` to ``end`` (epoch seconds), read between readings."""
+        return {pid: _cpu_at(r, end) - _cpu_at(r, start) for pid, r in self.readings.items()}
+
+
+def _cpu_at(readings: list[tuple[float, float]], when: float) -> float:
+    """A process's CPU seconds at ``when``, straight between the readings around it (the first reading before
+    it was first seen, the last after it exited)."""
+    if when <= readings[0][0]:
+        return readings[0][1]
+    for (t0, c0), (t1, c1) in pairwise(readings):
+        if when <= t1:
+            return c0 + (c1 - c0) * (when - t0) / (t1 - t0) if t1 > t0 else c1
+    return readings[-1][1]
+
+
 class BackendCpu:
     """Polls the CPU of a local server's backends (found by a query) while `branchline run` works.
 
@@ -191,8 +233,7 @@ class BackendCpu:
 
     def __init__(self, port: int, dbname: str, where: str) -> None:
         self.port, self.dbname, self.where = port, dbname, where
-        self.first: dict[int, float] = {}
-        self.last: dict[int, float] = {}
+        self.cpu = CpuTimeline()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -203,11 +244,10 @@ class BackendCpu:
                                  autocommit=True) as conn:
                 while True:
                     pids = [r[0] for r in conn.execute(f"SELECT pid FROM pg_stat_activity WHERE {self.where}")]
-                    for pid in pids + list(self.last):
+                    for pid in dict.fromkeys(pids + list(self.cpu.readings)):
                         cpu = _cpu_s(pid)
                         if cpu is not None:
-                            self.first.setdefault(pid, cpu)
-                            self.last[pid] = cpu
+                            self.cpu.record(pid, cpu)
                     if self._stop.wait(0.25):
                         return
         except psycopg.Error:
@@ -217,7 +257,7 @@ class BackendCpu:
         """CPU seconds the matched backends used while watched."""
         self._stop.set()
         self._thread.join(5)
-        return sum(self.last[p] - self.first[p] for p in self.last)
+        return sum(self.cpu.first_to_last().values())
 
 
 class RssWatch:
@@ -227,7 +267,7 @@ class RssWatch:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.peak_kb = 0
-        self.cpu_s: dict[int, float] = {}
+        self.cpu = CpuTimeline()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -242,15 +282,16 @@ class RssWatch:
                 for pid in [self.pid, *(int(c) for c in children.read_text().split())]:
                     cpu = _cpu_s(pid)
                     if cpu is not None:
-                        self.cpu_s[pid] = cpu
+                        self.cpu.record(pid, cpu)
             except OSError:
                 return
             time.sleep(0.2)
 
-    def split_cpu_s(self) -> tuple[float, float]:
-        """(CPU seconds of the process, of its children) at their last readings (up to 0.2 s short)."""
-        own = self.cpu_s.get(self.pid, 0.0)
-        return own, sum(cpu for pid, cpu in self.cpu_s.items() if pid != self.pid)
+    def split_cpu_s(self, window: tuple[float, float] | None = None) -> tuple[float, float]:
+        """(CPU seconds of the process, of its children): in all, at their last readings (up to 0.2 s short),
+        or within ``window`` (epoch seconds)."""
+        cpu = self.cpu.last() if window is None else self.cpu.between(*window)
+        return cpu.get(self.pid, 0.0), sum(s for pid, s in cpu.items() if pid != self.pid)
 
     def join(self) -> float:
         self._thread.join(5)
@@ -303,18 +344,19 @@ runtime:
     return path
 
 
-def _target_stats(cloud_port: int, schema: str, first_id: int, last_id: int) -> tuple[int, float, list[float]]:
-    """(rows, seconds between first and last _bl_synced_at, lags in ms for rows with t_us set)."""
+def _target_stats(cloud_port: int, schema: str, first_id: int,
+                  last_id: int) -> tuple[int, tuple[float, float], list[float]]:
+    """(rows, first and last _bl_synced_at in epoch seconds, lags in ms for rows with t_us set)."""
     with psycopg.connect(host="127.0.0.1", port=cloud_port, user="postgres", dbname="cloud") as conn:
         row = conn.execute(
-            f'SELECT count(*), EXTRACT(EPOCH FROM max(_bl_synced_at) - min(_bl_synced_at)) FROM "{schema}".orders'
-            " WHERE id BETWEEN %s AND %s", (first_id, last_id)).fetchone()
+            f'SELECT count(*), EXTRACT(EPOCH FROM min(_bl_synced_at)), EXTRACT(EPOCH FROM max(_bl_synced_at))'
+            f' FROM "{schema}".orders WHERE id BETWEEN %s AND %s', (first_id, last_id)).fetchone()
         assert row is not None
-        count, span = row
+        count, first, last = row
         lags = [float(r[0]) for r in conn.execute(
             f'SELECT (EXTRACT(EPOCH FROM _bl_synced_at) * 1e6 - t_us) / 1000.0 FROM "{schema}".orders'
             " WHERE id BETWEEN %s AND %s AND t_us > 0", (first_id, last_id))]
-    return int(count), float(span or 0), lags
+    return int(count), (float(first or 0), float(last or 0)), lags
 
 
 def _wait_rows(cloud_port: int, schema: str, first_id: int, last_id: int, timeout: float) -> float:
@@ -535,6 +577,98 @@ def _stream_decode(port: int, slot: str, publication: str, rows: int) -> RawDeco
                      max(0.0, _machine_busy_s() - busy - own - server) / elapsed)
 
 
+def _spooled_pipeline(port: int, slot: str, publication: str, rows: int, cloud: int, work: Path,
+                      schema: TableSchema, batch_size: int) -> tuple[float, float]:
+    """The least a pipeline with a durable spool does, in one process and in order, over the same backlog:
+    the capture's reading and tuple splitting (`PgOutputParser.parse_text`), each batch durably into a
+    `Spool` and read back from its bytes, collapsed per key into COPY text (`split_round`), and COPYed into a
+    keyed table of the cloud PostgreSQL in one transaction. No hand-off between processes, no asyncio, no
+    guards, checkpoints or metrics. Returns rows/s and CPU per row: this process, the walsender and the cloud
+    backend."""
+    import gc
+    import select
+
+    import psycopg2
+    import psycopg2.extras
+    from branchline.connectors.embedded.pgoutput import Begin, PgOutputParser, RowChange, TextRow
+    from branchline.gc_tuning import tune_for_throughput
+    from branchline.runtime.text_rows import split_round
+
+    target = f"{publication}_ceiling"
+    thresholds = gc.get_threshold()
+    columns = ", ".join([*(f'"{c.name}"' for c in schema.columns), "_bl_position", "_bl_op", "_bl_source_ts"])
+    spool = Spool(work / f"{target}.sqlite", memory_bytes=0)  # every batch read back from its bytes
+    conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="crm",
+                            connection_factory=psycopg2.extras.LogicalReplicationConnection)
+    sink = psycopg.connect(host="127.0.0.1", port=cloud, user="postgres", dbname="cloud")
+    try:
+        sink.execute(f'CREATE SCHEMA "{target}"')
+        sink.execute(f"""CREATE TABLE "{target}".orders (id bigint PRIMARY KEY, customer_id int NOT NULL,
+            amount numeric(12,2) NOT NULL, note varchar(60), ordered_at timestamp NOT NULL, status varchar(10)
+            NOT NULL, t_us bigint NOT NULL, _bl_position numeric(38,0) NOT NULL, _bl_op text NOT NULL,
+            _bl_source_ts timestamptz, _bl_synced_at timestamptz NOT NULL DEFAULT now())""")
+        sink.commit()
+        sink_pid = sink.info.backend_pid
+        cursor = conn.cursor()
+        cursor.start_replication(slot_name=slot, decode=False,
+                                 options={"proto_version": "1", "publication_names": publication})
+        walsender = conn.get_backend_pid()
+        parse, read, socket = PgOutputParser().parse_text, cursor.read_message, [conn.fileno()]
+        schemas = {schema.id: schema}
+        batch: list[TextRow] = []
+        decoded, after = 0, 0
+        ts = txid = None
+        lsn_unit = lsn_position(1, 0)  # a position is lsn_position(lsn, 1), as the reader computes it
+
+        def write() -> None:
+            nonlocal batch, after
+            spool.append(target, batch, schemas, None)  # type: ignore[arg-type]
+            spooled = list(spool.read(10**9, after))
+            for segment in split_round(spooled, lambda _schema: True).segments:
+                with sink.cursor().copy(f'COPY "{target}".orders ({columns}) FROM STDIN') as copy:
+                    copy.write(segment.body)
+            sink.commit()
+            after = spooled[-1].seq
+            spool.delete_through(after)
+            batch = []
+
+        servers_began = [_cpu_s(walsender) or 0.0, _cpu_s(sink_pid) or 0.0]
+        tune_for_throughput()  # as `branchline run`'s processes do
+        began, cpu = time.monotonic(), time.process_time()
+        deadline = began + 600
+        while decoded < rows:
+            message = read()
+            if message is None:
+                if time.monotonic() > deadline:
+                    break
+                select.select(socket, [], [], 1.0)
+                continue
+            change = parse(message.payload)
+            if isinstance(change, RowChange):
+                batch.append(TextRow(change, schema.id, message.data_start * lsn_unit | 1, ts, txid))
+                decoded += 1
+                if len(batch) >= batch_size:
+                    write()
+            elif isinstance(change, Begin):
+                ts, txid = change.commit_ts, str(change.xid)
+        if batch:
+            write()
+        elapsed, own = time.monotonic() - began, time.process_time() - cpu
+        servers = (_cpu_s(walsender) or servers_began[0]) - servers_began[0] + \
+            (_cpu_s(sink_pid) or servers_began[1]) - servers_began[1]
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+        conn.close()
+        spool.close()
+        sink.rollback()
+        sink.execute(f'DROP SCHEMA IF EXISTS "{target}" CASCADE')
+        sink.commit()
+        sink.close()
+    decoded = max(1, decoded)
+    return decoded / elapsed, 1e6 * (own + servers) / decoded
+
+
 def bench_postgres(rows: int, rate: float, seconds: float, work: Path, batch_size: int) -> Figures:
     from branchline.connectors.embedded.pgoutput import SESSION_SETTINGS, PgOutputParser, RowChange
     from branchline.connectors.embedded.postgres import PostgresReader
@@ -542,7 +676,7 @@ def bench_postgres(rows: int, rate: float, seconds: float, work: Path, batch_siz
     port, cloud = _port("crm"), _port("cloud")
     schema = "bench_" + uuid.uuid4().hex[:8]
     source = "p" + schema[-8:]
-    raw_slots = (f"{schema}_raw", f"{schema}_raw_after")
+    raw_slots = (f"{schema}_raw", f"{schema}_raw_after", f"{schema}_spooled")
     figures = Figures("PostgreSQL -> cloud PostgreSQL", rows)
     conn = psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="crm", autocommit=True)
     conn.execute(f"CREATE SCHEMA {schema}")
@@ -580,6 +714,8 @@ def bench_postgres(rows: int, rate: float, seconds: float, work: Path, batch_siz
                     decoded += 1
         figures.peek_rows_s = decoded / (time.monotonic() - began)
         figures.copy_rows_s, figures.copy_cpu_us = plain_copy(cloud, rows, batch_size)
+        figures.spooled_rows_s, figures.spooled_cpu_us = _spooled_pipeline(
+            port, raw_slots[2], schema, rows, cloud, work, reader.tables()[0], batch_size)
 
         spool = work / f"{source}.sqlite"
         seeded = Spool(spool)
@@ -632,7 +768,7 @@ def _end_to_end(figures: Figures, pipeline: Path, spool: Path, cloud: int, schem
     rss = RssWatch(process.pid)
     done = _wait_rows(cloud, schema, 0, rows - 1, timeout=max(600, rows / 500))
     figures.e2e_wall_rows_s = rows / (done - began)
-    ours = sum(rss.cpu_s.values()) + sum(w.last[p] - w.first[p] for w in watches.values() for p in list(w.last))
+    ours = sum(rss.cpu.last().values()) + sum(sum(w.cpu.first_to_last().values()) for w in watches.values())
     server = 0.0
     if server_pid and server_began is not None:
         server = (_cpu_s(server_pid) or server_began) - server_began
@@ -647,8 +783,14 @@ def _end_to_end(figures: Figures, pipeline: Path, spool: Path, cloud: int, schem
     figures.rss_backlog_mb = rss.join()
     runner_s, capture_s = rss.split_cpu_s()
     figures.runner_cpu_us, figures.capture_cpu_us = 1e6 * runner_s / rows, 1e6 * capture_s / rows
-    count, span, _ = _target_stats(cloud, schema, 0, rows - 1)
+    count, window, _ = _target_stats(cloud, schema, 0, rows - 1)
+    span = window[1] - window[0]
     figures.e2e_rows_s = count / span if span else 0.0
+    if span:
+        runner_s, capture_s = rss.split_cpu_s(window)
+        figures.window_cpu_us = {"runner": 1e6 * runner_s / count, "capture": 1e6 * capture_s / count}
+        figures.window_cpu_us.update({name: 1e6 * sum(w.cpu.between(*window).values()) / count
+                                      for name, w in watches.items()})
     if seconds <= 0:
         return
     process, log = _run(pipeline, spool, idle_s=3)
@@ -706,6 +848,11 @@ def _print(figures: Figures) -> None:
         uncounted = "" if figures.raw_server_cpu_us else ", the source server's share not counted"
         click.echo(f"  ceiling: decode + COPY on {cores} cores      {ceiling:>10,.0f} rows/s  = {100 * ceiling_ratio:.0f}%"
                    f" of raw decode ({floor:.1f} us CPU per row{uncounted})")
+    if figures.spooled_cpu_us and figures.raw_rows_s:
+        ceiling = cores * 1e6 / figures.spooled_cpu_us
+        click.echo(f"  ceiling: decode + spool + collapse + COPY, one process, on {cores} cores {ceiling:>8,.0f} rows/s"
+                   f"  = {100 * ceiling / figures.raw_rows_s:.0f}% of raw decode ({figures.spooled_cpu_us:.1f} us CPU"
+                   f" per row incl. walsender and cloud backend; ran at {figures.spooled_rows_s:,.0f} rows/s on one)")
     if figures.e2e_cpu_us and figures.raw_rows_s and figures.raw_cpu_us:
         # what this run's own CPU allows on an otherwise idle machine. A process handles every row, so its
         # CPU per row against the raw decode's bounds its rate against the raw decode's (a core each); all
@@ -717,6 +864,12 @@ def _print(figures: Figures) -> None:
         shared = cores * 1e6 / work / figures.raw_rows_s
         click.echo(f"  bound by this run's CPU: {'; '.join(parts)}; all {work:.1f} us/row incl. server backends"
                    f" on {cores} cores: <= {100 * shared:.0f}% of raw decode")
+    if figures.window_cpu_us and figures.e2e_rows_s:
+        flowing = sum(figures.window_cpu_us.values())
+        click.echo("  CPU per row while rows flowed (first..last synced): "
+                   + ", ".join(f"{name} {cpu:.1f} us" for name, cpu in figures.window_cpu_us.items())
+                   + f"; all {flowing:.1f} us/row = {flowing * figures.e2e_rows_s / 1e6:.2f} cores busy at"
+                   f" {figures.e2e_rows_s:,.0f} rows/s (of {cores}; the whole source server not counted)")
     click.echo(f"  other work on this machine (other processes; servers not counted above): {figures.raw_other_cores:.2f} cores"
                f" during the raw decode, {figures.e2e_other_cores:.2f} during end to end (of {cores})")
     click.echo("  other replication readers of the source (they decode the same log on these cores): "
