@@ -17,11 +17,12 @@ database/schema of the local stack:
 6. the ceiling this machine allows: a plain binary COPY of the same rows into the cloud PostgreSQL
    (rows/s), and decode + COPY alone on every core (cores / their CPU per row: the capture library,
    the source server's decoding backend, this process's COPY encoding and the cloud server's backend).
+   For PostgreSQL also the least a pipeline with a durable spool does, in one process (`_spooled_pipeline`).
    Next to it, the CPU per row of `branchline run`'s runner and capture processes and of the server
-   backends serving it (walsender, sink connections): where the machine's time goes.
+   backends serving it (walsender, sink connections): where the machine's time goes, in all and while rows
+   flowed (first..last synced, the window the rate is measured over).
 
-Run: ``python -m branchline.runtime.bench --rows 500000`` (or ``branchline bench embedded`` once
-registered).
+Run: ``branchline bench embedded --rows 500000`` (or ``python -m branchline.runtime.bench``).
 """
 
 from __future__ import annotations
