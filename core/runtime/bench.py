@@ -164,11 +164,8 @@ def _local_pid(cursor: Any) -> int | None:
 
 
 def _binlog_readers(cursor: Any) -> list[str]:
-    """The MariaDB/MySQL connections dumping the binlog (replicas, Debezium, other runs) besides ours: those
-    opened before ``cursor``'s own connection. The bench's readers connect later, and a closed reader's dump
-    thread lingers until the server next writes to it, so later ones cannot be told from ours."""
-    cursor.execute("SELECT ID, USER, HOST FROM information_schema.PROCESSLIST WHERE COMMAND LIKE 'Binlog Dump%'"
-                   " AND ID < CONNECTION_ID()")
+    """The MariaDB/MySQL connections dumping the binlog (replicas, Debezium, other runs) besides ours."""
+    cursor.execute("SELECT ID, USER, HOST FROM information_schema.PROCESSLIST WHERE COMMAND LIKE 'Binlog Dump%'")
     return [f"binlog dump #{row[0]} ({row[1]}@{row[2]})" for row in cursor.fetchall()]
 
 
@@ -459,12 +456,14 @@ def _binlog_decode(port: int, gtid: str, db: str, rows: int, server_pid: int | N
     from pymysqlreplication.row_event import WriteRowsEvent
 
     # blocking, as the reader streams: non-blocking dumps of MariaDB 10.11 were cut (error 2013) and
-    # restarted from the start position again and again, which understated the raw rate
+    # restarted from the start position again and again, which understated the raw rate. Heartbeats when
+    # idle, as the reader asks for: without them the server's dump thread outlives the closed stream until
+    # the next binlog event, and the bench named it among the source's other readers.
     stream = BinLogStreamReader(connection_settings={"host": "127.0.0.1", "port": port, "user": "root",
                                                      "password": ""},
                                 server_id=4_100_000 + random.randint(0, 99_999), blocking=True,
                                 is_mariadb=True, auto_position=gtid, only_schemas=[db],
-                                only_events=[WriteRowsEvent], enable_logging=False,
+                                only_events=[WriteRowsEvent], enable_logging=False, slave_heartbeat=0.1,
                                 pymysql_wrapper=_pymysql_connect)
     decoded = 0
     began, cpu, busy = time.monotonic(), time.process_time(), _machine_busy_s()
@@ -527,8 +526,8 @@ def bench_mariadb(rows: int, rate: float, seconds: float, work: Path, batch_size
     databases: [{db}]""", cloud, batch_size)
         _end_to_end(figures, pipeline, spool, cloud, source, rows, seconds, rate,
                     lambda batch: cur.executemany(insert_sql, batch), {}, server_pid)
-        figures.raw_runs.append(_binlog_decode(*raw_decode))
         _add_readers(figures, _binlog_readers(cur))
+        figures.raw_runs.append(_binlog_decode(*raw_decode))
     finally:
         cur.execute(f"DROP DATABASE IF EXISTS {db}")
         conn.close()
@@ -737,8 +736,8 @@ def bench_postgres(rows: int, rate: float, seconds: float, work: Path, batch_siz
 
         _end_to_end(figures, pipeline, spool, cloud, source, rows, seconds, rate, insert,
                     {"source walsender": (port, "crm", f"application_name = 'branchline-{source}'")})
-        figures.raw_runs.append(_stream_decode(port, raw_slots[1], schema, rows))
         _add_readers(figures, _slot_readers(conn, schema))
+        figures.raw_runs.append(_stream_decode(port, raw_slots[1], schema, rows))
     finally:
         reader.close()
         conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
