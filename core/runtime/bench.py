@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import subprocess
 import sys
 import threading
 import time
 import tomllib
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -538,15 +541,12 @@ def bench_mariadb(rows: int, rate: float, seconds: float, work: Path, batch_size
 # -- PostgreSQL -----------------------------------------------------------------------------------
 
 
-def _stream_decode(port: int, slot: str, publication: str, rows: int) -> RawDecode:
-    """The capture library alone on the backlog: psycopg2's replication stream of ``slot`` (as
-    `PostgresReader.stream` reads it, never acknowledged) through the pgoutput parser, until ``rows`` row
-    changes; CPU per row of this process and of the walsender."""
-    import select
-
+@contextmanager
+def _replication(port: int, slot: str, publication: str) -> Iterator[tuple[Any, int]]:
+    """psycopg2's replication stream of ``slot`` as `PostgresReader.stream` starts it (never acknowledged):
+    the cursor to read messages from and the walsender's pid."""
     import psycopg2
     import psycopg2.extras
-    from branchline.connectors.embedded.pgoutput import PgOutputParser, RowChange
 
     conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="crm",
                             connection_factory=psycopg2.extras.LogicalReplicationConnection)
@@ -554,8 +554,27 @@ def _stream_decode(port: int, slot: str, publication: str, rows: int) -> RawDeco
         cursor = conn.cursor()
         cursor.start_replication(slot_name=slot, decode=False,
                                  options={"proto_version": "1", "publication_names": publication})
-        walsender = conn.get_backend_pid()
-        parse, read, socket = PgOutputParser().parse, cursor.read_message, [conn.fileno()]
+        yield cursor, conn.get_backend_pid()
+    finally:
+        conn.close()
+
+
+def _wait_for_messages(cursor: Any, deadline: float) -> bool:
+    """No message was ready: wait up to a second for the stream's socket; False once past ``deadline``."""
+    if time.monotonic() > deadline:
+        return False
+    select.select([cursor.connection.fileno()], [], [], 1.0)
+    return True
+
+
+def _stream_decode(port: int, slot: str, publication: str, rows: int) -> RawDecode:
+    """The capture library alone on the backlog: psycopg2's replication stream of ``slot`` (as
+    `PostgresReader.stream` reads it, never acknowledged) through the pgoutput parser, until ``rows`` row
+    changes; CPU per row of this process and of the walsender."""
+    from branchline.connectors.embedded.pgoutput import PgOutputParser, RowChange
+
+    with _replication(port, slot, publication) as (cursor, walsender):
+        parse, read = PgOutputParser().parse, cursor.read_message
         decoded = 0
         server_cpu = _cpu_s(walsender) or 0.0
         began, cpu, busy = time.monotonic(), time.process_time(), _machine_busy_s()
@@ -563,15 +582,12 @@ def _stream_decode(port: int, slot: str, publication: str, rows: int) -> RawDeco
         while decoded < rows:
             message = read()
             if message is None:
-                if time.monotonic() > deadline:
+                if not _wait_for_messages(cursor, deadline):
                     break
-                select.select(socket, [], [], 1.0)
             elif isinstance(parse(message.payload), RowChange):
                 decoded += 1
         elapsed, own = time.monotonic() - began, time.process_time() - cpu
         server = (_cpu_s(walsender) or server_cpu) - server_cpu
-    finally:
-        conn.close()
     decoded = max(1, decoded)
     return RawDecode(decoded / elapsed, 1e6 * own / decoded, 1e6 * server / decoded,
                      max(0.0, _machine_busy_s() - busy - own - server) / elapsed)
@@ -586,20 +602,17 @@ def _spooled_pipeline(port: int, slot: str, publication: str, rows: int, cloud: 
     guards, checkpoints or metrics. Returns rows/s and CPU per row: this process, the walsender and the cloud
     backend."""
     import gc
-    import select
 
-    import psycopg2
-    import psycopg2.extras
     from branchline.connectors.embedded.pgoutput import Begin, PgOutputParser, RowChange, TextRow
     from branchline.gc_tuning import tune_for_throughput
     from branchline.runtime.text_rows import split_round
 
     target = f"{publication}_ceiling"
-    thresholds = gc.get_threshold()
     columns = ", ".join([*(f'"{c.name}"' for c in schema.columns), "_bl_position", "_bl_op", "_bl_source_ts"])
+    schemas = {schema.id: schema}
+    lsn_unit = lsn_position(1, 0)  # a position is lsn_position(lsn, 1), as the reader computes it
+    thresholds = gc.get_threshold()
     spool = Spool(work / f"{target}.sqlite", memory_bytes=0)  # every batch read back from its bytes
-    conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="crm",
-                            connection_factory=psycopg2.extras.LogicalReplicationConnection)
     sink = psycopg.connect(host="127.0.0.1", port=cloud, user="postgres", dbname="cloud")
     try:
         sink.execute(f'CREATE SCHEMA "{target}"')
@@ -608,17 +621,8 @@ def _spooled_pipeline(port: int, slot: str, publication: str, rows: int, cloud: 
             NOT NULL, t_us bigint NOT NULL, _bl_position numeric(38,0) NOT NULL, _bl_op text NOT NULL,
             _bl_source_ts timestamptz, _bl_synced_at timestamptz NOT NULL DEFAULT now())""")
         sink.commit()
-        sink_pid = sink.info.backend_pid
-        cursor = conn.cursor()
-        cursor.start_replication(slot_name=slot, decode=False,
-                                 options={"proto_version": "1", "publication_names": publication})
-        walsender = conn.get_backend_pid()
-        parse, read, socket = PgOutputParser().parse_text, cursor.read_message, [conn.fileno()]
-        schemas = {schema.id: schema}
         batch: list[TextRow] = []
-        decoded, after = 0, 0
-        ts = txid = None
-        lsn_unit = lsn_position(1, 0)  # a position is lsn_position(lsn, 1), as the reader computes it
+        after = 0
 
         def write() -> None:
             nonlocal batch, after
@@ -632,41 +636,43 @@ def _spooled_pipeline(port: int, slot: str, publication: str, rows: int, cloud: 
             spool.delete_through(after)
             batch = []
 
-        servers_began = [_cpu_s(walsender) or 0.0, _cpu_s(sink_pid) or 0.0]
-        tune_for_throughput()  # as `branchline run`'s processes do
-        began, cpu = time.monotonic(), time.process_time()
-        deadline = began + 600
-        while decoded < rows:
-            message = read()
-            if message is None:
-                if time.monotonic() > deadline:
-                    break
-                select.select(socket, [], [], 1.0)
-                continue
-            change = parse(message.payload)
-            if isinstance(change, RowChange):
-                batch.append(TextRow(change, schema.id, message.data_start * lsn_unit | 1, ts, txid))
-                decoded += 1
-                if len(batch) >= batch_size:
-                    write()
-            elif isinstance(change, Begin):
-                ts, txid = change.commit_ts, str(change.xid)
-        if batch:
-            write()
-        elapsed, own = time.monotonic() - began, time.process_time() - cpu
-        servers = (_cpu_s(walsender) or servers_began[0]) - servers_began[0] + \
-            (_cpu_s(sink_pid) or servers_began[1]) - servers_began[1]
+        with _replication(port, slot, publication) as (cursor, walsender):
+            parse, read = PgOutputParser().parse_text, cursor.read_message
+            decoded = 0
+            ts = txid = None
+            servers = [walsender, sink.info.backend_pid]
+            servers_began = [_cpu_s(pid) or 0.0 for pid in servers]
+            tune_for_throughput()  # as `branchline run`'s processes do
+            began, cpu = time.monotonic(), time.process_time()
+            deadline = began + 600
+            while decoded < rows:
+                message = read()
+                if message is None:
+                    if not _wait_for_messages(cursor, deadline):
+                        break
+                    continue
+                change = parse(message.payload)
+                if isinstance(change, RowChange):
+                    batch.append(TextRow(change, schema.id, message.data_start * lsn_unit | 1, ts, txid))
+                    decoded += 1
+                    if len(batch) >= batch_size:
+                        write()
+                elif isinstance(change, Begin):
+                    ts, txid = change.commit_ts, str(change.xid)
+            if batch:
+                write()
+            elapsed, own = time.monotonic() - began, time.process_time() - cpu
+            server_s = sum((_cpu_s(pid) or b) - b for pid, b in zip(servers, servers_began, strict=True))
     finally:
         gc.set_threshold(*thresholds)
         gc.unfreeze()
-        conn.close()
         spool.close()
         sink.rollback()
         sink.execute(f'DROP SCHEMA IF EXISTS "{target}" CASCADE')
         sink.commit()
         sink.close()
     decoded = max(1, decoded)
-    return decoded / elapsed, 1e6 * (own + servers) / decoded
+    return decoded / elapsed, 1e6 * (own + server_s) / decoded
 
 
 def bench_postgres(rows: int, rate: float, seconds: float, work: Path, batch_size: int) -> Figures:
